@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up exo on this machine: a fast BLAS for MLX (when the system package manager is usable),
+# a virtual environment in .venv with exo installed, and the default model in the cache.
+#   deployment/setup.sh          to run a node
+#   deployment/setup.sh --dev    also installs the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[test]"
+
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null; then
+  if ! ldconfig -p | grep -q 'libblis\.so'; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq libblis4-pthread; } >/dev/null 2>&1 ||
+      echo "setup: could not install libblis4-pthread; exo will use MLX's slower bundled BLAS" >&2
+  fi
+fi
+
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extras"
+.venv/bin/exo models fetch >/dev/null
+echo "setup: done. Start a node with: .venv/bin/exo"

@@ -1,0 +1,46 @@
+"""One mapping from exo's errors (and FastAPI's validation errors) to OpenAI's error body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from exo.shared.errors import ExoError, ServiceUnavailable
+
+
+def error_body(error: ExoError) -> dict[str, Any]:
+    return {"error": {"message": error.message, "type": error.error_type, "param": error.param,
+                      "code": type(error).__name__}}
+
+
+def _json(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ExoError)
+    async def _exo_error(_: Request, e: ExoError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if isinstance(e, ServiceUnavailable) else None
+        return JSONResponse(error_body(e), status_code=e.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "malformed JSON")
+            return _json(400, f"The request body is not valid JSON: {reason}", "invalid_request_error",
+                         code="json_invalid")
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else f"Invalid request body: {first['msg']}"
+        return _json(400, message, "invalid_request_error", param, first.get("type"))
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+        return _json(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")

@@ -1,0 +1,95 @@
+"""Chat completions: turn a request into a prompt, run it on the engine, shape the answer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from exo.api.errors import error_body
+from exo.api.openai.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    Usage,
+    completion_id,
+    now,
+)
+from exo.engine.generate import GenerationParams
+from exo.shared.errors import ContextTooLong, ExoError
+from exo.worker.engine import LocalEngine
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    request: ChatCompletionRequest
+    prompt: list[int]
+    params: GenerationParams
+
+
+class ChatService:
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        """Render and tokenize the conversation and check it fits the model's context."""
+        self.engine.catalog.check(request.model)
+        handle = await self.engine.load(request.model)
+        tokenizer = handle.loaded.tokenizer
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                    for m in request.messages]
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
+        context = handle.context_length
+        room = context - len(prompt)
+        if room <= 0:
+            raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
+                                 "tokens. Shorten the messages.", param="messages")
+        limit = request.token_limit
+        if limit is not None and limit > room:
+            raise ContextTooLong(f"max_tokens is {limit}, but only {room} tokens are left in the model's context of "
+                                 f"{context} after the {len(prompt)}-token prompt. Lower max_tokens.",
+                                 param="max_tokens")
+        params = GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
+                                  seed=request.seed, stop=request.stop_list)
+        return PreparedChat(request, prompt, params)
+
+    async def complete(self, chat: PreparedChat) -> ChatCompletion:
+        text, n, finish = [], 0, "length"
+        async for delta in self.engine.generate(chat.request.model, chat.prompt, chat.params):
+            text.append(delta.text)
+            n, finish = delta.n_tokens, delta.finish_reason or finish
+        return ChatCompletion(id=completion_id(), created=now(), model=chat.request.model,
+                              choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=finish)],
+                              usage=_usage(chat, n))
+
+    async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        request = chat.request
+        chunk = ChatCompletionChunk(id=completion_id(), created=now(), model=request.model,
+                                    choices=[ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+        yield _event(chunk)
+        try:
+            async for delta in self.engine.generate(request.model, chat.prompt, chat.params):
+                usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
+                if delta.text or delta.finish_reason:
+                    yield _event(chunk.model_copy(update={"choices": [ChunkChoice(
+                        delta=DeltaMessage(content=delta.text or None), finish_reason=delta.finish_reason)],
+                        "usage": usage}))
+                if usage and request.stream_options and request.stream_options.include_usage:
+                    yield _event(chunk.model_copy(update={"choices": [], "usage": usage}))
+        except ExoError as e:
+            yield f"data: {json.dumps(error_body(e))}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def _usage(chat: PreparedChat, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=len(chat.prompt), completion_tokens=completion_tokens,
+                 total_tokens=len(chat.prompt) + completion_tokens)
+
+
+def _event(chunk: ChatCompletionChunk) -> str:
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"

@@ -1,0 +1,126 @@
+"""Token generation over a whole model: a generator of token ids, and text assembled from them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import mlx.core as mx
+
+from exo.engine.cache import KVCache
+from exo.engine.sample import Sampler, make_sampler
+from exo.engine.tokenizer import Tokenizer
+
+Model = Callable[[mx.array, list[KVCache]], mx.array]
+FinishReason = Literal["stop", "length"]
+
+PREFILL_CHUNK = 512
+
+
+def generate_step(prompt: Sequence[int], model: Model, cache: list[KVCache], *,
+                  sampler: Sampler | None = None) -> Iterator[int]:
+    """Yield token ids after `prompt`, forever; the caller decides when to stop.
+
+    The next step is queued with `mx.async_eval` before the current token is handed out, so the
+    model computes while the caller detokenizes.
+    """
+    sampler = sampler or make_sampler()
+    tokens = mx.array(prompt, dtype=mx.int32)[None]
+    while tokens.shape[1] > PREFILL_CHUNK:
+        model(tokens[:, :PREFILL_CHUNK], cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[:, PREFILL_CHUNK:]
+
+    def step(inputs: mx.array) -> mx.array:
+        return sampler(model(inputs, cache)[:, -1, :])
+
+    token = step(tokens)
+    mx.async_eval(token)
+    while True:
+        following = step(token[:, None])
+        mx.async_eval(following)
+        yield int(token.item())
+        token = following
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of generated text; the last one of a generation carries its finish reason."""
+
+    text: str
+    n_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+class TextAssembler:
+    """Turns token ids into text deltas: whole UTF-8 characters only, stop strings cut out."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.prefix = 0     # ids[prefix:committed] are decoded again as context for the next ones
+        self.committed = 0  # ids before this index are part of `text`
+        self.text = ""      # all text decoded so far
+        self.emitted = 0    # how much of it was handed out
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Add a token; return the text now safe to emit and whether a stop string was reached."""
+        self.ids.append(token)
+        # Decode with one committed token of context so tokenizers that strip a leading space don't.
+        context = self.tokenizer.decode(self.ids[self.prefix:self.committed])
+        fresh = self.tokenizer.decode(self.ids[self.prefix:])
+        if fresh.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            return "", False
+        self.text += fresh[len(context):]
+        self.prefix, self.committed = len(self.ids) - 1, len(self.ids)
+        for stop in self.stop:
+            if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1:
+                return self._emit(at), True
+        return self._emit(len(self.text) - self._held_back()), False
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        for n in range(max((len(s) for s in self.stop), default=1) - 1, 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def _emit(self, end: int) -> str:
+        end = max(end, self.emitted)
+        out, self.emitted = self.text[self.emitted:end], end
+        return out
+
+
+def generate_text(prompt: Sequence[int], model: Model, tokenizer: Tokenizer, params: GenerationParams,
+                  cache: list[KVCache]) -> Iterator[Delta]:
+    """Generate text for `prompt` until an end token, a stop string or `max_tokens`."""
+    sampler = make_sampler(params.temperature, params.top_p, params.seed)
+    text = TextAssembler(tokenizer, params.stop)
+    n = 0
+    for n, token in enumerate(generate_step(prompt, model, cache, sampler=sampler), start=1):
+        if token in tokenizer.eos_ids:
+            yield Delta(text.flush(), n, "stop")
+            return
+        piece, stopped = text.add(token)
+        if stopped:
+            yield Delta(piece, n, "stop")
+            return
+        if n >= params.max_tokens:
+            yield Delta(piece + text.flush(), n, "length")
+            return
+        if piece:
+            yield Delta(piece, n)

@@ -1,0 +1,112 @@
+"""Tokenizer and chat template, read from GGUF metadata or from a model directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import decoders, models, pre_tokenizers
+
+from exo.shared.errors import ChatTemplateError, ModelFormatError
+
+# llama.cpp's names for the pre-tokenizer a GGUF vocabulary was trained with.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_PRE_TOKENIZERS = {
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False),
+    "llama-bpe": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+}
+_GGUF_SPECIAL_TYPES = (3, 4)  # CONTROL, USER_DEFINED
+
+
+class Tokenizer:
+    def __init__(self, backend: tokenizers.Tokenizer, *, chat_template: str | None, bos_id: int | None,
+                 eos_ids: Sequence[int], add_bos: bool) -> None:
+        self.backend = backend
+        self.bos_id, self.add_bos = bos_id, add_bos
+        self.eos_ids = tuple(dict.fromkeys(eos_ids))
+        self.chat_template = chat_template
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        self._template = env.from_string(chat_template) if chat_template else None
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
+        kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+        if kind != "gpt2" or pre not in _GGUF_PRE_TOKENIZERS:
+            raise ModelFormatError(f"GGUF tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported")
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
+        backend.decoder = decoders.ByteLevel()
+        types = meta["tokenizer.ggml.token_type"].tolist()
+        backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty in _GGUF_SPECIAL_TYPES])
+
+        def token_id(key: str) -> int | None:
+            value = meta.get(f"tokenizer.ggml.{key}")
+            return None if value is None else int(value.item())
+
+        eos = [i for i in (token_id("eos_token_id"), token_id("eot_token_id")) if i is not None]
+        add_bos = meta.get("tokenizer.ggml.add_bos_token")
+        return cls(backend, chat_template=meta.get("tokenizer.chat_template"), bos_id=token_id("bos_token_id"),
+                   eos_ids=eos, add_bos=bool(add_bos.item()) if add_bos is not None else False)
+
+    @classmethod
+    def from_directory(cls, path: Path) -> Tokenizer:
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        config = _read_json(path / "tokenizer_config.json")
+        template = config.get("chat_template")
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+
+        def token_id(token: str | dict[str, str] | None) -> int | None:
+            text = token.get("content") if isinstance(token, dict) else token
+            return backend.token_to_id(text) if text else None
+
+        eos: list[int] = []
+        for source in (_read_json(path / "generation_config.json"), _read_json(path / "config.json")):
+            value = source.get("eos_token_id")
+            eos += value if isinstance(value, list) else [value] if value is not None else []
+        if (config_eos := token_id(config.get("eos_token"))) is not None:
+            eos.append(config_eos)
+        return cls(backend, chat_template=template, bos_id=token_id(config.get("bos_token")), eos_ids=eos,
+                   add_bos=bool(config.get("add_bos_token", False)))
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        if self._template is None:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        special = lambda i: self.backend.id_to_token(i) if i is not None else ""  # noqa: E731
+        try:
+            return self._template.render(messages=list(messages), add_generation_prompt=True,
+                                         bos_token=special(self.bos_id), eos_token=special(self.eos_ids[0] if self.eos_ids else None))
+        except TemplateError as e:
+            raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", param="messages") from e
+
+
+def _raise_template_error(message: str) -> None:
+    raise ChatTemplateError(f"the model's chat template rejected the messages: {message}", param="messages")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}

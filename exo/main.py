@@ -1,0 +1,87 @@
+"""The `exo` command: parse flags into one Config, then run a node or a tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from exo import __version__
+from exo.config import DEFAULT_API_PORT, Config
+from exo.engine.blas import find_blas, reexec_with
+from exo.models.cards import DEFAULT_MODEL
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exo", description="Run a node of an exo inference cluster.")
+    parser.add_argument("--version", action="version", version=f"exo {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and every request")
+    parser.add_argument("--api-host", default="0.0.0.0", help="address the API listens on (default: all)")
+    parser.add_argument("--api-port", type=int, default=DEFAULT_API_PORT, help=f"default: {DEFAULT_API_PORT}")
+    parser.add_argument("--model", action="append", metavar="ID_OR_PATH",
+                        help=f"load this model at start (repeatable; default: {DEFAULT_MODEL}); "
+                             "a path to a .gguf file or a model directory serves a local model")
+    parser.add_argument("--no-preload", action="store_true", help="load models on first request only")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "quantized"],
+                        help="how weights are held in memory (default: float32, the fastest on CPUs)")
+    parser.add_argument("--blas", choices=["auto", "blis", "openblas", "bundled"],
+                        help="BLAS preloaded for MLX's CPU backend (default: auto, the fastest installed)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    models = commands.add_parser("models", help="list the models exo knows, or fetch one into the cache")
+    models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    models.add_argument("model_id", nargs="?", default=DEFAULT_MODEL)
+    from exo import bench
+
+    bench.add_arguments(commands.add_parser("bench", help="measure prompt and decode speed of a model"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        from exo import bench
+
+        return bench.run(args, Config.from_env().models_dir)
+    config = Config.from_env(api_host=args.api_host, api_port=args.api_port, verbose=args.verbose,
+                             preload=() if args.no_preload else tuple(args.model or [DEFAULT_MODEL]),
+                             dtype=args.dtype, blas=args.blas)
+    if args.command == "models":
+        return _models(config, args.action, args.model_id)
+    return _serve(config)
+
+
+def _serve(config: Config) -> int:
+    if library := find_blas(config.blas):
+        reexec_with(library)  # returns only once the library is preloaded
+    import anyio
+
+    from exo.node import Node
+
+    log = logging.getLogger("exo")
+    log.info("exo %s: API on http://%s:%d, BLAS %s", __version__, config.api_host, config.api_port,
+             library or "bundled with MLX")
+    anyio.run(Node(config).run)
+    return 0
+
+
+def _models(config: Config, action: str, model_id: str) -> int:
+    from exo.models.cards import CARDS
+    from exo.models.store import ModelStore
+
+    store = ModelStore(config.models_dir)
+    if action == "fetch":
+        if model_id not in CARDS:
+            print(f"exo: unknown model {model_id!r}; `exo models` lists them", file=sys.stderr)
+            return 2
+        print(store.ensure(CARDS[model_id]))
+        return 0
+    for card in CARDS.values():
+        state = "downloaded" if store.is_present(card) else "not downloaded"
+        print(f"{card.id:28} {card.name:36} {card.bytes / 1e6:8.0f} MB  {card.n_layers:3d} layers  {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The models a node can serve: the registry's cards plus local model files and directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exo.models.cards import CARDS
+from exo.models.store import ModelStore
+from exo.shared.errors import ModelNotFound
+from exo.shared.types import FrozenModel
+
+
+class ModelInfo(FrozenModel):
+    id: str
+    name: str
+    context_length: int | None
+    local_path: str | None = None
+    downloaded: bool
+
+
+class ModelCatalog:
+    def __init__(self, store: ModelStore, local: list[Path] | None = None) -> None:
+        self.store = store
+        self.local: dict[str, Path] = {}
+        for path in local or []:
+            self.add_local(path)
+
+    def add_local(self, path: Path) -> str:
+        """Serve the model at `path` (a .gguf file or a model directory) under its file name."""
+        path = path.expanduser().resolve()
+        model_id = path.stem if path.is_file() else path.name
+        self.local[model_id] = path
+        return model_id
+
+    def register(self, spec: str) -> str:
+        """The model id for `spec`: a registry id as it is, or a local path, added to the catalog."""
+        if spec in CARDS or spec in self.local:
+            return spec
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelNotFound(f"{spec!r} is neither a model id (see `exo models`) nor an existing path.")
+        return self.add_local(path)
+
+    def path(self, model_id: str) -> Path:
+        """The local path of `model_id`'s files, fetched into the cache first if needed."""
+        if model_id in self.local:
+            return self.local[model_id]
+        if card := CARDS.get(model_id):
+            return self.store.ensure(card)
+        raise ModelNotFound(f"The model {model_id!r} does not exist. GET /v1/models lists the models this node "
+                            "can serve; start the node with --model PATH to serve a local one.", param="model")
+
+    def check(self, model_id: str) -> None:
+        if model_id not in self.local and model_id not in CARDS:
+            self.path(model_id)  # raises ModelNotFound
+
+    def list(self) -> list[ModelInfo]:
+        infos = [ModelInfo(id=c.id, name=c.name, context_length=c.context_length,
+                           downloaded=self.store.is_present(c)) for c in CARDS.values()]
+        infos += [ModelInfo(id=i, name=i, context_length=None, local_path=str(p), downloaded=True)
+                  for i, p in self.local.items()]
+        return infos

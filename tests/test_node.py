@@ -1,0 +1,137 @@
+"""End to end: a real `exo` node process, the real model, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from exo.models.cards import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass
+class RunningNode:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the node exited while starting"
+        try:
+            if DEFAULT_MODEL in httpx.get(f"{url}/health", timeout=2).json()["models_loaded"]:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"node at {url} not ready after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    port, home = free_port(), tmp_path_factory.mktemp("exo-home")
+    log = home / "node.log"
+    env = {**os.environ, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir)}
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "exo.main", "--api-host", "127.0.0.1",
+                                    "--api-port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, process)
+        yield RunningNode(process, url, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail("the node did not stop within 30 s of SIGTERM")
+    assert process.returncode == 0, log.read_text()[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free again
+
+
+def chat(url: str, **body: object) -> dict:
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                          json={"model": DEFAULT_MODEL, "messages": FRANCE, "temperature": 0, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_capital_of_france_mentions_paris(node: RunningNode) -> None:
+    answer = chat(node.url)["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+
+
+def test_openai_client_streaming_and_not_agree(node: RunningNode) -> None:
+    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused")
+    assert DEFAULT_MODEL in [m.id for m in client.models.list().data]
+    whole = client.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0, max_tokens=24)
+    stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, temperature=0, max_tokens=24,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in whole.choices[0].message.content
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_openai_client_sees_errors_as_exceptions(node: RunningNode) -> None:
+    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="no-such-model", messages=FRANCE)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=100_000)
+
+
+def test_client_disconnect_stops_the_generation(node: RunningNode) -> None:
+    story = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    body = {"model": DEFAULT_MODEL, "messages": story, "max_tokens": 4000, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{node.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(6)]  # a few chunks arrived, then the client hangs up
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{node.url}/health").json()["busy"]:
+        assert time.monotonic() < deadline, "the generation kept running after the client left"
+        time.sleep(0.1)
+    assert "cancelled" in node.log.read_text()
+    assert "Paris" in chat(node.url)["choices"][0]["message"]["content"]
+
+
+def test_concurrent_requests_all_complete_correctly(node: RunningNode) -> None:
+    prompts = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
+    alone = [chat(node.url, messages=[{"role": "user", "content": p}], max_tokens=16) for p in prompts]
+
+    async def together() -> list[dict]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            responses = await asyncio.gather(*[client.post(f"{node.url}/v1/chat/completions", json={
+                "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": p}], "temperature": 0,
+                "max_tokens": 16}) for p in prompts])
+        return [r.json() for r in responses]
+
+    for a, b in zip(alone, anyio.run(together), strict=True):
+        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
