@@ -83,9 +83,10 @@ class TextAssembler:
             return "", False
         self.text += fresh[len(context):]
         self.prefix, self.committed = len(self.ids) - 1, len(self.ids)
-        for stop in self.stop:
-            if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1:
-                return self._emit(at), True
+        # cut at the earliest stop string, whichever of them it is
+        found = [at for stop in self.stop if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1]
+        if found:
+            return self._emit(min(found)), True
         return self._emit(len(self.text) - self._held_back()), False
 
     def flush(self) -> str:
