@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,26 @@ def _json(status: int, message: str, error_type: str, param: str | None = None, 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _param(error: Mapping[str, Any], body: Any) -> str | None:
+    """The request field a validation error is about: its place in the body, without the tags of
+    union members that pydantic adds to the location (`messages.0.content.str`)."""
+    loc = tuple(error.get("loc", ()))
+    if loc[:1] != ("body",):
+        return ".".join(map(str, loc)) or None
+    parts: list[str] = []
+    value = body
+    for i, part in enumerate(loc[1:], start=2):
+        missing = i == len(loc) and error.get("type") == "missing"
+        if isinstance(value, dict) and (part in value or missing):
+            value = value.get(part)
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        else:
+            continue  # a union member's tag: no place in the body
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ExoError)
     async def _exo_error(_: Request, e: ExoError) -> JSONResponse:
@@ -36,8 +57,7 @@ def install_error_handlers(app: FastAPI) -> None:
             reason = first.get("ctx", {}).get("error", "malformed JSON")
             return _json(400, f"The request body is not valid JSON: {reason}", "invalid_request_error",
                          code="json_invalid")
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(loc) or None
+        param = _param(first, e.body)
         message = f"{param}: {first['msg']}" if param else f"Invalid request body: {first['msg']}"
         return _json(400, message, "invalid_request_error", param, first.get("type"))
 

@@ -50,9 +50,9 @@ class ChatService:
                                  "tokens. Shorten the messages.", param="messages")
         limit = request.token_limit
         if limit is not None and limit > room:
-            raise ContextTooLong(f"max_tokens is {limit}, but only {room} tokens are left in the model's context of "
-                                 f"{context} after the {len(prompt)}-token prompt. Lower max_tokens.",
-                                 param="max_tokens")
+            field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            raise ContextTooLong(f"{field} is {limit}, but only {room} tokens are left in the model's context of "
+                                 f"{context} after the {len(prompt)}-token prompt. Lower {field}.", param=field)
         params = GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
                                   seed=request.seed, stop=request.stop_list)
         return PreparedChat(request, prompt, params)

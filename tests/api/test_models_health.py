@@ -1,0 +1,52 @@
+"""GET /v1/models and GET /health."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from exo import __version__
+from exo.models.cards import CARDS, DEFAULT_MODEL
+from exo.worker.engine import LocalEngine
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_models_lists_the_default_model(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/models")
+    assert response.status_code == 200
+    models = response.json()
+    assert models["object"] == "list"
+    [card] = [m for m in models["data"] if m["id"] == DEFAULT_MODEL]
+    assert card["object"] == "model" and card["owned_by"] == "exo"
+    assert card["context_length"] == CARDS[DEFAULT_MODEL].context_length
+    assert card["downloaded"] is True  # the session's fixtures fetched it
+    assert "local_path" not in card
+
+
+async def test_health_is_ok_with_an_empty_queue_when_idle(client: httpx.AsyncClient, engine: LocalEngine) -> None:
+    await engine.load(DEFAULT_MODEL)
+    response = await client.get("/health")
+    assert response.status_code == 200
+    health = response.json()
+    assert (health["status"], health["queue_depth"], health["busy"]) == ("ok", 0, False)
+    assert health["version"] == __version__ and DEFAULT_MODEL in health["models_loaded"]
+
+
+async def test_health_shows_the_queue_while_generating(client: httpx.AsyncClient) -> None:
+    request = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    generating = asyncio.create_task(client.post("/v1/chat/completions", json=request))
+    try:
+        for _ in range(600):
+            health = (await client.get("/health")).json()
+            if health["busy"]:
+                break
+            await asyncio.sleep(0.01)
+        assert (health["status"], health["busy"]) == ("ok", True)
+        assert health["queue_depth"] >= 1
+    finally:
+        assert (await generating).status_code == 200
+    health = (await client.get("/health")).json()
+    assert (health["queue_depth"], health["busy"]) == (0, False)
