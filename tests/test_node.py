@@ -57,7 +57,7 @@ def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     env = {**os.environ, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir)}
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "exo.main", "--api-host", "127.0.0.1",
-                                    "--api-port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                    "--api-port", str(port), "--no-discovery"], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, process)
@@ -135,3 +135,9 @@ def test_concurrent_requests_all_complete_correctly(node: RunningNode) -> None:
 
     for a, b in zip(alone, anyio.run(together), strict=True):
         assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+
+
+def test_dashboard_is_served(node: RunningNode) -> None:
+    page = httpx.get(f"{node.url}/")
+    assert page.status_code == 200
+    assert "/v1/chat/completions" in page.text
