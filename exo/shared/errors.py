@@ -5,6 +5,7 @@
     │   ├── ContextTooLong      prompt plus max_tokens exceed the model's context
     │   └── ChatTemplateError   the model's chat template rejected the conversation
     ├── ModelNotFound           no such model in the registry or on disk (404)
+    ├── PlacementRefused        the cluster has too little memory (or too few nodes) for the model (409)
     ├── ServiceUnavailable      the node cannot take the request now (503)
     └── ModelError              the model's files are missing, damaged or unsupported (500)
         ├── ModelFormatError
@@ -37,6 +38,11 @@ class ChatTemplateError(InvalidRequest):
 class ModelNotFound(ExoError):
     status_code = 404
     error_type = "not_found_error"
+
+
+class PlacementRefused(ExoError):
+    status_code = 409
+    error_type = "placement_refused"
 
 
 class ServiceUnavailable(ExoError):

@@ -1,0 +1,178 @@
+"""Which node holds which layers: a pure function from a model and node profiles to layer ranges.
+
+The planner takes the fewest nodes that can hold the model, largest offered memory first, and splits
+the layers into contiguous half-open ranges in proportion to each node's usable memory. Bad arguments
+(a card with no layers, no bytes, `min_nodes < 1`) are the caller's bug and raise ValueError;
+a cluster that cannot hold the model raises PlacementRefused, saying how much memory is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+from exo.models.cards import ModelCard
+from exo.shared.errors import PlacementRefused
+from exo.shared.state import NodeProfile, ShardAssignment
+
+# Weights are not all a node needs: the KV cache and activations grow with the context, so a tenth of
+# what a node offers stays free, plus a fixed reserve for the runner process itself (interpreter, MLX,
+# tokenizer), which does not shrink on a small node.
+HEADROOM_FRACTION = 0.1
+RESERVE_BYTES = 128 * 1024**2
+
+_GB = 1_000_000_000
+
+
+def max_nodes_for(model_bytes: int) -> int:
+    """How many nodes a model of this size may be spread over voluntarily (see `previews`)."""
+    if model_bytes < 2 * _GB:
+        return 1
+    return 2 if model_bytes <= 10 * _GB else 4
+
+
+def usable_bytes(node: NodeProfile) -> int:
+    """Bytes of weights a node can take while keeping its headroom."""
+    return max(0, _headroom_left(node))
+
+
+def _headroom_left(node: NodeProfile) -> int:
+    """What a node offers less its headroom; negative when it offers less than the reserve."""
+    return int(node.memory_offered * (1 - HEADROOM_FRACTION)) - RESERVE_BYTES
+
+
+def allocate_layers(n_layers: int, weights: Sequence[float]) -> list[int]:
+    """Split `n_layers` in proportion to `weights` (largest remainder), each share at least 1 layer."""
+    if not weights or n_layers < len(weights):
+        raise ValueError(f"cannot give {len(weights)} shares at least one of {n_layers} layers")
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise ValueError(f"weights must be positive and finite, got {list(weights)}")
+    exact = [Fraction(w) for w in weights]  # exact arithmetic: the same split on every machine
+    quotas = [n_layers * w / sum(exact) for w in exact]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: n_layers - sum(counts)]:
+        counts[i] += 1
+    for i in range(len(counts)):
+        if counts[i] == 0:  # too small a share to round up: take a layer from the largest
+            counts[max(range(len(counts)), key=lambda j: (counts[j], -j))] -= 1
+            counts[i] = 1
+    return counts
+
+
+def place(
+    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int, min_nodes: int = 1
+) -> tuple[ShardAssignment, ...]:
+    """Layer ranges on the fewest nodes (at least `min_nodes`) that hold `model_bytes` of weights."""
+    _check(model, model_bytes)
+    if min_nodes < 1:
+        raise ValueError(f"min_nodes must be at least 1, got {min_nodes}")
+    n = model.n_layers
+    if not nodes:
+        need = _offered_for(model_bytes)
+        raise PlacementRefused(
+            f"no nodes to place {model.id} on: it needs {_human(need)} of free memory; "
+            "start exo on a machine that has it"
+        )
+    if min_nodes > len(nodes):
+        raise PlacementRefused(
+            f"{model.id} was asked to span {min_nodes} nodes but the cluster has {len(nodes)}; "
+            f"start exo on {min_nodes - len(nodes)} more machine(s) or ask for fewer nodes"
+        )
+    if min_nodes > n:
+        raise PlacementRefused(
+            f"{model.id} has {n} layer(s) and each node needs at least one, so it cannot span "
+            f"{min_nodes} nodes; ask for at most {n}"
+        )
+    ranked = _ranked(nodes)
+    most = min(len(ranked), n)
+    for k in range(min_nodes, most + 1):
+        if placement := _place_on(ranked[:k], n, model_bytes):
+            return placement
+    missing = min(_shortfall(ranked[:k], n, model_bytes) for k in range(min_nodes, most + 1))
+    capped = f" (a {n}-layer model can use at most {n} node(s))" if len(ranked) > n else ""
+    raise PlacementRefused(
+        f"{model.id} ({_human(model_bytes)} of weights) does not fit on {most} node(s){capped}: "
+        f"it needs {_human(missing)} more free memory, counting headroom for the KV cache; "
+        "free memory, raise --max-memory, or add a machine"
+    )
+
+
+def previews(
+    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int
+) -> list[tuple[ShardAssignment, ...]]:
+    """One placement per node count, from the fewest that fit up to what the model's size allows."""
+    _check(model, model_bytes)
+    ranked = _ranked(nodes)
+    fitting = {
+        k: placement
+        for k in range(1, min(len(ranked), model.n_layers) + 1)
+        if (placement := _place_on(ranked[:k], model.n_layers, model_bytes))
+    }
+    if not fitting:
+        return []
+    upto = max(min(fitting), max_nodes_for(model_bytes))
+    return [placement for k, placement in fitting.items() if k <= upto]
+
+
+def _check(model: ModelCard, model_bytes: int) -> None:
+    if model.n_layers < 1:
+        raise ValueError(f"model card {model.id} has {model.n_layers} layers; fix the card")
+    if model_bytes <= 0:
+        raise ValueError(f"model_bytes must be positive, got {model_bytes} for {model.id}")
+
+
+def _ranked(nodes: Sequence[NodeProfile]) -> list[NodeProfile]:
+    return sorted(nodes, key=lambda node: (-node.memory_offered, node.node_id))
+
+
+def _capacity(node: NodeProfile, n_layers: int, model_bytes: int) -> int:
+    """Whole layers that fit in a node's usable memory, each layer model_bytes / n_layers."""
+    return usable_bytes(node) * n_layers // model_bytes
+
+
+def _place_on(
+    chosen: Sequence[NodeProfile], n_layers: int, model_bytes: int
+) -> tuple[ShardAssignment, ...] | None:
+    """Layer ranges over exactly these nodes, in this rank order, or None if they cannot hold them."""
+    caps = [_capacity(node, n_layers, model_bytes) for node in chosen]
+    if min(caps) < 1 or sum(caps) < n_layers:
+        return None
+    counts = allocate_layers(n_layers, [usable_bytes(node) for node in chosen])
+    spill = sum(max(0, c - cap) for c, cap in zip(counts, caps, strict=True))
+    counts = [min(c, cap) for c, cap in zip(counts, caps, strict=True)]
+    for _ in range(spill):  # rounding overfilled a node: move each extra layer to the roomiest
+        i = max(range(len(counts)), key=lambda j: (caps[j] - counts[j], -j))
+        counts[i] += 1
+    starts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    return tuple(
+        ShardAssignment(node_id=node.node_id, rank=i, start=starts[i], end=starts[i + 1])
+        for i, node in enumerate(chosen)
+    )
+
+
+def _shortfall(chosen: Sequence[NodeProfile], n_layers: int, model_bytes: int) -> int:
+    """Least extra offered memory that lets these nodes hold the model, one layer each at least."""
+    # In units of bytes * n_layers, so a layer is exactly model_bytes and every cost is an integer.
+    scaled = [_headroom_left(node) * n_layers for node in chosen]
+    caps = [max(0, s // model_bytes) for s in scaled]
+    to_next = [(cap + 1) * model_bytes - s for cap, s in zip(caps, scaled, strict=True)]
+    # Every node must reach one layer; the rest of the deficit goes to the cheapest next layers.
+    must = sum(c for cap, c in zip(caps, to_next, strict=True) if cap == 0)
+    deficit = max(0, n_layers - sum(max(cap, 1) for cap in caps))
+    cheapest = sorted(c for cap, c in zip(caps, to_next, strict=True) if cap > 0)[:deficit]
+    more = must + sum(cheapest) + (deficit - len(cheapest)) * model_bytes
+    return math.ceil(more / n_layers / (1 - HEADROOM_FRACTION))
+
+
+def _offered_for(usable: int) -> int:
+    """Offered memory one node needs to keep `usable` bytes after its headroom."""
+    return math.ceil((usable + RESERVE_BYTES) / (1 - HEADROOM_FRACTION))
+
+
+def _human(n: int) -> str:
+    """Decimal units, rounded up so a shortfall is never understated."""
+    if n >= _GB:
+        return f"{math.ceil(n / 100_000_000) / 10:.1f} GB"
+    return f"{math.ceil(n / 1_000_000)} MB"

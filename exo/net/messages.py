@@ -1,0 +1,55 @@
+"""What nodes say to each other, and the codec that carries it."""
+
+from __future__ import annotations
+
+from exo.net.codec import Codec
+from exo.shared.events import EVENT_TYPES, Event
+from exo.shared.state import NodeProfile, State
+from exo.shared.types import FrozenModel, NodeId
+
+
+class Heartbeat(FrozenModel):
+    """Sent by every node to every peer it knows, every heartbeat interval.
+
+    Its order is the election order: among live nodes with no master, the greatest heartbeat's
+    node becomes master. The most caught-up node wins, so a new master never loses events.
+    """
+
+    cluster: str
+    version: str
+    profile: NodeProfile
+    term: int
+    master_id: NodeId | None
+    synced_term: int  # the term whose master's state this node holds; -1 while it holds none
+    last_event_index: int
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.profile.node_id
+
+    def _key(self) -> tuple[int, str]:
+        return self.last_event_index, self.node_id
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Heartbeat):
+            return NotImplemented
+        return self._key() < other._key()
+
+
+class EventBatch(FrozenModel):
+    """Events from the master of `term`, in index order."""
+
+    term: int
+    master_id: NodeId
+    events: list[Event]
+
+
+class Snapshot(FrozenModel):
+    """The master's whole state, for a follower that is new, far behind, or followed another master."""
+
+    term: int
+    master_id: NodeId
+    state: State
+
+
+CODEC = Codec(Heartbeat, EventBatch, Snapshot, *EVENT_TYPES)

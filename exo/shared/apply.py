@@ -1,0 +1,44 @@
+"""`apply(state, event) -> State`: the only way the cluster state changes. Pure and total."""
+
+from __future__ import annotations
+
+from exo.shared.events import (
+    BaseEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    MasterElected,
+    NodeJoined,
+    NodeLeft,
+    NodeProfileUpdated,
+)
+from exo.shared.state import State
+
+
+class EventOutOfOrder(ValueError):
+    """An event whose index is not the next one; the node must catch up instead of applying it."""
+
+
+def apply(state: State, event: BaseEvent) -> State:
+    if event.index != state.last_event_index + 1:
+        raise EventOutOfOrder(f"event {event.index} does not follow {state.last_event_index}")
+    update = {"last_event_index": event.index, "term": max(state.term, event.term)}
+    match event:
+        case MasterElected(node_id=node_id):
+            update["master_id"] = node_id
+        case NodeJoined(profile=profile) | NodeProfileUpdated(profile=profile):
+            update["nodes"] = {**state.nodes, profile.node_id: profile}
+        case NodeLeft(node_id=node_id):
+            update["nodes"] = {k: v for k, v in state.nodes.items() if k != node_id}
+        case InstanceCreated(instance=instance):
+            update["instances"] = {**state.instances, instance.instance_id: instance}
+        case InstanceDeleted(instance_id=instance_id):
+            update["instances"] = {k: v for k, v in state.instances.items() if k != instance_id}
+        case _:
+            raise TypeError(f"no rule to apply {type(event).__name__}")
+    return state.model_copy(update=update)
+
+
+def apply_all(state: State, events: list[BaseEvent]) -> State:
+    for event in events:
+        state = apply(state, event)
+    return state

@@ -1,0 +1,54 @@
+"""The cluster's shared state: what every node knows, changed only by applying events in order."""
+
+from __future__ import annotations
+
+from exo.shared.types import FrozenModel, InstanceId, NodeId
+
+
+class NodeProfile(FrozenModel):
+    """What a node reports about itself; refreshed while it runs."""
+
+    node_id: NodeId
+    hostname: str
+    version: str
+    address: str
+    api_port: int
+    memory_total: int
+    memory_available: int
+    memory_cap: int | None = None
+    cpu_count: int
+    accelerator: str
+    mlx_device: str
+
+    @property
+    def memory_offered(self) -> int:
+        """Bytes this node lets exo use: what is available, within the operator's cap."""
+        return min(self.memory_available, self.memory_cap) if self.memory_cap else self.memory_available
+
+
+class ShardAssignment(FrozenModel):
+    """One runner of an instance: which node runs which layers, at which rank of the ring."""
+
+    node_id: NodeId
+    rank: int
+    start: int
+    end: int
+
+
+class Instance(FrozenModel):
+    instance_id: InstanceId
+    model_id: str
+    n_layers: int
+    shards: tuple[ShardAssignment, ...]
+
+    @property
+    def node_ids(self) -> tuple[NodeId, ...]:
+        return tuple(s.node_id for s in self.shards)
+
+
+class State(FrozenModel):
+    last_event_index: int = -1
+    term: int = 0
+    master_id: NodeId | None = None
+    nodes: dict[NodeId, NodeProfile] = {}
+    instances: dict[InstanceId, Instance] = {}

@@ -1,0 +1,64 @@
+"""What this machine offers the cluster: its identity, memory, CPUs and accelerator."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import psutil
+
+from exo import __version__
+from exo.shared.state import NodeProfile
+from exo.shared.types import NodeId
+
+
+def load_node_id(home: Path) -> NodeId:
+    """A stable id for this node, kept in EXO_HOME across restarts."""
+    path = home / "node_id"
+    if path.is_file() and (existing := path.read_text().strip()):
+        return NodeId(existing)
+    home.mkdir(parents=True, exist_ok=True)
+    node_id = uuid.uuid4().hex[:16]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id)
+    os.replace(tmp, path)
+    return NodeId(node_id)
+
+
+class TermStore:
+    """The highest election term this node has seen, persisted so a restart never resets it."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "term"
+
+    def load(self) -> int:
+        try:
+            return int(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def save(self, term: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(str(term))
+        os.replace(tmp, self.path)
+
+
+def measure_profile(node_id: NodeId, *, address: str, api_port: int, memory_cap: int | None) -> NodeProfile:
+    memory = psutil.virtual_memory()
+    return NodeProfile(node_id=node_id, hostname=socket.gethostname(), version=__version__, address=address,
+                       api_port=api_port, memory_total=memory.total, memory_available=memory.available,
+                       memory_cap=memory_cap, cpu_count=os.cpu_count() or 1, accelerator=_accelerator(),
+                       mlx_device=_mlx_device())
+
+
+def _accelerator() -> str:
+    return "apple-gpu" if os.uname().sysname == "Darwin" else "cpu"
+
+
+def _mlx_device() -> str:
+    import mlx.core as mx
+
+    return str(mx.default_device())
