@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -19,60 +13,27 @@ import openai
 import pytest
 
 from exo.models.cards import DEFAULT_MODEL
+from nodes import RunningNode, start_node, stop_node, wait_for
 
 pytestmark = pytest.mark.slow
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@dataclass
-class RunningNode:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the node exited while starting"
-        try:
-            if DEFAULT_MODEL in httpx.get(f"{url}/health", timeout=2).json()["models_loaded"]:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"node at {url} not ready after {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    port, home = free_port(), tmp_path_factory.mktemp("exo-home")
-    log = home / "node.log"
-    env = {**os.environ, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir)}
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "exo.main", "--api-host", "127.0.0.1",
-                                    "--api-port", str(port), "--no-discovery"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    node = start_node(tmp_path_factory.mktemp("exo-home"), models_dir, "--no-discovery")
     try:
-        wait_until_ready(url, process)
-        yield RunningNode(process, url, log)
+        wait_for(lambda: DEFAULT_MODEL in _loaded(node), 120, "the node loads the default model")
+        yield node
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            pytest.fail("the node did not stop within 30 s of SIGTERM")
-    assert process.returncode == 0, log.read_text()[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # the port is free again
+        assert stop_node(node) == 0, node.log.read_text()[-3000:]
+
+
+def _loaded(node: RunningNode) -> list[str]:
+    try:
+        return httpx.get(f"{node.url}/health", timeout=2).json()["models_loaded"]
+    except httpx.HTTPError:
+        return []
 
 
 def chat(url: str, **body: object) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -10,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from exo import __version__
 from exo.api.cluster import cluster_router
 from exo.api.errors import install_error_handlers
-from exo.api.instances import instances_router
+from exo.api.instances import ensure_instance, instances_router
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
 from exo.master.service import ClusterService
@@ -23,7 +24,8 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard" / "index.html"
 def create_app(engine: LocalEngine, cluster: ClusterService | None = None) -> FastAPI:
     app = FastAPI(title="exo", version=__version__)
     install_error_handlers(app)
-    app.include_router(openai_router(ChatService(engine), engine.catalog))
+    ensure = None if cluster is None else functools.partial(ensure_instance, cluster)
+    app.include_router(openai_router(ChatService(engine, ensure), engine.catalog))
     if cluster is not None:
         app.include_router(cluster_router(cluster))
         app.include_router(instances_router(cluster))

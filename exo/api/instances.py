@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from exo.master.planner import previews
 from exo.master.service import ClusterService
 from exo.models.cards import CARDS, ModelCard
-from exo.shared.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
 from exo.shared.state import Instance, ShardAssignment
 from exo.shared.types import InstanceId, new_instance_id
 
@@ -34,6 +34,24 @@ def _card(model_id: str) -> ModelCard:
         raise ModelNotFound(f"The model {model_id!r} is not in the registry; GET /v1/models lists them.",
                             param="model_id")
     return card
+
+
+async def ensure_instance(cluster: ClusterService, model_id: str) -> None:
+    """Place `model_id` in the cluster unless an instance of it exists (registry models only)."""
+    coordinator = cluster.coordinator
+    if model_id not in CARDS or any(i.model_id == model_id for i in coordinator.state.instances.values()):
+        return
+    if coordinator.is_master:
+        cluster.place_instance(CARDS[model_id])
+        return
+    try:
+        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
+            answer = await client.post(cluster.master_url() + "/place_instance", json={"model_id": model_id})
+    except httpx.HTTPError as e:
+        raise ServiceUnavailable(f"The master did not answer ({type(e).__name__}); retry shortly.") from e
+    if answer.status_code != 200:
+        error = answer.json().get("error", {})
+        raise PlacementRefused(error.get("message", f"The master refused to place {model_id}."), param="model")
 
 
 def instances_router(cluster: ClusterService) -> APIRouter:

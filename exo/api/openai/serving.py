@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from exo.api.errors import error_body
@@ -32,12 +32,15 @@ class PreparedChat:
 
 
 class ChatService:
-    def __init__(self, engine: LocalEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LocalEngine,
+                 ensure_instance: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.engine, self.ensure_instance = engine, ensure_instance
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Render and tokenize the conversation and check it fits the model's context."""
         self.engine.catalog.check(request.model)
+        if self.ensure_instance is not None:
+            await self.ensure_instance(request.model)
         handle = await self.engine.load(request.model)
         tokenizer = handle.loaded.tokenizer
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
