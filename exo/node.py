@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import anyio
 import uvicorn
+from zeroconf import InterfaceChoice
 
 from exo import __version__
 from exo.api.app import create_app
@@ -17,6 +18,7 @@ from exo.master.coordinator import Coordinator
 from exo.master.service import ClusterService
 from exo.models.catalog import ModelCatalog
 from exo.models.store import ModelStore
+from exo.net.discovery import Discovery
 from exo.net.transport import PeerTransport
 from exo.shared.errors import ExoError
 from exo.worker.engine import LocalEngine
@@ -73,10 +75,11 @@ class Node:
             log.info("node stopped")
 
     async def _discover(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        from exo.net.discovery import Discovery
-
+        host = self.config.api_host
+        # Advertise only the address the API listens on, unless it listens on all of them.
+        interfaces = InterfaceChoice.All if host in ("0.0.0.0", "::", "") else [host]
         discovery = Discovery(node_id=self.node_id, cluster=self.config.cluster, version=__version__,
-                              api_port=self.config.api_port, on_peer=self.transport.add_seed)
+                              api_port=self.config.api_port, on_peer=self.transport.add_seed, interfaces=interfaces)
         await discovery.run(task_status=task_status)
 
     async def _stop_on_signal(self, server: uvicorn.Server) -> None:
