@@ -142,8 +142,8 @@ class Coordinator:
         if hb.cluster != self.cluster or not compatible(self.profile.version, hb.version) or hb.node_id == self.node_id:
             return []
         self.peers[hb.node_id] = (now, hb)
-        if hb.node_id == self.master_id and hb.master_id is None:  # our master restarted: it leads no more
-            self.master_id = None
+        if hb.node_id == self.master_id and hb.master_id is None and hb.term >= self.term:
+            self.master_id = None  # our master restarted (its term persisted, its mastership not): elect anew
         claims = hb.master_id == hb.node_id
         if claims and (hb.term > self.term or (hb.term == self.term and hb.node_id != self.master_id
                                                and (self.master_id is None or hb.node_id > self.master_id))):
@@ -179,8 +179,11 @@ class Coordinator:
                 break  # a gap: the master resends from our next heartbeat
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
-        if self._from_current_master(snapshot.term, snapshot.master_id):
-            self.state, self.synced_term = snapshot.state, snapshot.term
+        if not self._from_current_master(snapshot.term, snapshot.master_id):
+            return
+        if snapshot.term == self.synced_term and snapshot.state.last_event_index < self.state.last_event_index:
+            return  # a late copy of an older snapshot: taking it would rewind the state
+        self.state, self.synced_term = snapshot.state, snapshot.term
 
     # -- membership -----------------------------------------------------------------------------
 

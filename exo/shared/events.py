@@ -1,8 +1,14 @@
-"""Every change to the cluster state, as the master orders it. Each carries its index and term."""
+"""Every change to the cluster state, as the master orders it. Each carries its index and term.
+
+Each event names its own type in `kind`: some share a shape (NodeLeft and MasterElected), so the
+fields alone would decode as the wrong one.
+"""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
 
 from exo.shared.state import Instance, NodeProfile
 from exo.shared.types import FrozenModel, InstanceId, NodeId
@@ -14,29 +20,36 @@ class BaseEvent(FrozenModel):
 
 
 class MasterElected(BaseEvent):
+    kind: Literal["MasterElected"] = "MasterElected"
     node_id: NodeId
 
 
 class NodeJoined(BaseEvent):
+    kind: Literal["NodeJoined"] = "NodeJoined"
     profile: NodeProfile
 
 
 class NodeProfileUpdated(BaseEvent):
+    kind: Literal["NodeProfileUpdated"] = "NodeProfileUpdated"
     profile: NodeProfile
 
 
 class NodeLeft(BaseEvent):
+    kind: Literal["NodeLeft"] = "NodeLeft"
     node_id: NodeId
 
 
 class InstanceCreated(BaseEvent):
+    kind: Literal["InstanceCreated"] = "InstanceCreated"
     instance: Instance
 
 
 class InstanceDeleted(BaseEvent):
+    kind: Literal["InstanceDeleted"] = "InstanceDeleted"
     instance_id: InstanceId
 
 
-Event = Union[MasterElected, NodeJoined, NodeProfileUpdated, NodeLeft, InstanceCreated, InstanceDeleted]
+Event = Annotated[Union[MasterElected, NodeJoined, NodeProfileUpdated, NodeLeft, InstanceCreated, InstanceDeleted],
+                  Field(discriminator="kind")]
 EVENT_TYPES: tuple[type[BaseEvent], ...] = (MasterElected, NodeJoined, NodeProfileUpdated, NodeLeft,
                                             InstanceCreated, InstanceDeleted)
