@@ -12,7 +12,8 @@ class Heartbeat(FrozenModel):
     """Sent by every node to every peer it knows, every heartbeat interval.
 
     Its order is the election order: among live nodes with no master, the greatest heartbeat's
-    node becomes master. The most caught-up node wins, so a new master never loses events.
+    node becomes master: the one holding the latest master's state, and of those the one with the
+    most of its events, so a new master never loses committed events.
     """
 
     cluster: str
@@ -27,8 +28,8 @@ class Heartbeat(FrozenModel):
     def node_id(self) -> NodeId:
         return self.profile.node_id
 
-    def _key(self) -> tuple[int, str]:
-        return self.last_event_index, self.node_id
+    def _key(self) -> tuple[int, int, str]:
+        return self.synced_term, self.last_event_index, self.node_id
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Heartbeat):
