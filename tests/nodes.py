@@ -81,7 +81,10 @@ def stop_node(node: RunningNode, sig: int = signal.SIGTERM) -> int:
             raise AssertionError(f"node on {node.port} ignored signal {sig} for 30 s") from None
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # old connections may linger in TIME_WAIT
-        s.bind(("127.0.0.1", node.port))  # nobody listens on the port any more
+        try:
+            s.bind(("127.0.0.1", node.port))
+        except OSError:
+            raise AssertionError(f"port {node.port} is still taken after the node stopped") from None
     return node.process.returncode
 
 
@@ -95,6 +98,12 @@ def running_nodes(homes: list[Path], models_dir: Path, *args: str,
     try:
         yield nodes
     finally:
-        codes = [stop_node(node) for node in nodes]
+        codes, failures = [], []
+        for node in nodes:  # stop every node, even when stopping one of them fails
+            try:
+                codes.append(stop_node(node))
+            except AssertionError as e:
+                failures.append(str(e))
+        assert not failures, failures
         for node, code in zip(nodes, codes):
             assert code in (0, -signal.SIGKILL), f"node {node.port} exited {code}:\n{node.log.read_text()[-3000:]}"
