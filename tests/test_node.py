@@ -48,6 +48,13 @@ def test_capital_of_france_mentions_paris(node: RunningNode) -> None:
     assert "Paris" in answer
 
 
+def test_a_chat_for_a_model_without_instance_places_one(node: RunningNode) -> None:
+    chat(node.url, max_tokens=1)
+    instances = list(node.state()["instances"].values())
+    assert [i["model_id"] for i in instances] == [DEFAULT_MODEL]
+    assert [(s["start"], s["end"]) for s in instances[0]["shards"]] == [(0, 30)]
+
+
 def test_openai_client_streaming_and_not_agree(node: RunningNode) -> None:
     client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused")
     assert DEFAULT_MODEL in [m.id for m in client.models.list().data]

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from exo.models.cards import DEFAULT_MODEL
-from nodes import RunningNode, answers, running_nodes, wait_for
+from nodes import RunningNode, answers, running_nodes, start_node, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,10 @@ def agreed(nodes: list[RunningNode], n_members: int) -> bool:
         return False
     views = {(s["master_id"], s["term"], s["last_event_index"], tuple(sorted(s["nodes"]))) for s in states}
     return len(views) == 1 and states[0]["master_id"] is not None and len(states[0]["nodes"]) == n_members
+
+
+def ports(nodes: list[RunningNode]) -> list[int]:
+    return [node.port for node in nodes]
 
 
 def static_peers(i: int, ports: list[int]) -> list[str]:
@@ -49,6 +53,14 @@ def test_three_nodes_with_static_peers_elect_one_master_and_survive_its_loss(tmp
 
         # the term is persisted: a restarted node never goes back to an older one
         assert int((survivors[0].home / "term").read_text()) == after["term"]
+
+        # the old master comes back with its identity and rejoins as a follower
+        back = start_node(master.home, models_dir, "--no-preload", *static_peers(nodes.index(master), ports(nodes)),
+                          port=master.port)
+        nodes[nodes.index(master)] = back
+        wait_for(lambda: agreed(nodes, 3), 30, "the old master rejoins")
+        assert back.state()["node_id"] == before["master_id"] and not back.state()["is_master"]
+        assert back.state()["term"] == after["term"]
 
 
 def test_nodes_find_each_other_with_zeroconf(tmp_path: Path, models_dir: Path) -> None:
