@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
 from exo.engine.generate import Delta, GenerationParams, generate_text
 from exo.engine.loading import LoadedModel, load
-from exo.shared.types import Dtype
 from exo.models.catalog import ModelCatalog
 from exo.shared.errors import ExoError, ModelError, ServiceUnavailable
+from exo.shared.types import Dtype
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,12 @@ class LocalEngine:
             job.cancelled.set()
 
     def _serve(self) -> None:
+        try:
+            self._serve_jobs()
+        finally:
+            mx.synchronize()  # let queued work finish before the thread (and maybe the process) ends
+
+    def _serve_jobs(self) -> None:
         while (job := self._jobs.get()) is not None:
             if job.cancelled.is_set():
                 continue
