@@ -94,7 +94,7 @@ def running_nodes(homes: list[Path], models_dir: Path, *args: str,
     """Start one node per home (ports chosen first, so each may name the others), stop all after."""
     ports = [free_port() for _ in homes]
     nodes = [start_node(home, models_dir, *args, *(per_node(i, ports) if per_node else []), port=port)
-             for i, (home, port) in enumerate(zip(homes, ports))]
+             for i, (home, port) in enumerate(zip(homes, ports, strict=False))]
     try:
         yield nodes
     finally:
@@ -105,5 +105,5 @@ def running_nodes(homes: list[Path], models_dir: Path, *args: str,
             except AssertionError as e:
                 failures.append(str(e))
         assert not failures, failures
-        for node, code in zip(nodes, codes):
+        for node, code in zip(nodes, codes, strict=False):
             assert code in (0, -signal.SIGKILL), f"node {node.port} exited {code}:\n{node.log.read_text()[-3000:]}"

@@ -118,7 +118,7 @@ def _check_explicit(instance: Instance, nodes: set[str]) -> None:
         raise InvalidRequest("Ranks must be 0, 1, ... n-1, one shard each.", param="shards")
     bounds = [(s.start, s.end) for s in shards]
     if bounds[0][0] != 0 or bounds[-1][1] != instance.n_layers or any(
-            a_end != b_start for (_, a_end), (b_start, _) in zip(bounds, bounds[1:])) or any(
+            a_end != b_start for (_, a_end), (b_start, _) in zip(bounds, bounds[1:], strict=False)) or any(
             start >= end for start, end in bounds):
         raise InvalidRequest(f"Layer ranges must be non-empty and cover [0, {instance.n_layers}) in rank order.",
                              param="shards")

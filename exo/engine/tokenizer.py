@@ -52,7 +52,7 @@ class Tokenizer:
         backend.decoder = decoders.ByteLevel()
         types = meta["tokenizer.ggml.token_type"].tolist()
         backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                    for t, ty in zip(tokens, types) if ty in _GGUF_SPECIAL_TYPES])
+                                    for t, ty in zip(tokens, types, strict=False) if ty in _GGUF_SPECIAL_TYPES])
 
         def token_id(key: str) -> int | None:
             value = meta.get(f"tokenizer.ggml.{key}")
@@ -96,10 +96,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
         if self._template is None:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        special = lambda i: self.backend.id_to_token(i) if i is not None else ""  # noqa: E731
+        bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else ""
+        eos = self.backend.id_to_token(self.eos_ids[0]) if self.eos_ids else ""
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=True,
-                                         bos_token=special(self.bos_id), eos_token=special(self.eos_ids[0] if self.eos_ids else None))
+                                         bos_token=bos, eos_token=eos)
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", param="messages") from e
 

@@ -6,7 +6,7 @@ fields alone would decode as the wrong one.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -49,7 +49,7 @@ class InstanceDeleted(BaseEvent):
     instance_id: InstanceId
 
 
-Event = Annotated[Union[MasterElected, NodeJoined, NodeProfileUpdated, NodeLeft, InstanceCreated, InstanceDeleted],
+Event = Annotated[MasterElected | NodeJoined | NodeProfileUpdated | NodeLeft | InstanceCreated | InstanceDeleted,
                   Field(discriminator="kind")]
 EVENT_TYPES: tuple[type[BaseEvent], ...] = (MasterElected, NodeJoined, NodeProfileUpdated, NodeLeft,
                                             InstanceCreated, InstanceDeleted)
