@@ -1,9 +1,9 @@
 """`exo bench`: prefill and decode speed of the MLX engine, beside llama.cpp on the same GGUF file.
 
 Every measurement runs in a child process (`python -m exo.bench --worker ...`): a BLAS can only be
-preloaded before MLX is imported, and a child's peak RSS is then that engine's alone. Each child
-prints one JSON `Measurement` on stdout. Both engines decode greedily, ignore end tokens and make
-exactly the same number of model calls, so the ratio compares equal work.
+preloaded before MLX is imported, and a child's peak RSS is then that engine's alone. A child
+prints one JSON `Measurement` on stdout. Both engines decode greedily from the same prompt ids,
+ignore end tokens and make the same number of model calls, so their ratio compares equal work.
 """
 
 from __future__ import annotations
@@ -19,18 +19,21 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import psutil
 
-from exo.engine.blas import find_blas, preload_env
+from exo.engine.blas import PRELOADED_MARKER, find_blas, preload_env
 from exo.models.cards import CARDS, DEFAULT_MODEL
 from exo.models.store import ModelStore
 from exo.shared.types import FrozenModel
 
+if TYPE_CHECKING:
+    from exo.engine.loading import Dtype
+
 Engine = Literal["mlx", "llama.cpp"]
 
-# Plain prose, repeated and cut to the requested length: the content does not change the speed.
+# Plain prose (63 tokens), repeated and cut to the requested length: the words don't change the speed.
 _PROMPT = ("The history of computing is a story of machines that became smaller, cheaper and faster, "
            "and of people who found new uses for them at every step. Early computers filled rooms, "
            "drew kilowatts and were programmed by rewiring panels; today a phone holds more memory "
@@ -48,54 +51,62 @@ class Measurement(FrozenModel):
     prompt_tps: float
     decode_tps: float
     ttft_s: float
-    peak_rss_mb: float
-    rss_mb: float
+    peak_rss_mb: float  # the whole child's peak, model loading included
+    rss_mb: float  # after the runs: what serving the model keeps resident
     mlx_peak_mb: float | None = None
-    prompt: list[int] = []  # the prompt's token ids, so both engines read the same ones
-    tokens: list[int] = []  # the greedy continuation of the last run, to check that the engines agree
+    prompt: list[int] = []  # the prompt's ids, so llama.cpp reads exactly the ones MLX read
+    tokens: list[int] = []  # the last run's greedy continuation, to check that the engines agree
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(CARDS), help="model id")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs, after one warm-up run")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs, after one untimed warm-up run")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (end tokens ignored)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate; end tokens are ignored")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "quantized"])
     parser.add_argument("--blas", default="auto", choices=["auto", "blis", "openblas", "bundled"])
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
-    parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def run(args: argparse.Namespace, models_dir: Path) -> int:
     if args.runs < 1 or args.max_tokens < 2 or args.prompt_tokens < 1:
-        print("exo bench: --runs must be >= 1, --max-tokens >= 2 and --prompt-tokens >= 1", file=sys.stderr)
+        print("exo bench: needs --runs >= 1, --max-tokens >= 2 and --prompt-tokens >= 1", file=sys.stderr)
         return 2
     library = find_blas(args.blas)
     if library is None and args.blas in ("blis", "openblas"):
         print(f"exo bench: no loadable {args.blas} library; install it or pass --blas bundled", file=sys.stderr)
         return 2
     path = ModelStore(models_dir).ensure(CARDS[args.model])
-    env = preload_env(library, dict(os.environ)) if library else dict(os.environ)
+    env = _env_without_exo_blas()
     config = f"{args.dtype}, {Path(library).name if library else 'bundled BLAS'}"
     common = [str(path), str(args.runs), str(args.max_tokens)]
     try:
-        mlx = _spawn(["mlx", *common, args.dtype, str(args.prompt_tokens), config], env)
-        results = [mlx]
+        mlx = _spawn(["mlx", *common, args.dtype, str(args.prompt_tokens), config],
+                     preload_env(library, env) if library else env)
+        cpp = None
         if not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
-            ids = ",".join(map(str, mlx.prompt))
-            results.append(_spawn(["llama.cpp", *common, ids], dict(os.environ)))
+            cpp = _spawn(["llama.cpp", *common, ",".join(map(str, mlx.prompt))], env)
     except RuntimeError as e:
         print(f"exo bench: {e}", file=sys.stderr)
         return 1
-    comparison = _compare(*results) if len(results) == 2 else None
+    ratio = _compare(mlx, cpp) if cpp else None
     if args.json:
         hidden = {"prompt", "tokens"}
         print(json.dumps({"mlx": mlx.model_dump(exclude=hidden),
-                          "llama_cpp": results[1].model_dump(exclude=hidden) if comparison else None,
-                          "mlx_over_llama_cpp": comparison}, indent=2))
+                          "llama_cpp": cpp.model_dump(exclude=hidden) if cpp else None,
+                          "mlx_over_llama_cpp": ratio}, indent=2))
     else:
-        print(_table(results, comparison))
+        print(_table([mlx, *([cpp] if cpp else [])], ratio))
     return 0
+
+
+def _env_without_exo_blas() -> dict[str, str]:
+    """This environment minus a BLAS that `exo` preloaded into itself, so each child gets only its own."""
+    env = dict(os.environ)
+    if library := env.pop(PRELOADED_MARKER, None):
+        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if p != library)
+    return env
 
 
 def _spawn(worker_args: list[str], env: dict[str, str]) -> Measurement:
@@ -112,24 +123,25 @@ def _compare(mlx: Measurement, cpp: Measurement) -> dict[str, float]:
             "ttft_s": mlx.ttft_s / cpp.ttft_s, "greedy_tokens_agreeing": agree}
 
 
-def _table(results: list[Measurement], comparison: dict[str, float] | None) -> str:
+def _table(results: list[Measurement], ratio: dict[str, float] | None) -> str:
     rows = [("engine", "config", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "RSS MB")]
     for r in results:
-        rows.append((r.engine, r.config, f"{r.prompt_tps:.1f}", f"{r.decode_tps:.1f}", f"{r.ttft_s * 1e3:.1f}",
+        rows.append((r.engine, r.config, f"{r.prompt_tps:.1f}", f"{r.decode_tps:.1f}", f"{r.ttft_s * 1e3:.0f}",
                      f"{r.peak_rss_mb:.0f}", f"{r.rss_mb:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     first = results[0]
-    lines.append(f"{first.prompt_tokens} prompt tokens, {first.decode_tokens} generated, median of {first.runs} runs")
-    if comparison:
-        lines.append(f"MLX / llama.cpp: prefill {comparison['prompt_tps']:.2f}x, decode {comparison['decode_tps']:.2f}x; "
-                     f"greedy outputs agree for {comparison['greedy_tokens_agreeing']:.0f} tokens")
+    lines.append(f"{first.prompt_tokens} prompt tokens, {first.decode_tokens} generated, "
+                 f"median of {first.runs} runs after a warm-up")
+    if ratio:
+        lines.append(f"MLX / llama.cpp: prefill {ratio['prompt_tps']:.2f}x, decode {ratio['decode_tps']:.2f}x; "
+                     f"greedy outputs agree for the first {ratio['greedy_tokens_agreeing']:.0f} tokens")
     return "\n".join(lines)
 
 
 def _time_runs(generate: Callable[[], Iterator[int]], runs: int, max_tokens: int,
                settle: Callable[[], None]) -> tuple[list[tuple[float, float]], list[int]]:
-    """(time to first token, seconds for the remaining tokens) of each run after a warm-up one."""
+    """(time to the first token, time for the other tokens) of each run after the warm-up one."""
     timings, tokens = [], []
     for _ in range(runs + 1):
         start = time.perf_counter()
@@ -139,36 +151,34 @@ def _time_runs(generate: Callable[[], Iterator[int]], runs: int, max_tokens: int
         tokens += [next(stream) for _ in range(max_tokens - 1)]
         timings.append((first - start, time.perf_counter() - first))
         stream.close()
-        settle()  # let a step queued ahead finish outside the timed region
+        settle()  # a step queued ahead must finish outside the next run's clock
     return timings[1:], tokens
 
 
-def _summarize(engine: Engine, config: str, n_prompt: int, max_tokens: int,
-               timings: list[tuple[float, float]], tokens: list[int], mlx_peak: float | None) -> Measurement:
+def _summarize(engine: Engine, config: str, n_prompt: int, max_tokens: int, timings: list[tuple[float, float]],
+               tokens: list[int], mlx_peak_mb: float | None) -> Measurement:
     ttft = statistics.median(t for t, _ in timings)
     decode = statistics.median(d for _, d in timings)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return Measurement(engine=engine, config=config, prompt_tokens=n_prompt, decode_tokens=max_tokens,
                        runs=len(timings), prompt_tps=n_prompt / ttft, decode_tps=(max_tokens - 1) / decode,
                        ttft_s=ttft, peak_rss_mb=peak / 1e6, rss_mb=psutil.Process().memory_info().rss / 1e6,
-                       mlx_peak_mb=mlx_peak, tokens=tokens)
+                       mlx_peak_mb=mlx_peak_mb, tokens=tokens)
 
 
 def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, n_prompt: int, config: str) -> Measurement:
-    import mlx.core as mx  # only here: the parent never imports MLX, so its children can preload a BLAS
+    import mlx.core as mx  # imported here only: the parent must not load MLX before a child preloads a BLAS
 
     from exo.engine.generate import generate_step
     from exo.engine.loading import load
 
-    loaded = load(path, dtype=dtype)  # type: ignore[arg-type]  # argparse checked it against the choices
-    text = _PROMPT * (n_prompt // 40 + 1)  # the prose runs to about 60 tokens per repeat
-    prompt = loaded.tokenizer.encode(text)[:n_prompt]
+    loaded = load(path, dtype=cast("Dtype", dtype))
     model = loaded.model
+    prompt = loaded.tokenizer.encode(_PROMPT * (n_prompt // 60 + 1))[:n_prompt]
     mx.reset_peak_memory()
     timings, tokens = _time_runs(lambda: generate_step(prompt, model, model.make_cache()), runs, max_tokens,
                                  mx.synchronize)
-    peak = mx.get_peak_memory() / 1e6 or None
-    m = _summarize("mlx", config, len(prompt), max_tokens, timings, tokens, peak)
+    m = _summarize("mlx", config, len(prompt), max_tokens, timings, tokens, mx.get_peak_memory() / 1e6 or None)
     return m.model_copy(update={"prompt": prompt})
 
 
@@ -180,12 +190,12 @@ def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, prompt: list[int]
                 n_threads_batch=threads, verbose=False)
 
     def generate() -> Iterator[int]:
-        llm.reset()  # without it, llama-cpp-python reuses the previous run's prompt from its cache
+        llm.reset()  # otherwise llama-cpp-python reuses the previous run's prompt from its cache
         return llm.generate(prompt, top_k=1, temp=0.0, reset=False)
 
     timings, tokens = _time_runs(generate, runs, max_tokens, lambda: None)
-    return _summarize("llama.cpp", f"{path.suffixes[-2].lstrip('.') if len(path.suffixes) > 1 else 'gguf'}, "
-                      f"{threads} threads", len(prompt), max_tokens, timings, tokens, None)
+    return _summarize("llama.cpp", f"GGUF as stored, {threads} threads", len(prompt), max_tokens, timings, tokens,
+                      None)
 
 
 def _worker(argv: list[str]) -> Measurement:
@@ -199,5 +209,5 @@ def _worker(argv: list[str]) -> Measurement:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["--worker"]:
-        sys.exit("usage: python -m exo.bench --worker ENGINE ...  (run `exo bench` instead)")
+        sys.exit("usage: python -m exo.bench --worker ENGINE ...  (this is `exo bench`'s child; run that instead)")
     print(_worker(sys.argv[2:]).model_dump_json())
