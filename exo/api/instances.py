@@ -36,6 +36,15 @@ def _card(model_id: str) -> ModelCard:
     return card
 
 
+async def _ask_master(cluster: ClusterService, method: str, path: str, body: bytes) -> httpx.Response:
+    try:
+        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
+            return await client.request(method, cluster.master_url() + path, content=body,
+                                        headers={"Content-Type": "application/json"})
+    except httpx.HTTPError as e:
+        raise ServiceUnavailable(f"The master did not answer ({type(e).__name__}); retry shortly.") from e
+
+
 async def ensure_instance(cluster: ClusterService, model_id: str) -> None:
     """Place `model_id` in the cluster unless an instance of it exists (registry models only)."""
     coordinator = cluster.coordinator
@@ -44,11 +53,8 @@ async def ensure_instance(cluster: ClusterService, model_id: str) -> None:
     if coordinator.is_master:
         cluster.place_instance(CARDS[model_id])
         return
-    try:
-        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
-            answer = await client.post(cluster.master_url() + "/place_instance", json={"model_id": model_id})
-    except httpx.HTTPError as e:
-        raise ServiceUnavailable(f"The master did not answer ({type(e).__name__}); retry shortly.") from e
+    answer = await _ask_master(cluster, "POST", "/place_instance", PlaceInstance(model_id=model_id)
+                               .model_dump_json().encode())
     if answer.status_code != 200:
         error = answer.json().get("error", {})
         raise PlacementRefused(error.get("message", f"The master refused to place {model_id}."), param="model")
@@ -60,13 +66,7 @@ def instances_router(cluster: ClusterService) -> APIRouter:
 
     async def forward(request: Request) -> Response:
         """Send this request to the master as it came, and answer with the master's response."""
-        url = cluster.master_url() + request.url.path
-        try:
-            async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
-                answer = await client.request(request.method, url, content=await request.body(),
-                                              headers={"Content-Type": "application/json"})
-        except httpx.HTTPError as e:
-            raise ServiceUnavailable(f"The master did not answer ({type(e).__name__}); retry shortly.") from e
+        answer = await _ask_master(cluster, request.method, request.url.path, await request.body())
         return Response(answer.content, status_code=answer.status_code, media_type="application/json")
 
     @router.post("/place_instance", response_model=None)
