@@ -58,15 +58,14 @@ class ClusterService:
         state = self.coordinator.state
         shards = place(card, list(state.nodes.values()), model_bytes=card.memory_bytes(self.dtype),
                        min_nodes=min_nodes)
-        instance = Instance(instance_id=new_instance_id(), model_id=card.id, n_layers=card.n_layers, shards=shards)
-        self._post(self.coordinator.emit(lambda i, t: InstanceCreated(index=i, term=t, instance=instance)))
-        log.info("instance=%s model=%s placed on %s", instance.instance_id, card.id,
-                 ", ".join(f"{s.node_id}[{s.start}:{s.end})" for s in shards))
-        return instance
+        return self.add_instance(Instance(instance_id=new_instance_id(), model_id=card.id,
+                                          n_layers=card.n_layers, shards=shards))
 
     def add_instance(self, instance: Instance) -> Instance:
         self._require_master()
         self._post(self.coordinator.emit(lambda i, t: InstanceCreated(index=i, term=t, instance=instance)))
+        log.info("instance=%s model=%s placed on %s", instance.instance_id, instance.model_id,
+                 ", ".join(f"{s.node_id}[{s.start}:{s.end})" for s in instance.shards))
         return instance
 
     def delete_instance(self, instance_id: InstanceId) -> None:
