@@ -45,14 +45,14 @@ class ModelCatalog:
         """The local path of `model_id`'s files, fetched into the cache first if needed."""
         if model_id in self.local:
             return self.local[model_id]
-        if card := CARDS.get(model_id):
-            return self.store.ensure(card)
-        raise ModelNotFound(f"The model {model_id!r} does not exist. GET /v1/models lists the models this node "
-                            "can serve; start the node with --model PATH to serve a local one.", param="model")
+        self.check(model_id)
+        return self.store.ensure(CARDS[model_id])
 
     def check(self, model_id: str) -> None:
+        """Raise ModelNotFound unless this node can serve `model_id`."""
         if model_id not in self.local and model_id not in CARDS:
-            self.path(model_id)  # raises ModelNotFound
+            raise ModelNotFound(f"The model {model_id!r} does not exist. GET /v1/models lists the models this node "
+                                "can serve; start the node with --model PATH to serve a local one.", param="model")
 
     def list(self) -> list[ModelInfo]:
         infos = [ModelInfo(id=c.id, name=c.name, context_length=c.context_length,
