@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,10 @@ import mlx.nn as nn
 import pytest
 
 from exo.engine.generate import GenerationParams, generate_text
-from exo.engine.llama import LlamaShard
 from exo.engine.loading import LoadedModel, load
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.errors import ModelFormatError
+from shards import run_in_sequence
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -86,22 +85,6 @@ def write_model(path: Path, tokenizer: Tokenizer, weights: dict[str, mx.array], 
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
     return path
-
-
-def run_in_sequence(shards: Sequence[LlamaShard], prompt: Sequence[int], steps: int = 2) -> list[mx.array]:
-    """Logits of a prefill and `steps` greedy decode steps, each range with its own cache."""
-    caches = [shard.make_cache() for shard in shards]
-
-    def forward(inputs: mx.array) -> mx.array:
-        for shard, cache in zip(shards, caches, strict=True):
-            inputs = shard(inputs, cache)
-        return inputs
-
-    logits = [forward(mx.array(prompt, dtype=mx.int32)[None])]
-    for _ in range(steps):
-        logits.append(forward(mx.argmax(logits[-1][:, -1, :], axis=-1)[:, None]))
-    mx.eval(logits)
-    return logits
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,28 +11,12 @@ from mlx.utils import tree_flatten
 
 from exo.engine.llama import LlamaShard, ModelArgs
 from exo.engine.loading import LoadedModel, load
+from shards import run_in_sequence
 
 DECODE_STEPS = 3
 
 TINY = ModelArgs(hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128)
-
-
-def run_in_sequence(shards: Sequence[LlamaShard], prompt: Sequence[int], steps: int) -> list[mx.array]:
-    """Logits of a prefill of `prompt` and then `steps` greedy decode steps, each range with its own cache."""
-    caches = [shard.make_cache() for shard in shards]
-
-    def forward(inputs: mx.array) -> mx.array:
-        for shard, cache in zip(shards, caches, strict=True):
-            inputs = shard(inputs, cache)
-        return inputs
-
-    logits = [forward(mx.array(prompt, dtype=mx.int32)[None])]
-    for _ in range(steps):
-        token = mx.argmax(logits[-1][:, -1, :], axis=-1)[:, None]
-        logits.append(forward(token))
-    mx.eval(logits)
-    return logits
 
 
 def assert_identical(whole: list[mx.array], split: list[mx.array]) -> None:
