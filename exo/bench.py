@@ -111,14 +111,14 @@ def _env_without_exo_blas() -> dict[str, str]:
 
 def _spawn(worker_args: list[str], env: dict[str, str]) -> Measurement:
     cmd = [sys.executable, "-m", "exo.bench", "--worker", *worker_args]
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {worker_args[0]} measurement failed:\n{done.stderr.strip()}")
     return Measurement.model_validate_json(done.stdout.strip().splitlines()[-1])
 
 
 def _compare(mlx: Measurement, cpp: Measurement) -> dict[str, float]:
-    agree = next((i for i, (a, b) in enumerate(zip(mlx.tokens, cpp.tokens)) if a != b), len(mlx.tokens))
+    agree = next((i for i, (a, b) in enumerate(zip(mlx.tokens, cpp.tokens, strict=False)) if a != b), len(mlx.tokens))
     return {"prompt_tps": mlx.prompt_tps / cpp.prompt_tps, "decode_tps": mlx.decode_tps / cpp.decode_tps,
             "ttft_s": mlx.ttft_s / cpp.ttft_s, "greedy_tokens_agreeing": agree}
 
@@ -129,7 +129,7 @@ def _table(results: list[Measurement], ratio: dict[str, float] | None) -> str:
         rows.append((r.engine, r.config, f"{r.prompt_tps:.1f}", f"{r.decode_tps:.1f}", f"{r.ttft_s * 1e3:.0f}",
                      f"{r.peak_rss_mb:.0f}", f"{r.rss_mb:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     first = results[0]
     lines.append(f"{first.prompt_tokens} prompt tokens, {first.decode_tokens} generated, "
                  f"median of {first.runs} runs after a warm-up")
