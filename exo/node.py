@@ -21,6 +21,7 @@ from exo.models.store import ModelStore
 from exo.net.discovery import Discovery
 from exo.net.transport import PeerTransport
 from exo.shared.errors import ExoError
+from exo.shared.state import NodeProfile
 from exo.worker.engine import LocalEngine
 from exo.worker.profile import TermStore, load_node_id, measure_profile
 
@@ -36,7 +37,7 @@ class Node:
         node_id = load_node_id(config.home)
         terms = TermStore(config.home)
 
-        def measure():  # noqa: ANN202
+        def measure() -> NodeProfile:
             return measure_profile(node_id, address=config.api_host, api_port=config.api_port,
                                    memory_cap=config.max_memory)
 
