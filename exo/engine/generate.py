@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -108,20 +108,33 @@ class TextAssembler:
 
 def generate_text(prompt: Sequence[int], model: Model, tokenizer: Tokenizer, params: GenerationParams,
                   cache: list[KVCache]) -> Iterator[Delta]:
-    """Generate text for `prompt` until an end token, a stop string or `max_tokens`."""
+    """Generate text for `prompt` with a model held whole in this process."""
     sampler = make_sampler(params.temperature, params.top_p, params.seed)
+    return detokenize(generate_step(prompt, model, cache, sampler=sampler), tokenizer, params)
+
+
+def detokenize(tokens: Iterator[int], tokenizer: Tokenizer, params: GenerationParams) -> Iterator[Delta]:
+    """Text from a stream of token ids, until an end token, a stop string or `max_tokens`.
+
+    The token stream is closed when the text ends, however it ends, so a pipeline can finish the
+    step it has in flight.
+    """
     text = TextAssembler(tokenizer, params.stop)
     n = 0
-    for n, token in enumerate(generate_step(prompt, model, cache, sampler=sampler), start=1):
-        if token in tokenizer.eos_ids:
-            yield Delta(text.flush(), n, "stop")
-            return
-        piece, stopped = text.add(token)
-        if stopped:
-            yield Delta(piece, n, "stop")
-            return
-        if n >= params.max_tokens:
-            yield Delta(piece + text.flush(), n, "length")
-            return
-        if piece:
-            yield Delta(piece, n)
+    try:
+        for n, token in enumerate(tokens, start=1):
+            if token in tokenizer.eos_ids:
+                yield Delta(text.flush(), n, "stop")
+                return
+            piece, stopped = text.add(token)
+            if stopped:
+                yield Delta(piece, n, "stop")
+                return
+            if n >= params.max_tokens:
+                yield Delta(piece + text.flush(), n, "length")
+                return
+            if piece:
+                yield Delta(piece, n)
+    finally:
+        if isinstance(tokens, Generator):
+            tokens.close()
