@@ -13,6 +13,7 @@ from zeroconf import InterfaceChoice
 
 from exo import __version__
 from exo.api.app import create_app
+from exo.api.instances import ensure_instance
 from exo.config import Config
 from exo.master.coordinator import Coordinator
 from exo.master.service import ClusterService
@@ -20,10 +21,11 @@ from exo.models.catalog import ModelCatalog
 from exo.models.store import ModelStore
 from exo.net.discovery import Discovery
 from exo.net.transport import PeerTransport
-from exo.shared.errors import ExoError
+from exo.shared.errors import ExoError, ServiceUnavailable
 from exo.shared.state import NodeProfile
-from exo.worker.engine import LocalEngine
-from exo.worker.profile import TermStore, load_node_id, measure_profile
+from exo.worker.profile import TermStore, load_node_id, measure_profile, ring_host
+from exo.worker.supervisor import Supervisor
+from exo.worker.tokenizers import Tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class Node:
         self.config = config
         self.catalog = ModelCatalog(ModelStore(config.models_dir))
         self.preload = [self.catalog.register(spec) for spec in config.preload]
-        self.engine = LocalEngine(self.catalog, dtype=config.dtype)
+        self.tokenizers = Tokenizers(self.catalog)
         node_id = load_node_id(config.home)
         terms = TermStore(config.home)
 
@@ -46,9 +48,12 @@ class Node:
             self.transport.add_seed(host, port)
         coordinator = Coordinator(measure(), cluster=config.cluster, term=terms.load(),
                                   peer_timeout=config.peer_timeout, on_term=terms.save)
+        self.supervisor = Supervisor(node_id, self.catalog, host=ring_host(config.api_host, config.peers),
+                                     dtype=config.dtype, report=lambda *worker: self.cluster.report_worker(*worker))
         self.cluster = ClusterService(coordinator, self.transport, measure=measure,
-                                      heartbeat_interval=config.heartbeat_interval, dtype=config.dtype)
-        self.app = create_app(self.engine, self.cluster)
+                                      heartbeat_interval=config.heartbeat_interval, dtype=config.dtype,
+                                      on_state=self.supervisor.update)
+        self.app = create_app(self.cluster, self.supervisor, self.tokenizers)
 
     @property
     def node_id(self) -> str:
@@ -59,10 +64,10 @@ class Node:
             self.app, host=self.config.api_host, port=self.config.api_port, log_config=None,
             access_log=self.config.verbose, timeout_graceful_shutdown=30))
         log.info("node=%s cluster=%s term=%d", self.node_id, self.config.cluster, self.cluster.coordinator.term)
-        self.engine.start()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stop_on_signal, server)
+                await tg.start(self.supervisor.run)
                 await tg.start(self.cluster.run)
                 if self.config.discovery:
                     await tg.start(self._discover)
@@ -72,7 +77,6 @@ class Node:
                 tg.cancel_scope.cancel()
         finally:
             await self.transport.aclose()
-            await anyio.to_thread.run_sync(self.engine.stop)
             log.info("node stopped")
 
     async def _discover(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -94,11 +98,16 @@ class Node:
                     server.should_exit = True
 
     async def _preload(self, model_id: str) -> None:
-        try:
-            await self.engine.load(model_id)
-            log.info("model=%s ready", model_id)
-        except ExoError as e:
-            log.error("model=%s could not be preloaded: %s", model_id, e.message)
+        """Place the model once the cluster has a master, unless an instance of it exists."""
+        while True:
+            try:
+                await ensure_instance(self.cluster, self.tokenizers, model_id)
+                return
+            except ServiceUnavailable:
+                await anyio.sleep(0.5)  # no master yet
+            except ExoError as e:
+                log.error("model=%s could not be placed: %s", model_id, e.message)
+                return
 
 
 class _Server(uvicorn.Server):

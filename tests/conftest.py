@@ -7,14 +7,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from nodes import RunningNode, answers, orphaned_runner_pids, start_node, stop_node, wait_for
 
-from exo.api.app import create_app
 from exo.config import Config
 from exo.engine.loading import LoadedModel, load
 from exo.models.cards import CARDS, DEFAULT_MODEL
-from exo.models.catalog import ModelCatalog
 from exo.models.store import ModelStore
-from exo.worker.engine import LocalEngine
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +35,25 @@ def smollm(model_path: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def engine(models_dir: Path) -> Iterator[LocalEngine]:
-    engine = LocalEngine(ModelCatalog(ModelStore(models_dir, progress=False)))
-    engine.start()
-    yield engine
-    engine.stop()
+def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    """One real node, alone, serving the default model from its own runner process."""
+    node = start_node(tmp_path_factory.mktemp("node"), models_dir, "--no-discovery")
+    try:
+        wait_for(lambda: answers(node) and httpx.get(f"{node.url}/health").json()["runners_ready"] == 1, 120,
+                 "the node's runner to be ready")
+        yield node
+    finally:
+        assert stop_node(node) == 0, node.log.read_text()[-3000:]
 
 
 @pytest.fixture
-async def client(engine: LocalEngine) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(engine))
-    async with httpx.AsyncClient(transport=transport, base_url="http://exo.test", timeout=120) as client:
+async def client(node: RunningNode) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=node.url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(autouse=True)
+def no_orphaned_runners() -> Iterator[None]:
+    """Every test: no runner outlives its node."""
+    yield
+    wait_for(lambda: not orphaned_runner_pids(), 5, "orphaned runners to exit")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 
 @dataclass
@@ -58,6 +59,30 @@ def answers(node: RunningNode, path: str = "/health") -> bool:
         return False
 
 
+def runner_pids(node_pid: int | None = None) -> list[int]:
+    """exo runner processes, of one node or of any, found by their command line
+    (`python -m exo.worker.runner SPEC NODE_PID`)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmd = process.info["cmdline"] or []
+        if cmd[1:3] == ["-m", "exo.worker.runner"] and (node_pid is None or cmd[4:5] == [str(node_pid)]):
+            found.append(process.pid)
+    return found
+
+
+def orphaned_runner_pids() -> list[int]:
+    """Runners whose node is gone."""
+    return [pid for pid in runner_pids() if not _node_alive(pid)]
+
+
+def _node_alive(runner_pid: int) -> bool:
+    try:
+        node_pid = int(psutil.Process(runner_pid).cmdline()[4])
+        return psutil.pid_exists(node_pid) and psutil.Process(node_pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, IndexError, ValueError):
+        return True  # it exited meanwhile
+
+
 def start_node(home: Path, models_dir: Path, *args: str, port: int | None = None) -> RunningNode:
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
@@ -79,6 +104,10 @@ def stop_node(node: RunningNode, sig: int = signal.SIGTERM) -> int:
             node.process.kill()
             node.process.wait()
             raise AssertionError(f"node on {node.port} ignored signal {sig} for 30 s") from None
+    try:
+        wait_for(lambda: not runner_pids(node.process.pid), 5, f"runners of node {node.port} to exit")
+    except TimeoutError:
+        raise AssertionError(f"node {node.port} left runners behind: {runner_pids(node.process.pid)}") from None
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # old connections may linger in TIME_WAIT
         try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import httpx
@@ -13,27 +11,10 @@ import openai
 import pytest
 
 from exo.models.cards import DEFAULT_MODEL
-from nodes import RunningNode, start_node, stop_node, wait_for
+from nodes import RunningNode
 
 pytestmark = pytest.mark.slow
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def node(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
-    node = start_node(tmp_path_factory.mktemp("exo-home"), models_dir, "--no-discovery")
-    try:
-        wait_for(lambda: DEFAULT_MODEL in _loaded(node), 120, "the node loads the default model")
-        yield node
-    finally:
-        assert stop_node(node) == 0, node.log.read_text()[-3000:]
-
-
-def _loaded(node: RunningNode) -> list[str]:
-    try:
-        return httpx.get(f"{node.url}/health", timeout=2).json()["models_loaded"]
-    except httpx.HTTPError:
-        return []
 
 
 def chat(url: str, **body: object) -> dict:
@@ -48,11 +29,16 @@ def test_capital_of_france_mentions_paris(node: RunningNode) -> None:
     assert "Paris" in answer
 
 
-def test_a_chat_for_a_model_without_instance_places_one(node: RunningNode) -> None:
+def test_the_default_model_runs_whole_in_one_ready_runner(node: RunningNode) -> None:
     chat(node.url, max_tokens=1)
-    instances = list(node.state()["instances"].values())
-    assert [i["model_id"] for i in instances] == [DEFAULT_MODEL]
-    assert [(s["start"], s["end"]) for s in instances[0]["shards"]] == [(0, 30)]
+    state = node.state()
+    [instance] = state["instances"].values()
+    assert instance["model_id"] == DEFAULT_MODEL
+    assert [(s["start"], s["end"]) for s in instance["shards"]] == [(0, 30)]
+    [runner] = state["runners"].values()
+    assert (runner["rank"], runner["status"], runner["node_id"]) == (0, "Ready", state["node_id"])
+    chats = [t for t in state["tasks"].values() if t["kind"] == "Chat"]
+    assert chats and chats[-1]["status"] == "Complete"
 
 
 def test_openai_client_streaming_and_not_agree(node: RunningNode) -> None:

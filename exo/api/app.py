@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -11,33 +12,42 @@ from fastapi.responses import FileResponse, JSONResponse
 from exo import __version__
 from exo.api.cluster import cluster_router
 from exo.api.errors import install_error_handlers
-from exo.api.instances import ensure_instance, instances_router
+from exo.api.instances import instances_router, route
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
+from exo.api.runners import runners_router
 from exo.master.service import ClusterService
-from exo.worker.engine import LocalEngine
+from exo.shared.runners import RunnerStatus
+from exo.worker.supervisor import Supervisor
+from exo.worker.tokenizers import Tokenizers
 
 STALL_SECONDS = 120.0
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard" / "index.html"
 
 
-def create_app(engine: LocalEngine, cluster: ClusterService | None = None) -> FastAPI:
+def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Tokenizers) -> FastAPI:
     app = FastAPI(title="exo", version=__version__)
     install_error_handlers(app)
-    ensure = None if cluster is None else functools.partial(ensure_instance, cluster)
-    app.include_router(openai_router(ChatService(engine, ensure), engine.catalog))
-    if cluster is not None:
-        app.include_router(cluster_router(cluster))
-        app.include_router(instances_router(cluster))
+    chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers))
+    app.include_router(openai_router(chat, tokenizers.catalog))
+    app.include_router(cluster_router(cluster))
+    app.include_router(instances_router(cluster))
+    app.include_router(runners_router(cluster, supervisor))
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        # Healthy means making progress: a busy engine that produced nothing for a while is not.
-        idle_for = engine.clock() - engine.last_progress
-        stalled = engine.active is not None and idle_for > STALL_SECONDS
+        # Healthy means making progress: a runner with requests that produced nothing for a while is not.
+        now = time.monotonic()
+        busy = [h for h in supervisor.runners.values() if h.chats or h.status == RunnerStatus.RUNNING]
+        idle_for = max((now - h.last_progress for h in busy), default=0.0)
+        stalled = idle_for > STALL_SECONDS
         body = {"status": "stalled" if stalled else "ok", "version": __version__,
-                "models_loaded": sorted(engine.models), "queue_depth": engine.queue_depth,
-                "busy": engine.active is not None, "seconds_since_progress": round(idle_for, 3)}
+                "node_id": cluster.coordinator.node_id, "master_id": cluster.coordinator.master_id,
+                "runners": {rid: h.status for rid, h in supervisor.runners.items()},
+                "runners_ready": sum(h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
+                                     for h in supervisor.runners.values()),
+                "queue_depth": supervisor.queue_depth(), "busy": bool(busy),
+                "seconds_since_progress": round(idle_for, 3)}
         return JSONResponse(body, status_code=503 if stalled else 200)
 
     @app.get("/", include_in_schema=False)

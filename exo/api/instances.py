@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import anyio
 import httpx
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
@@ -12,21 +13,27 @@ from exo.master.planner import previews
 from exo.master.service import ClusterService
 from exo.models.cards import CARDS, ModelCard
 from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
-from exo.shared.state import Instance, ShardAssignment
+from exo.shared.runners import RunnerStatus, runner_id
+from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import InstanceId, new_instance_id
+from exo.worker.tokenizers import Tokenizers
 
 FORWARD_TIMEOUT = 10.0
+READY_TIMEOUT = 120.0  # how long a chat waits for its instance's runners to load
+SERVING = (RunnerStatus.READY, RunnerStatus.RUNNING)
 
 
 class PlaceInstance(BaseModel):
     model_id: str
     min_nodes: int = Field(default=1, ge=1)
     sharding: Literal["pipeline"] = "pipeline"
+    if_absent: bool = False  # answer with an existing instance of the model instead of placing another
 
 
 class CreateInstance(BaseModel):
     model_id: str
     shards: list[ShardAssignment] = Field(min_length=1)
+    n_layers: int | None = Field(default=None, ge=1)  # for a model outside the registry
 
 
 def _card(model_id: str) -> ModelCard:
@@ -45,19 +52,67 @@ async def _ask_master(cluster: ClusterService, method: str, path: str, body: byt
         raise ServiceUnavailable(f"The master did not answer ({type(e).__name__}); retry shortly.") from e
 
 
-async def ensure_instance(cluster: ClusterService, model_id: str) -> None:
-    """Place `model_id` in the cluster unless an instance of it exists (registry models only)."""
+async def ensure_instance(cluster: ClusterService, tokenizers: Tokenizers, model_id: str) -> None:
+    """Place `model_id` unless an instance of it exists: a registry model where the planner says,
+    a model from this node's own files on this node alone."""
     coordinator = cluster.coordinator
-    if model_id not in CARDS or any(i.model_id == model_id for i in coordinator.state.instances.values()):
+    if any(i.model_id == model_id for i in coordinator.state.instances.values()):
         return
-    if coordinator.is_master:
-        cluster.place_instance(CARDS[model_id])
-        return
-    answer = await _ask_master(cluster, "POST", "/place_instance", PlaceInstance(model_id=model_id)
-                               .model_dump_json().encode())
+    if model_id in CARDS:
+        if coordinator.is_master:
+            cluster.place_instance(CARDS[model_id])
+            return
+        path, body = "/place_instance", PlaceInstance(model_id=model_id, if_absent=True).model_dump_json()
+    else:
+        _, args = await tokenizers.get(model_id)
+        shard = ShardAssignment(node_id=coordinator.node_id, rank=0, start=0, end=args.num_hidden_layers)
+        body = CreateInstance(model_id=model_id, shards=[shard], n_layers=args.num_hidden_layers).model_dump_json()
+        if coordinator.is_master:
+            cluster.add_instance(Instance(instance_id=new_instance_id(), model_id=model_id,
+                                          n_layers=args.num_hidden_layers, shards=(shard,)))
+            return
+        path = "/instance"
+    answer = await _ask_master(cluster, "POST", path, body.encode())
     if answer.status_code != 200:
         error = answer.json().get("error", {})
         raise PlacementRefused(error.get("message", f"The master refused to place {model_id}."), param="model")
+
+
+async def route(cluster: ClusterService, tokenizers: Tokenizers, model_id: str,
+                forwarded: bool) -> tuple[Instance, str | None]:
+    """A ready instance of `model_id` and, unless its rank 0 is on this node, the API of the node
+    where it is. Places an instance if there is none and waits for its runners to load."""
+    coordinator = cluster.coordinator
+    with anyio.move_on_after(READY_TIMEOUT):
+        while True:
+            if not forwarded:
+                await ensure_instance(cluster, tokenizers, model_id)
+            state = coordinator.state
+            instances = [i for i in state.instances.values() if i.model_id == model_id]
+            ready = [i for i in instances if _all_runners(state, i, SERVING)]
+            here = [i for i in ready if i.shards[0].node_id == coordinator.node_id]
+            if here:
+                return here[0], None
+            if ready and not forwarded:
+                head = ready[0].shards[0].node_id
+                if (url := cluster.transport.url(head)) is not None:
+                    return ready[0], url
+            if failed := [r for i in instances for s in i.shards
+                          if (r := state.runners.get(runner_id(i.instance_id, s.rank))) is not None
+                          and r.status in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN)]:
+                raise ServiceUnavailable(f"Runner {failed[0].runner_id} of model {model_id} is {failed[0].status}"
+                                         f"{f' ({failed[0].error})' if failed[0].error else ''}. Delete the instance "
+                                         "(DELETE /instance/{id}) to place it again.")
+            if forwarded and not instances:
+                raise ServiceUnavailable(f"This node no longer serves {model_id}; retry the request.")
+            await anyio.sleep(0.05)
+    raise ServiceUnavailable(f"No instance of {model_id} became ready within {READY_TIMEOUT:.0f}s; GET /state shows "
+                             "its runners.")
+
+
+def _all_runners(state: State, instance: Instance, statuses: tuple[RunnerStatus, ...]) -> bool:
+    runners = [state.runners.get(runner_id(instance.instance_id, s.rank)) for s in instance.shards]
+    return all(r is not None and r.status in statuses for r in runners)
 
 
 def instances_router(cluster: ClusterService) -> APIRouter:
@@ -73,14 +128,17 @@ def instances_router(cluster: ClusterService) -> APIRouter:
     async def place_instance(body: PlaceInstance, request: Request) -> Instance | Response:
         if not coordinator.is_master:
             return await forward(request)
+        existing = [i for i in coordinator.state.instances.values() if i.model_id == body.model_id]
+        if body.if_absent and existing:
+            return existing[0]
         return cluster.place_instance(_card(body.model_id), min_nodes=body.min_nodes)
 
     @router.post("/instance", response_model=None)
     async def create_instance(body: CreateInstance, request: Request) -> Instance | Response:
         if not coordinator.is_master:
             return await forward(request)
-        card = _card(body.model_id)
-        instance = Instance(instance_id=new_instance_id(), model_id=card.id, n_layers=card.n_layers,
+        n_layers = body.n_layers or _card(body.model_id).n_layers
+        instance = Instance(instance_id=new_instance_id(), model_id=body.model_id, n_layers=n_layers,
                             shards=tuple(sorted(body.shards, key=lambda s: s.rank)))
         _check_explicit(instance, set(coordinator.state.nodes))
         return cluster.add_instance(instance)

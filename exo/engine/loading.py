@@ -76,6 +76,17 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "flo
     return LoadedModel(model, tokenizer, args)
 
 
+def load_tokenizer(path: Path) -> tuple[Tokenizer, ModelArgs]:
+    """The tokenizer and shape of the model at `path`, for a process that renders prompts but holds no layers."""
+    if path.is_file() and path.suffix == ".gguf":
+        _, args, _, tokenizer = _read_gguf(path)  # reads the tensors too; MLX has no metadata-only read
+        return tokenizer, args
+    if path.is_dir() and (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        return Tokenizer.from_directory(path), ModelArgs.from_dict(config)
+    raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
+
+
 def _read_gguf(path: Path) -> tuple[dict[str, mx.array], ModelArgs, int, Tokenizer]:
     raw, meta = mx.load(str(path), return_metadata=True)
     arch = meta.get("general.architecture")

@@ -8,6 +8,8 @@ to send; it never does I/O, so tests drive whole clusters through a simulated ne
   claims a new term, greater than any it has seen. A live master is kept (no churn when a better
   node joins). A master's own claim with a higher term wins; on equal terms the greater node id
   wins, so two masters that meet after a partition settle on one.
+- Workers: each heartbeat carries the node's runners and latest tasks; the master turns any
+  difference from the state into events, so statuses survive lost messages and new masters.
 - Replication: only the master creates events. Followers apply them strictly in index order;
   a follower that is behind is sent the missing events, and one that holds another master's
   state (or none) is sent a snapshot. Messages of an older term are ignored.
@@ -22,7 +24,17 @@ from typing import Any
 
 from exo.net.messages import EventBatch, Heartbeat, Snapshot
 from exo.shared.apply import apply
-from exo.shared.events import BaseEvent, MasterElected, NodeJoined, NodeLeft, NodeProfileUpdated
+from exo.shared.events import (
+    BaseEvent,
+    MasterElected,
+    NodeJoined,
+    NodeLeft,
+    NodeProfileUpdated,
+    RunnerRemoved,
+    RunnerUpdated,
+    TaskUpdated,
+)
+from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import NodeProfile, State
 from exo.shared.types import FrozenModel, NodeId
 
@@ -52,6 +64,8 @@ class Coordinator:
         self.state = State()
         self.log: list[BaseEvent] = []
         self.peers: dict[NodeId, tuple[float, Heartbeat]] = {}
+        self.runners: tuple[RunnerInfo, ...] = ()
+        self.tasks: tuple[TaskInfo, ...] = ()
         self._started: float | None = None
 
     @property
@@ -65,10 +79,13 @@ class Coordinator:
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(cluster=self.cluster, version=self.profile.version, profile=self.profile, term=self.term,
                          master_id=self.master_id, synced_term=self.synced_term,
-                         last_event_index=self.state.last_event_index)
+                         last_event_index=self.state.last_event_index, runners=self.runners, tasks=self.tasks)
 
     def update_profile(self, profile: NodeProfile) -> None:
         self.profile = profile
+
+    def update_worker(self, runners: tuple[RunnerInfo, ...], tasks: tuple[TaskInfo, ...]) -> None:
+        self.runners, self.tasks = runners, tasks
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -89,6 +106,7 @@ class Coordinator:
             out += self._claim()
         if self.is_master:
             out += self._reconcile_membership()
+            out += self._reconcile_workers()
         return [*out, Outgoing(None, self.heartbeat())]
 
     def receive(self, message: Any, now: float) -> list[Outgoing]:
@@ -198,6 +216,24 @@ class Coordinator:
                 events.append(lambda i, t, p=profile: NodeProfileUpdated(index=i, term=t, profile=p))
         for node_id in known.keys() - alive.keys():
             events.append(lambda i, t, n=node_id: NodeLeft(index=i, term=t, node_id=n))
+        return self.emit(*events)
+
+
+    def _reconcile_workers(self) -> list[Outgoing]:
+        state = self.state
+        alive = [self.heartbeat(), *(hb for _, hb in self.peers.values())]
+        reported = {r.runner_id: r for hb in alive for r in hb.runners if r.instance_id in state.instances}
+        events: list[Callable[[int, int], BaseEvent]] = []
+        for runner_id, runner in reported.items():
+            if state.runners.get(runner_id) != runner:
+                events.append(lambda i, t, r=runner: RunnerUpdated(index=i, term=t, runner=r))
+        nodes = {hb.node_id for hb in alive}
+        for runner_id, runner in state.runners.items():
+            if runner.node_id in nodes and runner_id not in reported:
+                events.append(lambda i, t, r=runner_id: RunnerRemoved(index=i, term=t, runner_id=r))
+        for task in (task for hb in alive for task in hb.tasks):
+            if state.tasks.get(task.task_id) != task:
+                events.append(lambda i, t, k=task: TaskUpdated(index=i, term=t, task=k))
         return self.emit(*events)
 
 

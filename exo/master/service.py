@@ -16,7 +16,8 @@ from exo.net.messages import CODEC, Heartbeat
 from exo.net.transport import PeerTransport
 from exo.shared.errors import ServiceUnavailable
 from exo.shared.events import InstanceCreated, InstanceDeleted
-from exo.shared.state import Instance, NodeProfile
+from exo.shared.runners import RunnerInfo, TaskInfo
+from exo.shared.state import Instance, NodeProfile, State
 from exo.shared.types import Dtype, InstanceId, new_instance_id
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,9 @@ PROFILE_REFRESH_SECONDS = 5.0
 class ClusterService:
     def __init__(self, coordinator: Coordinator, transport: PeerTransport, *, measure: Callable[[], NodeProfile],
                  heartbeat_interval: float = 0.5, dtype: Dtype = "float32",
+                 on_state: Callable[[State], None] = lambda state: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.coordinator, self.transport, self.measure = coordinator, transport, measure
+        self.coordinator, self.transport, self.measure, self.on_state = coordinator, transport, measure, on_state
         self.heartbeat_interval, self.dtype, self.clock = heartbeat_interval, dtype, clock
         self._outbox_in, self._outbox = anyio.create_memory_object_stream[Outgoing](max_buffer_size=1024)
 
@@ -43,6 +45,11 @@ class ClusterService:
                     last_profile = self.clock()
                 self._post(self.coordinator.tick(self.clock()))
                 await anyio.sleep(self.heartbeat_interval)
+
+    def report_worker(self, runners: tuple[RunnerInfo, ...], tasks: tuple[TaskInfo, ...]) -> None:
+        """This node's runners changed: tell the master now rather than at the next heartbeat."""
+        self.coordinator.update_worker(runners, tasks)
+        self._post(self.coordinator.tick(self.clock()))
 
     def receive(self, frame: bytes, sender_host: str) -> None:
         """Handle one frame from a peer. Raises WireError for a frame that is not a valid message."""
@@ -84,11 +91,14 @@ class ClusterService:
             raise ServiceUnavailable("This node is not the master; send the request to any node's API.")
 
     def _post(self, outgoing: list[Outgoing]) -> None:
+        self.on_state(self.coordinator.state)
         for item in outgoing:
             try:
                 self._outbox_in.send_nowait(item)
             except anyio.WouldBlock:
                 log.warning("outbox full: dropped a %s (heartbeats will retry)", type(item.message).__name__)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the node is stopping: its peers will notice by its silence
 
     async def _send_loop(self) -> None:
         async with self._outbox, anyio.create_task_group() as tg:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from exo.net.codec import Codec
 from exo.shared.events import EVENT_TYPES, Event
+from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import NodeProfile, State
 from exo.shared.types import FrozenModel, NodeId
 
@@ -23,6 +24,8 @@ class Heartbeat(FrozenModel):
     master_id: NodeId | None
     synced_term: int  # the term whose master's state this node holds; -1 while it holds none
     last_event_index: int
+    runners: tuple[RunnerInfo, ...] = ()  # this node's runners and latest tasks, as its worker sees them
+    tasks: tuple[TaskInfo, ...] = ()
 
     @property
     def node_id(self) -> NodeId:

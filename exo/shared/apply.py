@@ -10,8 +10,14 @@ from exo.shared.events import (
     NodeJoined,
     NodeLeft,
     NodeProfileUpdated,
+    RunnerRemoved,
+    RunnerUpdated,
+    TaskUpdated,
 )
 from exo.shared.state import State
+
+
+TASKS_KEPT = 64  # task records in the state; older ones are dropped
 
 
 class EventOutOfOrder(ValueError):
@@ -29,10 +35,19 @@ def apply(state: State, event: BaseEvent) -> State:
             update["nodes"] = {**state.nodes, profile.node_id: profile}
         case NodeLeft(node_id=node_id):
             update["nodes"] = {k: v for k, v in state.nodes.items() if k != node_id}
+            update["runners"] = {k: r for k, r in state.runners.items() if r.node_id != node_id}
         case InstanceCreated(instance=instance):
             update["instances"] = {**state.instances, instance.instance_id: instance}
         case InstanceDeleted(instance_id=instance_id):
             update["instances"] = {k: v for k, v in state.instances.items() if k != instance_id}
+            update["runners"] = {k: r for k, r in state.runners.items() if r.instance_id != instance_id}
+        case RunnerUpdated(runner=runner):
+            update["runners"] = {**state.runners, runner.runner_id: runner}
+        case RunnerRemoved(runner_id=runner_id):
+            update["runners"] = {k: r for k, r in state.runners.items() if k != runner_id}
+        case TaskUpdated(task=task):
+            tasks = {k: t for k, t in state.tasks.items() if k != task.task_id}
+            update["tasks"] = dict([*tasks.items(), (task.task_id, task)][-TASKS_KEPT:])
         case _:
             raise TypeError(f"no rule to apply {type(event).__name__}")
     return state.model_copy(update=update)

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import Instance, NodeProfile
 from exo.shared.types import FrozenModel, InstanceId, NodeId
 
@@ -49,7 +50,23 @@ class InstanceDeleted(BaseEvent):
     instance_id: InstanceId
 
 
-Event = Annotated[MasterElected | NodeJoined | NodeProfileUpdated | NodeLeft | InstanceCreated | InstanceDeleted,
-                  Field(discriminator="kind")]
+class RunnerUpdated(BaseEvent):
+    kind: Literal["RunnerUpdated"] = "RunnerUpdated"
+    runner: RunnerInfo
+
+
+class RunnerRemoved(BaseEvent):
+    kind: Literal["RunnerRemoved"] = "RunnerRemoved"
+    runner_id: str
+
+
+class TaskUpdated(BaseEvent):
+    kind: Literal["TaskUpdated"] = "TaskUpdated"
+    task: TaskInfo
+
+
+Event = Annotated[MasterElected | NodeJoined | NodeProfileUpdated | NodeLeft | InstanceCreated | InstanceDeleted
+                  | RunnerUpdated | RunnerRemoved | TaskUpdated, Field(discriminator="kind")]
 EVENT_TYPES: tuple[type[BaseEvent], ...] = (MasterElected, NodeJoined, NodeProfileUpdated, NodeLeft,
-                                            InstanceCreated, InstanceDeleted)
+                                            InstanceCreated, InstanceDeleted, RunnerUpdated, RunnerRemoved,
+                                            TaskUpdated)

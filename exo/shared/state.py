@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.types import FrozenModel, InstanceId, NodeId
 
 
@@ -36,6 +37,8 @@ class ShardAssignment(FrozenModel):
 
 
 class Instance(FrozenModel):
+    """A model placed on the cluster: one runner per shard, joined in a ring in rank order."""
+
     instance_id: InstanceId
     model_id: str
     n_layers: int
@@ -52,3 +55,5 @@ class State(FrozenModel):
     master_id: NodeId | None = None
     nodes: dict[NodeId, NodeProfile] = {}
     instances: dict[InstanceId, Instance] = {}
+    runners: dict[str, RunnerInfo] = {}
+    tasks: dict[str, TaskInfo] = {}  # the latest few, oldest first

@@ -62,3 +62,17 @@ def _mlx_device() -> str:
     import mlx.core as mx
 
     return str(mx.default_device())
+
+
+def ring_host(api_host: str, peers: tuple[tuple[str, int], ...] = ()) -> str:
+    """The address this node's runners listen on for their ring: the API's, or where it listens on
+    every address, the one this machine reaches its peers (or the internet) from."""
+    if api_host not in ("0.0.0.0", "::", ""):
+        return api_host
+    target = peers[0][0] if peers else "192.0.2.1"  # a documentation address: nothing is sent
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((target, 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"

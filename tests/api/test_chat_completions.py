@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from nodes import RunningNode
 
-from exo.api.app import create_app
 from exo.models.cards import DEFAULT_MODEL
-from exo.worker.engine import LocalEngine
+from exo.engine.loading import LoadedModel
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -67,10 +67,9 @@ async def answer(client: httpx.AsyncClient, request: dict[str, Any]) -> str:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def alone(engine: LocalEngine) -> dict[str, dict[str, Any]]:
-    """Each prompt's greedy completion, requested on its own while the engine is otherwise idle."""
-    transport = httpx.ASGITransport(app=create_app(engine))
-    async with httpx.AsyncClient(transport=transport, base_url="http://exo.test", timeout=120) as client:
+async def alone(node: RunningNode) -> dict[str, dict[str, Any]]:
+    """Each prompt's greedy completion, requested on its own while the node is otherwise idle."""
+    async with httpx.AsyncClient(base_url=node.url, timeout=120) as client:
         completions = {}
         for name in PROMPTS:
             response = await client.post(URL, json=greedy(name))
@@ -88,9 +87,9 @@ async def test_greedy_answer_to_the_capital_of_france_is_paris(alone: dict[str, 
     assert "Paris" in choice["message"]["content"]
 
 
-async def test_usage_counts_the_rendered_prompt_and_the_answer(engine: LocalEngine,
+async def test_usage_counts_the_rendered_prompt_and_the_answer(smollm: LoadedModel,
                                                                alone: dict[str, dict[str, Any]]) -> None:
-    tokenizer = (await engine.load(DEFAULT_MODEL)).loaded.tokenizer
+    tokenizer = smollm.tokenizer
     for name, (messages, _) in PROMPTS.items():
         usage = alone[name]["usage"]
         assert usage["prompt_tokens"] == len(tokenizer.encode(tokenizer.apply_chat_template(messages)))

@@ -1,6 +1,6 @@
 """Every way a chat request can be refused answers in OpenAI's error shape, naming the field at fault.
 
-All but the last test are refused before any token is generated; each checks the engine is left
+All but the last test are refused before any token is generated; each checks the node is left
 idle, and the last one checks the node still answers.
 """
 
@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from exo.models.cards import CARDS, DEFAULT_MODEL
-from exo.worker.engine import LocalEngine
+from exo.engine.loading import LoadedModel
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -103,8 +103,8 @@ async def test_body_that_is_not_a_json_object_is_a_400(client: httpx.AsyncClient
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 async def test_max_tokens_beyond_the_context_is_a_400_that_says_how_much_room_is_left(
-        client: httpx.AsyncClient, engine: LocalEngine, field: str) -> None:
-    tokenizer = (await engine.load(DEFAULT_MODEL)).loaded.tokenizer
+        client: httpx.AsyncClient, smollm: LoadedModel, field: str) -> None:
+    tokenizer = smollm.tokenizer
     room = CONTEXT - len(tokenizer.encode(tokenizer.apply_chat_template(HI)))
     for limit in (room + 1, CONTEXT):
         response = await client.post(URL, json={"model": DEFAULT_MODEL, "messages": HI, field: limit})

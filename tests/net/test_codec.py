@@ -20,7 +20,11 @@ from exo.shared.events import (
     NodeJoined,
     NodeLeft,
     NodeProfileUpdated,
+    RunnerRemoved,
+    RunnerUpdated,
+    TaskUpdated,
 )
+from exo.shared.runners import RunnerInfo, RunnerStatus, TaskInfo, TaskKind, TaskStatus
 from exo.shared.state import Instance, NodeProfile, ShardAssignment, State
 from exo.shared.types import FrozenModel, InstanceId, NodeId
 
@@ -36,6 +40,11 @@ INSTANCE = Instance(instance_id=InstanceId("3f2a9c01bd7e"), model_id="mlx-commun
                     n_layers=30, shards=(ShardAssignment(node_id=NodeId("a"), rank=0, start=0, end=18),
                                          ShardAssignment(node_id=NodeId("b"), rank=1, start=18, end=30)))
 
+RUNNER = RunnerInfo(instance_id=INSTANCE.instance_id, rank=1, node_id=NodeId("b"), status=RunnerStatus.READY,
+                    host="192.168.1.8", port=53117, pid=4242)
+TASK = TaskInfo(task_id="t-1", instance_id=INSTANCE.instance_id, rank=0, kind=TaskKind.LOAD,
+                status=TaskStatus.FAILED, error="a Load task cannot run while the runner is Ready")
+
 EVENTS: list[BaseEvent] = [
     MasterElected(index=0, term=3, node_id=NodeId("a")),
     NodeJoined(index=1, term=3, profile=profile("a", memory_cap=32 << 30)),
@@ -43,17 +52,23 @@ EVENTS: list[BaseEvent] = [
     NodeLeft(index=3, term=3, node_id=NodeId("c")),
     InstanceCreated(index=4, term=3, instance=INSTANCE),
     InstanceDeleted(index=5, term=3, instance_id=InstanceId("0123456789ab")),
+    RunnerUpdated(index=6, term=3, runner=RUNNER),
+    RunnerRemoved(index=7, term=3, runner_id=RUNNER.runner_id),
+    TaskUpdated(index=8, term=3, task=TASK),
 ]
 assert {type(e) for e in EVENTS} == set(EVENT_TYPES)  # one of each, so a new event type needs a case here
 
 STATE = State(last_event_index=41, term=3, master_id=NodeId("a"),
               nodes={NodeId("a"): profile("a", memory_cap=32 << 30),
                      NodeId("b"): profile("b", hostname="bé-ünicode")},
-              instances={INSTANCE.instance_id: INSTANCE})
+              instances={INSTANCE.instance_id: INSTANCE}, runners={RUNNER.runner_id: RUNNER},
+              tasks={TASK.task_id: TASK})
 
 MESSAGES: list[FrozenModel] = [
     Heartbeat(cluster="home", version="0.1.0", profile=profile("a"), term=3, master_id=NodeId("a"), synced_term=3,
               last_event_index=41),
+    Heartbeat(cluster="home", version="0.1.0", profile=profile("b"), term=3, master_id=NodeId("a"), synced_term=3,
+              last_event_index=41, runners=(RUNNER,), tasks=(TASK,)),
     Heartbeat(cluster="home", version="0.1.0", profile=profile("b"), term=0, master_id=None, synced_term=-1,
               last_event_index=-1),
     EventBatch(term=3, master_id=NodeId("a"), events=EVENTS),

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import anyio
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from exo.api.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
-from exo.api.openai.serving import ChatService
+from exo.api.openai.serving import ChatService, RemoteChat
 from exo.models.catalog import ModelCatalog
+from exo.shared.errors import ServiceUnavailable
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nobody reads it: the client is gone
+FORWARDED = "x-exo-forwarded"  # set on a request one node hands to another, which must then serve it itself
 
 
 def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
@@ -26,9 +29,11 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
-        prepared = await _unless_disconnected(request, chat.prepare(body))
+        prepared = await _unless_disconnected(request, chat.prepare(body, forwarded=FORWARDED in request.headers))
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if isinstance(prepared, RemoteChat):
+            return await _forward(request, prepared.url)
         if body.stream:
             # StreamingResponse cancels the body's iterator when the client disconnects.
             return StreamingResponse(chat.stream(prepared), media_type="text/event-stream",
@@ -37,6 +42,29 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
         return Response(status_code=CLIENT_CLOSED_REQUEST) if completion is None else completion
 
     return router
+
+
+async def _forward(request: Request, url: str) -> Response:
+    """Hand the request to the node that serves it, and its answer (streamed as it comes) back."""
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5))
+    upstream = client.build_request("POST", url + request.url.path, content=await request.body(),
+                                    headers={"content-type": "application/json", FORWARDED: "1"})
+    try:
+        response = await client.send(upstream, stream=True)
+    except httpx.HTTPError as e:
+        await client.aclose()
+        raise ServiceUnavailable(f"The node serving this model did not answer ({type(e).__name__}); retry.") from e
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for piece in response.aiter_raw():
+                yield piece
+        finally:  # also when our client went away: closing the upstream cancels its generation
+            await response.aclose()
+            await client.aclose()
+
+    headers = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "cache-control")}
+    return StreamingResponse(body(), status_code=response.status_code, headers=headers)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:

@@ -1,4 +1,8 @@
-"""Chat completions: turn a request into a prompt, run it on the engine, shape the answer."""
+"""Chat completions: find the instance, turn the request into a prompt, stream the answer back.
+
+The node whose runner holds rank 0 of the instance renders the prompt and streams the text;
+any other node hands the request to that node as it came (see `router.py`).
+"""
 
 from __future__ import annotations
 
@@ -21,32 +25,43 @@ from exo.api.openai.protocol import (
 )
 from exo.engine.generate import GenerationParams
 from exo.shared.errors import ContextTooLong, ExoError
-from exo.worker.engine import LocalEngine
+from exo.shared.state import Instance
+from exo.worker.supervisor import Supervisor
+from exo.worker.tokenizers import Tokenizers
 
 
 @dataclass(frozen=True)
 class PreparedChat:
     request: ChatCompletionRequest
+    instance: Instance
     prompt: list[int]
     params: GenerationParams
 
 
-class ChatService:
-    def __init__(self, engine: LocalEngine,
-                 ensure_instance: Callable[[str], Awaitable[None]] | None = None) -> None:
-        self.engine, self.ensure_instance = engine, ensure_instance
+@dataclass(frozen=True)
+class RemoteChat:
+    """A request for an instance whose rank 0 lives on another node: that node serves it."""
 
-    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Render and tokenize the conversation and check it fits the model's context."""
-        self.engine.catalog.check(request.model)
-        if self.ensure_instance is not None:
-            await self.ensure_instance(request.model)
-        handle = await self.engine.load(request.model)
-        tokenizer = handle.loaded.tokenizer
+    url: str
+
+
+class ChatService:
+    def __init__(self, supervisor: Supervisor, tokenizers: Tokenizers,
+                 route: Callable[[str, bool], Awaitable[tuple[Instance, str | None]]]) -> None:
+        self.supervisor, self.tokenizers, self.route = supervisor, tokenizers, route
+
+    async def prepare(self, request: ChatCompletionRequest, *, forwarded: bool = False) -> PreparedChat | RemoteChat:
+        """Find a ready instance; if its rank 0 is here, render and tokenize the conversation and
+        check that it fits the model's context."""
+        self.tokenizers.catalog.check(request.model)
+        instance, remote_url = await self.route(request.model, forwarded)
+        if remote_url is not None:
+            return RemoteChat(remote_url)
+        tokenizer, args = await self.tokenizers.get(request.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                     for m in request.messages]
         prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
-        context = handle.context_length
+        context = args.max_position_embeddings
         room = context - len(prompt)
         if room <= 0:
             raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
@@ -58,11 +73,11 @@ class ChatService:
                                  f"{context} after the {len(prompt)}-token prompt. Lower {field}.", param=field)
         params = GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
                                   seed=request.seed, stop=request.stop_list)
-        return PreparedChat(request, prompt, params)
+        return PreparedChat(request, instance, prompt, params)
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion:
         text, n, finish = [], 0, "length"
-        async for delta in self.engine.generate(chat.request.model, chat.prompt, chat.params):
+        async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
             text.append(delta.text)
             n, finish = delta.n_tokens, delta.finish_reason or finish
         return ChatCompletion(id=completion_id(), created=now(), model=chat.request.model,
@@ -76,7 +91,7 @@ class ChatService:
                                     choices=[ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
         yield _event(chunk)
         try:
-            async for delta in self.engine.generate(request.model, chat.prompt, chat.params):
+            async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
                 usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
                 if delta.text or delta.finish_reason:
                     yield _event(chunk.model_copy(update={"choices": [ChunkChoice(

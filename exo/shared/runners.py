@@ -1,0 +1,66 @@
+"""Runners and their tasks as the cluster state shows them: statuses, and one record of each."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from exo.shared.types import FrozenModel, InstanceId, NodeId
+
+
+class RunnerStatus(StrEnum):
+    IDLE = "Idle"
+    CONNECTING = "Connecting"
+    CONNECTED = "Connected"
+    LOADING = "Loading"
+    LOADED = "Loaded"
+    WARMING_UP = "WarmingUp"
+    READY = "Ready"
+    RUNNING = "Running"
+    SHUTTING_DOWN = "ShuttingDown"
+    SHUTDOWN = "Shutdown"
+    FAILED = "Failed"
+
+
+class TaskKind(StrEnum):
+    CONNECT = "Connect"
+    LOAD = "Load"
+    WARMUP = "Warmup"
+    CHAT = "Chat"
+    SHUTDOWN = "Shutdown"
+
+
+class TaskStatus(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+def runner_id(instance_id: InstanceId, rank: int) -> str:
+    return f"{instance_id}.{rank}"
+
+
+class RunnerInfo(FrozenModel):
+    """One runner process: the rank it holds in its instance's ring, where it listens, how it is."""
+
+    instance_id: InstanceId
+    rank: int
+    node_id: NodeId
+    status: RunnerStatus
+    host: str
+    port: int
+    pid: int | None = None
+    error: str | None = None
+
+    @property
+    def runner_id(self) -> str:
+        return runner_id(self.instance_id, self.rank)
+
+
+class TaskInfo(FrozenModel):
+    task_id: str
+    instance_id: InstanceId
+    rank: int
+    kind: TaskKind
+    status: TaskStatus
+    error: str | None = None

@@ -1,0 +1,77 @@
+"""What this node's worker should do next about its runners: a pure function of what it sees.
+
+`plan(node_id, state, local)` compares the instances the cluster state assigns to this node with
+the runners it has, and answers with actions: start a runner, stop one, or give one its next
+lifecycle task. A runner busy with a lifecycle task gets nothing more until it reports back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from exo.shared.runners import RunnerStatus, TaskKind, runner_id
+from exo.shared.state import Instance, ShardAssignment, State
+from exo.shared.types import NodeId
+
+
+@dataclass(frozen=True)
+class LocalRunner:
+    status: RunnerStatus
+    busy: bool  # a lifecycle task is in flight, or the runner is stopping
+
+
+@dataclass(frozen=True)
+class Spawn:
+    instance: Instance
+    shard: ShardAssignment
+
+
+@dataclass(frozen=True)
+class Stop:
+    runner_id: str
+
+
+@dataclass(frozen=True)
+class Send:
+    runner_id: str
+    kind: TaskKind
+    hosts: tuple[str, ...] = ()
+
+
+Action = Spawn | Stop | Send
+
+
+def plan(node_id: NodeId, state: State, local: Mapping[str, LocalRunner]) -> list[Action]:
+    assigned = {runner_id(i.instance_id, s.rank): (i, s) for i in state.instances.values()
+                for s in i.shards if s.node_id == node_id}
+    actions: list[Action] = [Stop(r) for r in sorted(local.keys() - assigned.keys()) if not local[r].busy]
+    for rid, (instance, shard) in assigned.items():
+        runner = local.get(rid)
+        if runner is None:
+            actions.append(Spawn(instance, shard))
+        elif not runner.busy and (task := _next_task(rid, runner.status, instance, state)) is not None:
+            actions.append(task)
+    return actions
+
+
+def _next_task(rid: str, status: RunnerStatus, instance: Instance, state: State) -> Send | None:
+    match status:
+        case RunnerStatus.IDLE if len(instance.shards) == 1:
+            return Send(rid, TaskKind.LOAD)
+        case RunnerStatus.IDLE:
+            hosts = ring_hosts(instance, state)
+            return None if hosts is None else Send(rid, TaskKind.CONNECT, hosts)
+        case RunnerStatus.CONNECTED:
+            return Send(rid, TaskKind.LOAD)
+        case RunnerStatus.LOADED:
+            return Send(rid, TaskKind.WARMUP)
+    return None
+
+
+def ring_hosts(instance: Instance, state: State) -> tuple[str, ...] | None:
+    """Every rank's ring address in rank order, once every runner of the instance has reported one."""
+    runners = [state.runners.get(runner_id(instance.instance_id, s.rank)) for s in instance.shards]
+    if any(r is None for r in runners):
+        return None
+    return tuple(f"{r.host}:{r.port}" for r in runners if r is not None)

@@ -1,0 +1,101 @@
+"""What a node and its runner processes say to each other over the runner's stdin and stdout.
+
+Frames are a 4-byte big-endian length and a codec frame. A runner's failure crosses the pipe as
+a status or a task record with its reason, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO
+
+from exo.engine.generate import FinishReason
+from exo.net.codec import Codec
+from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
+from exo.shared.types import Dtype, FrozenModel, InstanceId
+
+_LENGTH = struct.Struct(">I")
+
+
+class RunnerSpec(FrozenModel):
+    """Everything a runner process needs to start: given once, on its command line."""
+
+    node_id: str
+    instance_id: InstanceId
+    rank: int
+    world_size: int
+    model_path: str
+    start: int
+    end: int
+    n_layers: int
+    dtype: Dtype
+
+
+class SamplingParams(FrozenModel):
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+# -- node to runner ------------------------------------------------------------------------------
+
+class Task(FrozenModel):
+    task_id: str
+    kind: TaskKind
+    hosts: tuple[str, ...] = ()        # Connect: "host:port" of every rank, in rank order
+    prompt: tuple[int, ...] = ()       # Chat
+    params: SamplingParams | None = None
+
+
+class Cancel(FrozenModel):
+    task_id: str
+
+
+# -- runner to node ------------------------------------------------------------------------------
+
+class StatusChanged(FrozenModel):
+    status: RunnerStatus
+    error: str | None = None
+
+
+class TaskChanged(FrozenModel):
+    task_id: str
+    kind: TaskKind
+    status: TaskStatus
+    error: str | None = None
+
+
+class Generated(FrozenModel):
+    task_id: str
+    text: str
+    n_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+PIPE_CODEC = Codec(Task, Cancel, StatusChanged, TaskChanged, Generated)
+
+
+def write_frame(stream: BinaryIO, message: FrozenModel) -> None:
+    data = PIPE_CODEC.encode(message)
+    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.flush()
+
+
+def read_frame(stream: BinaryIO) -> FrozenModel | None:
+    """The next message, or None at the end of the stream."""
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None
+    (size,) = _LENGTH.unpack(header)
+    return PIPE_CODEC.decode(stream.read(size))
+
+
+def pack_frame(message: FrozenModel) -> bytes:
+    data = PIPE_CODEC.encode(message)
+    return _LENGTH.pack(len(data)) + data
+
+
+def frame_size(header: bytes) -> int:
+    return int(_LENGTH.unpack(header)[0])

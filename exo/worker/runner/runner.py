@@ -1,0 +1,211 @@
+"""The runner process: one shard of one instance, driven by its node over stdin and stdout.
+
+The main thread reads the node's messages; one worker thread owns MLX and takes tasks in order.
+A task is checked against the transition table when its turn comes, so a task that does not
+fit, or that raises, fails alone: the runner reports it and goes on serving. Rank 0 takes the
+chats and drives the ring; the other ranks serve the ring between tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import BinaryIO
+
+from exo.engine.generate import GenerationParams, detokenize, generate_step
+from exo.engine.loading import LoadedModel, load
+from exo.engine.pipeline import PipelineHead, Ring, serve, write_hostfile
+from exo.engine.sample import make_sampler
+from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
+from exo.worker.runner.messages import (
+    Cancel,
+    Generated,
+    RunnerSpec,
+    StatusChanged,
+    Task,
+    TaskChanged,
+    read_frame,
+    write_frame,
+)
+from exo.worker.runner.transitions import InvalidTransition, transition
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPT = (1, 2, 3, 4)
+
+
+class Runner:
+    def __init__(self, spec: RunnerSpec, out: BinaryIO) -> None:
+        self.spec, self.out = spec, out
+        self.status = RunnerStatus.IDLE
+        self.ring: Ring | None = None
+        self.loaded: LoadedModel | None = None
+        self.head: PipelineHead | None = None
+        self._tasks: queue.Queue[Task | None] = queue.Queue()
+        self._task_arrived = threading.Event()  # ends a follower's ring service so the task gets its turn
+        self._cancelled: set[str] = set()
+        self._active: str | None = None
+        self._write_lock = threading.Lock()
+
+    @property
+    def is_head(self) -> bool:
+        return self.spec.rank == 0
+
+    def run(self, inp: BinaryIO) -> bool:
+        """Serve the node until it says Shutdown or goes away (its end of stdin closes).
+
+        Returns whether the MLX thread ended; one blocked in the ring cannot be joined.
+        """
+        worker = threading.Thread(target=self._work, name="exo-runner-mlx")
+        worker.start()
+        self._set_status(RunnerStatus.IDLE)
+        shutdown: Task | None = None
+        while (message := read_frame(inp)) is not None:
+            match message:
+                case Task(kind=TaskKind.SHUTDOWN):
+                    shutdown = message
+                    self._report(shutdown, TaskStatus.RUNNING)
+                    self._set_status(RunnerStatus.SHUTTING_DOWN)
+                    self._cancelled.update(self._pending_ids())
+                    break
+                case Task():
+                    self._report(message, TaskStatus.PENDING)
+                    self._tasks.put(message)
+                    self._task_arrived.set()
+                case Cancel(task_id=task_id):
+                    self._cancelled.add(task_id)
+        self._task_arrived.set()
+        self._tasks.put(None)
+        worker.join(timeout=5)
+        if worker.is_alive():  # blocked in the ring, where no Python can reach it
+            log.warning("runner=%s MLX thread still blocked in the ring at exit", self.name)
+        if shutdown is not None:
+            self._set_status(RunnerStatus.SHUTDOWN)
+            self._report(shutdown, TaskStatus.COMPLETE)
+        return not worker.is_alive()
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.instance_id}.{self.spec.rank}"
+
+    # -- the MLX thread ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            if self._serves_ring():
+                self._serve_ring()
+            if (task := self._tasks.get()) is None:
+                return
+            self._run(task)
+
+    def _serves_ring(self) -> bool:
+        self._task_arrived.clear()
+        return not self.is_head and self.status == RunnerStatus.READY and self._tasks.empty()
+
+    def _serve_ring(self) -> None:
+        assert self.loaded is not None and self.ring is not None
+        try:
+            serve(self.loaded.model, self.ring, self._task_arrived)
+        except RuntimeError as e:
+            log.error("runner=%s ring failed: %s", self.name, e)
+            self._set_status(RunnerStatus.FAILED, f"ring failed: {e}")
+
+    def _run(self, task: Task) -> None:
+        if task.task_id in self._cancelled:
+            self._cancelled.discard(task.task_id)
+            self._report(task, TaskStatus.FAILED, "cancelled before it started")
+            return
+        try:
+            step = transition(self.status, task.kind)
+        except InvalidTransition as e:
+            log.warning("runner=%s task=%s failed: %s", self.name, task.task_id, e)
+            self._report(task, TaskStatus.FAILED, str(e))
+            return
+        self._report(task, TaskStatus.RUNNING)
+        self._set_status(step.during)
+        self._active = task.task_id
+        try:
+            self._perform(task)
+        except Exception as e:  # the task fails; the runner reports it and lives on
+            reason = f"{type(e).__name__}: {e}"
+            log.error("runner=%s task=%s %s failed: %s", self.name, task.task_id, task.kind, reason,
+                      exc_info=not isinstance(e, (ValueError, RuntimeError)))
+            self._set_status(step.on_error, reason if step.on_error == RunnerStatus.FAILED else None)
+            self._report(task, TaskStatus.FAILED, reason)
+        else:
+            self._set_status(step.after)
+            self._report(task, TaskStatus.COMPLETE)
+        finally:
+            self._active = None
+            self._cancelled.discard(task.task_id)
+
+    def _perform(self, task: Task) -> None:
+        spec = self.spec
+        match task.kind:
+            case TaskKind.CONNECT:
+                if len(task.hosts) != spec.world_size:
+                    raise ValueError(f"{len(task.hosts)} ring addresses for a ring of {spec.world_size}")
+                with tempfile.TemporaryDirectory(prefix="exo-ring-") as tmp:
+                    hostfile = Path(tmp) / "hosts.json"
+                    write_hostfile(hostfile, task.hosts)
+                    self.ring = Ring.join(hostfile, spec.rank)
+            case TaskKind.LOAD:
+                self.loaded = load(Path(spec.model_path), spec.start, spec.end, spec.dtype)
+                if self.ring is not None and self.is_head:
+                    self.head = PipelineHead(self.loaded.model, self.ring)
+            case TaskKind.WARMUP:
+                if self.is_head:  # one short request through every rank, so the first real one is not slow
+                    for _ in islice(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2)), 2):
+                        pass
+            case TaskKind.CHAT:
+                self._chat(task)
+
+    def _chat(self, task: Task) -> None:
+        if not self.is_head:
+            raise ValueError(f"rank {self.spec.rank} takes no chat tasks; rank 0 of the instance does")
+        if task.params is None or not task.prompt:
+            raise ValueError("a chat task needs a prompt and sampling parameters")
+        assert self.loaded is not None
+        params = GenerationParams(**task.params.model_dump())
+        for delta in detokenize(self._tokens(task.prompt, params), self.loaded.tokenizer, params):
+            if task.task_id in self._cancelled:
+                log.info("runner=%s task=%s cancelled after %d tokens", self.name, task.task_id, delta.n_tokens)
+                return
+            self._send(Generated(task_id=task.task_id, text=delta.text, n_tokens=delta.n_tokens,
+                                 finish_reason=delta.finish_reason))
+
+    def _tokens(self, prompt: tuple[int, ...], params: GenerationParams) -> Iterator[int]:
+        assert self.loaded is not None
+        if self.head is not None:
+            return self.head.generate_step(prompt, params)
+        model = self.loaded.model
+        sampler = make_sampler(params.temperature, params.top_p, params.seed)
+        return generate_step(prompt, model, model.make_cache(), sampler=sampler)
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def _pending_ids(self) -> list[str]:
+        with self._tasks.mutex:
+            queued = [t.task_id for t in self._tasks.queue if t is not None]
+        return [*queued, *([self._active] if self._active else [])]
+
+    def _set_status(self, status: RunnerStatus, error: str | None = None) -> None:
+        if status != self.status or error:
+            log.info("runner=%s %s -> %s%s", self.name, self.status, status, f" ({error})" if error else "")
+        self.status = status
+        self._send(StatusChanged(status=status, error=error))
+
+    def _report(self, task: Task, status: TaskStatus, error: str | None = None) -> None:
+        self._send(TaskChanged(task_id=task.task_id, kind=task.kind, status=status, error=error))
+
+    def _send(self, message: TaskChanged | StatusChanged | Generated) -> None:
+        with self._write_lock:
+            try:
+                write_frame(self.out, message)
+            except (BrokenPipeError, ValueError):
+                pass  # the node is gone; the runner is exiting anyway
