@@ -1,0 +1,139 @@
+"""The default model split across 2 and 3 real nodes on loopback answers exactly as on one node.
+
+One module-wide cluster of three nodes (static peers, no preload): each case places an
+instance by hand with `POST /instance`, asks through every node (the ones without rank 0 hand
+the request on), and deletes it. Greedy decoding makes the answers comparable token for token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from nodes import RunningNode, answers, runner_pids, running_nodes, wait_for
+
+from exo.models.cards import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+MAX_TOKENS = 16
+SPLITS = {1: [(0, 30)], 2: [(0, 15), (15, 30)], 3: [(0, 8), (8, 21), (21, 30)]}
+
+
+def static_peers(i: int, ports: list[int]) -> list[str]:
+    return ["--no-discovery", "--peers", ",".join(f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
+    root = tmp_path_factory.mktemp("pipeline")
+    with running_nodes([root / f"node{i}" for i in range(3)], models_dir, "--no-preload",
+                       per_node=static_peers) as nodes:
+        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
+        wait_for(lambda: all(len(n.state()["nodes"]) == 3 and n.state()["master_id"] for n in nodes), 30,
+                 "three nodes agree")
+        yield nodes
+
+
+def place(nodes: list[RunningNode], n: int) -> str:
+    """An instance of the default model on the first `n` nodes, once every runner is Ready."""
+    node_ids = [node.state()["node_id"] for node in nodes[:n]]
+    shards = [{"node_id": node_id, "rank": rank, "start": start, "end": end}
+              for rank, (node_id, (start, end)) in enumerate(zip(node_ids, SPLITS[n], strict=True))]
+    response = httpx.post(f"{nodes[-1].url}/instance", json={"model_id": DEFAULT_MODEL, "shards": shards}, timeout=10)
+    assert response.status_code == 200, response.text
+    instance_id: str = response.json()["instance_id"]
+
+    def ready() -> bool:
+        runners = nodes[0].state()["runners"]
+        return all(runners.get(f"{instance_id}.{rank}", {}).get("status") == "Ready" for rank in range(n))
+
+    wait_for(ready, 90, f"the runners of a {n}-node instance are Ready")
+    return instance_id
+
+
+def delete(nodes: list[RunningNode], instance_id: str) -> None:
+    assert httpx.delete(f"{nodes[0].url}/instance/{instance_id}", timeout=10).status_code == 200
+    wait_for(lambda: not any(f"{instance_id}" in json.dumps(n.state()["runners"]) for n in nodes), 20,
+             "the instance's runners leave the state")
+
+
+def ask(node: RunningNode, messages: list[dict[str, str]], *, stream: bool) -> str:
+    body = {"model": DEFAULT_MODEL, "messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS,
+            "stream": stream}
+    response = httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    if not stream:
+        return str(response.json()["choices"][0]["message"]["content"])
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c], chunks
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+@pytest.fixture(scope="module")
+def alone(cluster: list[RunningNode]) -> list[str]:
+    """Each prompt's answer with the whole model in one runner."""
+    instance_id = place(cluster, 1)
+    try:
+        return [ask(cluster[0], messages, stream=False) for messages in PROMPTS]
+    finally:
+        delete(cluster, instance_id)
+
+
+@pytest.mark.parametrize("n_nodes", [2, 3])
+def test_a_model_split_across_nodes_answers_token_for_token_as_on_one(cluster: list[RunningNode], alone: list[str],
+                                                                     n_nodes: int) -> None:
+    instance_id = place(cluster, n_nodes)
+    try:
+        state = cluster[2].state()
+        runners = [state["runners"][f"{instance_id}.{rank}"] for rank in range(n_nodes)]
+        assert [r["node_id"] for r in runners] == [n.state()["node_id"] for n in cluster[:n_nodes]]
+        assert all(r["status"] == "Ready" and r["pid"] for r in runners)
+        assert "Paris" in alone[0]
+        for node in cluster:  # the last node holds no shard when n_nodes is 2: it hands requests on
+            for stream in (False, True):
+                assert [ask(node, messages, stream=stream) for messages in PROMPTS] == alone
+    finally:
+        delete(cluster, instance_id)
+    wait_for(lambda: not [pid for node in cluster for pid in runner_pids(node.process.pid)], 10,
+             "the deleted instance's runner processes exit")
+
+
+def task_record(node: RunningNode, task_id: str) -> dict[str, Any] | None:
+    record: dict[str, Any] | None = node.state()["tasks"].get(task_id)
+    return record if record and record["status"] in ("Complete", "Failed") else None
+
+
+def test_a_task_that_does_not_fit_or_raises_fails_alone_and_the_runner_keeps_serving(
+        cluster: list[RunningNode], alone: list[str]) -> None:
+    instance_id = place(cluster, 2)
+    try:
+        follower = f"{instance_id}.1"
+        cases = [("Load", "a Load task cannot run while the runner is Ready"),  # an invalid transition
+                 ("Chat", "rank 1 takes no chat tasks")]                         # a task that raises
+        for kind, reason in cases:
+            # sent to the node without the runner: it hands the task to the runner's node
+            response = httpx.post(f"{cluster[0].url}/runners/{follower}/tasks", json={"kind": kind}, timeout=10)
+            assert response.status_code == 200, response.text
+            task_id = response.json()["task_id"]
+            wait_for(lambda: task_record(cluster[2], task_id) is not None, 20, f"the {kind} task ends")  # noqa: B023
+            record = task_record(cluster[2], task_id)
+            assert record is not None and (record["kind"], record["status"]) == (kind, "Failed")
+            assert reason in record["error"]
+            assert cluster[0].state()["runners"][follower]["status"] == "Ready"
+            assert ask(cluster[2], PROMPTS[0], stream=True) == alone[0]
+        log = cluster[1].log.read_text()
+        assert "cannot run while the runner is Ready" in log and "Traceback" not in log
+    finally:
+        delete(cluster, instance_id)
