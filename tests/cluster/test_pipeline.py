@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,11 @@ def test_a_model_split_across_nodes_answers_token_for_token_as_on_one(cluster: l
         for node in cluster:  # the last node holds no shard when n_nodes is 2: it hands requests on
             for stream in (False, True):
                 assert [ask(node, messages, stream=stream) for messages in PROMPTS] == alone
+        # all at once, through every node: rank 0 queues them and each gets its own answer
+        with ThreadPoolExecutor(len(cluster) * len(PROMPTS)) as pool:
+            together = pool.map(lambda job: ask(job[0], job[1], stream=job[2]),
+                                [(node, m, i % 2 == 0) for i, node in enumerate(cluster) for m in PROMPTS])
+        assert list(together) == alone * len(cluster)
     finally:
         delete(cluster, instance_id)
     wait_for(lambda: not [pid for node in cluster for pid in runner_pids(node.process.pid)], 10,
