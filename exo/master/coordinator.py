@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exo.net.messages import EventBatch, Heartbeat, Snapshot
-from exo.shared.apply import apply
+from exo.shared.apply import TASKS_KEPT, apply
 from exo.shared.events import (
     BaseEvent,
     MasterElected,
@@ -231,7 +231,9 @@ class Coordinator:
         for runner_id, runner in state.runners.items():
             if runner.node_id in nodes and runner_id not in reported:
                 events.append(lambda i, t, r=runner_id: RunnerRemoved(index=i, term=t, runner_id=r))
-        for task in (task for hb in alive for task in hb.tasks):
+        # only as many as the state keeps, or the ones it drops would come back on every tick
+        tasks = [t for hb in alive for t in hb.tasks if t.instance_id in state.instances][-TASKS_KEPT:]
+        for task in tasks:
             if state.tasks.get(task.task_id) != task:
                 events.append(lambda i, t, k=task: TaskUpdated(index=i, term=t, task=k))
         return self.emit(*events)

@@ -41,11 +41,14 @@ def runner_id(instance_id: InstanceId, rank: int) -> str:
 
 
 class RunnerInfo(FrozenModel):
-    """One runner process: the rank it holds in its instance's ring, where it listens, how it is."""
+    """One runner process: its rank and layers `[start, end)` in its instance, where its ring
+    listens, and how it is."""
 
     instance_id: InstanceId
     rank: int
     node_id: NodeId
+    start: int
+    end: int
     status: RunnerStatus
     host: str
     port: int

@@ -2,7 +2,8 @@
 
 `plan(node_id, state, local)` compares the instances the cluster state assigns to this node with
 the runners it has, and answers with actions: start a runner, stop one, or give one its next
-lifecycle task. A runner busy with a lifecycle task gets nothing more until it reports back.
+lifecycle task. A runner busy with a lifecycle task gets nothing more until it reports back,
+but one whose instance is gone is stopped whatever it is doing.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ Action = Spawn | Stop | Send
 def plan(node_id: NodeId, state: State, local: Mapping[str, LocalRunner]) -> list[Action]:
     assigned = {runner_id(i.instance_id, s.rank): (i, s) for i in state.instances.values()
                 for s in i.shards if s.node_id == node_id}
-    actions: list[Action] = [Stop(r) for r in sorted(local.keys() - assigned.keys()) if not local[r].busy]
+    actions: list[Action] = [Stop(r) for r in sorted(local.keys() - assigned.keys())]
     for rid, (instance, shard) in assigned.items():
         runner = local.get(rid)
         if runner is None:

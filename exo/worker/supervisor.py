@@ -82,7 +82,7 @@ class RunnerHandle:
     @property
     def info(self) -> RunnerInfo:
         return RunnerInfo(instance_id=self.spec.instance_id, rank=self.spec.rank, node_id=self.node_id,
-                          status=self.status, host=self.host, port=self.port,
+                          start=self.spec.start, end=self.spec.end, status=self.status, host=self.host, port=self.port,
                           pid=self.process.pid if self.process else None, error=self.error)
 
     @property

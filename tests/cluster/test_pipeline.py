@@ -100,6 +100,7 @@ def test_a_model_split_across_nodes_answers_token_for_token_as_on_one(cluster: l
         state = cluster[2].state()
         runners = [state["runners"][f"{instance_id}.{rank}"] for rank in range(n_nodes)]
         assert [r["node_id"] for r in runners] == [n.state()["node_id"] for n in cluster[:n_nodes]]
+        assert [(r["start"], r["end"]) for r in runners] == SPLITS[n_nodes]
         assert all(r["status"] == "Ready" and r["pid"] for r in runners)
         assert "Paris" in alone[0]
         for node in cluster:  # the last node holds no shard when n_nodes is 2: it hands requests on

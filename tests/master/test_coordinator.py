@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 from simnet import SimNet
 
 from exo.net.messages import CODEC, EventBatch, Snapshot
-from exo.shared.apply import apply_all
+from exo.shared.apply import TASKS_KEPT, apply_all
 from exo.shared.events import InstanceCreated, InstanceDeleted, NodeLeft
+from exo.shared.runners import RunnerInfo, RunnerStatus, TaskInfo, TaskKind, TaskStatus
 from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import InstanceId, NodeId
 
@@ -297,3 +299,146 @@ def test_random_faults_always_heal_to_one_master_without_rewinds_or_falling_term
     assert took is not None, net.describe()
     assert not net.rewinds, net.rewinds
     assert_terms_never_fall(net)
+
+
+# -- workers: runners and tasks reported in heartbeats ---------------------------------------------
+
+
+def ring(instance_id: str, *node_ids: str) -> Instance:
+    return Instance(instance_id=InstanceId(instance_id), model_id="tiny", n_layers=2 * len(node_ids),
+                    shards=tuple(ShardAssignment(node_id=NodeId(n), rank=r, start=2 * r, end=2 * r + 2)
+                                 for r, n in enumerate(node_ids)))
+
+
+def runner(instance_id: str, rank: int, node_id: str, status: RunnerStatus = RunnerStatus.IDLE) -> RunnerInfo:
+    return RunnerInfo(instance_id=InstanceId(instance_id), rank=rank, node_id=NodeId(node_id), status=status,
+                      start=rank, end=rank + 1, host=f"host-{node_id}", port=7000 + rank)
+
+
+def task(task_id: str, status: TaskStatus = TaskStatus.RUNNING) -> TaskInfo:
+    return TaskInfo(task_id=task_id, instance_id=InstanceId("r"), rank=0, kind=TaskKind.CONNECT, status=status)
+
+
+def with_ring(*ids: str, **faults: object) -> SimNet:
+    """A settled cluster whose state holds instance "r" with one rank on each node, in id order."""
+    net = converged(*ids, **faults)
+    net.emit(only_master(net), lambda i, t: InstanceCreated(index=i, term=t, instance=ring("r", *ids)))
+    assert net.run_until(net.settled, seconds=5) is not None, net.describe()
+    return net
+
+
+def report(net: SimNet, node_id: str, *runners: RunnerInfo, tasks: tuple[TaskInfo, ...] = ()) -> None:
+    net.nodes[NodeId(node_id)].update_worker(runners, tasks)
+
+
+def everyone_sees(net: SimNet, check: Callable[[State], bool]) -> bool:
+    return net.settled() and all(check(c.state) for c in net.live.values())
+
+
+def test_runners_reported_by_followers_and_the_master_reach_every_nodes_state() -> None:
+    net = with_ring("a", "b", "c")
+    assert only_master(net) == "c"
+    reports = {"a": runner("r", 0, "a"), "b": runner("r", 1, "b"), "c": runner("r", 2, "c")}
+    for node_id, info in reports.items():
+        report(net, node_id, info)
+    expected = {info.runner_id: info for info in reports.values()}
+    took = net.run_until(lambda: everyone_sees(net, lambda s: s.runners == expected), seconds=3)
+    assert took is not None and took <= 1.5, net.describe()
+
+
+@pytest.mark.parametrize("status", [RunnerStatus.CONNECTED, RunnerStatus.READY, RunnerStatus.FAILED])
+def test_a_runners_new_status_reaches_every_nodes_state(status: RunnerStatus) -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", runner("r", 0, "a"))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: "r.0" in s.runners), seconds=3), net.describe()
+    report(net, "a", runner("r", 0, "a", status))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: s.runners["r.0"].status == status), seconds=3)
+
+
+def test_a_runner_its_node_stops_reporting_is_removed_and_the_others_stay() -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", runner("r", 0, "a"))
+    report(net, "b", runner("r", 1, "b"))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: set(s.runners) == {"r.0", "r.1"}), seconds=3)
+    report(net, "a")
+    assert net.run_until(lambda: everyone_sees(net, lambda s: set(s.runners) == {"r.1"}), seconds=3), net.describe()
+
+
+def test_a_runner_of_an_instance_not_in_the_state_never_appears() -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", runner("unknown", 0, "a"), runner("r", 0, "a"))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: "r.0" in s.runners), seconds=3), net.describe()
+    net.run(3)
+    assert all(set(c.state.runners) == {"r.0"} for c in net.nodes.values())
+
+
+def test_the_runners_of_a_deleted_instance_leave_the_state_even_while_still_reported() -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", runner("r", 0, "a"))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: "r.0" in s.runners), seconds=3), net.describe()
+    net.emit(only_master(net), lambda i, t: InstanceDeleted(index=i, term=t, instance_id=InstanceId("r")))
+    net.run(3)
+    assert net.settled() and all(c.state.runners == {} for c in net.nodes.values())
+
+
+def test_task_records_reported_by_a_follower_reach_every_nodes_state() -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", runner("r", 0, "a"), tasks=(task("t1"), task("t2")))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: s.tasks == {"t1": task("t1"), "t2": task("t2")}),
+                         seconds=3), net.describe()
+    report(net, "a", runner("r", 0, "a"), tasks=(task("t2"), task("t1", TaskStatus.COMPLETE)))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: s.tasks["t1"].status == TaskStatus.COMPLETE),
+                         seconds=3), net.describe()
+
+
+def test_a_dead_nodes_runners_leave_with_it() -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", runner("r", 0, "a"))
+    report(net, "b", runner("r", 1, "b"))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: set(s.runners) == {"r.0", "r.1"}), seconds=3)
+    net.kill("a")
+    assert net.run_until(lambda: everyone_sees(net, lambda s: set(s.runners) == {"r.1"}), seconds=TIMEOUT + 3)
+
+
+def test_a_new_master_keeps_the_live_nodes_runners_and_drops_the_dead_masters() -> None:
+    net = with_ring("a", "b", "c")
+    for rank, node_id in enumerate("abc"):
+        report(net, node_id, runner("r", rank, node_id, RunnerStatus.READY))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: len(s.runners) == 3), seconds=3), net.describe()
+    net.kill(only_master(net))
+    report(net, "a", runner("r", 0, "a", RunnerStatus.FAILED))  # while the cluster has no master
+    expected = {"r.0": runner("r", 0, "a", RunnerStatus.FAILED), "r.1": runner("r", 1, "b", RunnerStatus.READY)}
+    assert net.run_until(lambda: everyone_sees(net, lambda s: s.runners == expected),
+                         seconds=TIMEOUT + 5), net.describe()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_runner_statuses_converge_through_lost_and_reordered_messages(seed: int) -> None:
+    net = with_ring("a", "b", "c", seed=seed, drop=0.2, duplicate=0.2, reorder=True, delay=0.1)
+    final = {}
+    for status in (RunnerStatus.CONNECTING, RunnerStatus.CONNECTED, RunnerStatus.LOADED, RunnerStatus.READY):
+        for rank, node_id in enumerate("abc"):
+            report(net, node_id, runner("r", rank, node_id, status))
+            final[f"r.{rank}"] = runner("r", rank, node_id, status)
+        net.step()
+    assert net.run_until(lambda: everyone_sees(net, lambda s: s.runners == final), seconds=10), net.describe()
+
+
+def test_a_quiet_cluster_with_unchanged_reports_stops_emitting_events() -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", runner("r", 0, "a"), tasks=(task("t1"),))
+    report(net, "b", runner("r", 1, "b"))
+    assert net.run_until(lambda: everyone_sees(net, lambda s: len(s.runners) == 2 and "t1" in s.tasks), seconds=3)
+    index = net.nodes[only_master(net)].state.last_event_index
+    net.run(5)
+    assert net.nodes[only_master(net)].state.last_event_index == index
+
+
+def test_more_reported_tasks_than_the_state_keeps_do_not_make_events_forever() -> None:
+    net = with_ring("a", "b", "c")
+    report(net, "a", tasks=tuple(task(f"a{k}") for k in range(TASKS_KEPT // 2 + 1)))
+    report(net, "b", tasks=tuple(task(f"b{k}") for k in range(TASKS_KEPT // 2 + 1)))
+    net.run(3)
+    index = net.nodes[only_master(net)].state.last_event_index
+    net.run(3)
+    assert net.nodes[only_master(net)].state.last_event_index == index

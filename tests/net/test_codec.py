@@ -41,7 +41,7 @@ INSTANCE = Instance(instance_id=InstanceId("3f2a9c01bd7e"), model_id="mlx-commun
                                          ShardAssignment(node_id=NodeId("b"), rank=1, start=18, end=30)))
 
 RUNNER = RunnerInfo(instance_id=INSTANCE.instance_id, rank=1, node_id=NodeId("b"), status=RunnerStatus.READY,
-                    host="192.168.1.8", port=53117, pid=4242)
+                    start=18, end=30, host="192.168.1.8", port=53117, pid=4242)
 TASK = TaskInfo(task_id="t-1", instance_id=INSTANCE.instance_id, rank=0, kind=TaskKind.LOAD,
                 status=TaskStatus.FAILED, error="a Load task cannot run while the runner is Ready")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from exo.shared.apply import EventOutOfOrder, apply, apply_all
+from exo.shared.apply import TASKS_KEPT, EventOutOfOrder, apply, apply_all
 from exo.shared.events import (
     BaseEvent,
     InstanceCreated,
@@ -14,7 +14,11 @@ from exo.shared.events import (
     NodeJoined,
     NodeLeft,
     NodeProfileUpdated,
+    RunnerRemoved,
+    RunnerUpdated,
+    TaskUpdated,
 )
+from exo.shared.runners import RunnerInfo, RunnerStatus, TaskInfo, TaskKind, TaskStatus
 from exo.shared.state import Instance, NodeProfile, ShardAssignment, State
 from exo.shared.types import InstanceId, NodeId
 
@@ -29,6 +33,15 @@ def instance(instance_id: str, *node_ids: str) -> Instance:
     shards = tuple(ShardAssignment(node_id=NodeId(n), rank=r, start=2 * r, end=2 * r + 2)
                    for r, n in enumerate(node_ids))
     return Instance(instance_id=InstanceId(instance_id), model_id="tiny", n_layers=2 * len(node_ids), shards=shards)
+
+
+def runner(instance_id: str, rank: int, node_id: str, status: RunnerStatus = RunnerStatus.IDLE) -> RunnerInfo:
+    return RunnerInfo(instance_id=InstanceId(instance_id), rank=rank, node_id=NodeId(node_id), status=status,
+                      start=rank, end=rank + 1, host="10.0.0.1", port=7000 + rank)
+
+
+def task(task_id: str, status: TaskStatus = TaskStatus.RUNNING) -> TaskInfo:
+    return TaskInfo(task_id=task_id, instance_id=InstanceId("i1"), rank=0, kind=TaskKind.LOAD, status=status)
 
 
 def history(term: int = 1) -> list[BaseEvent]:
@@ -132,3 +145,60 @@ def test_applying_leaves_the_original_state_unchanged() -> None:
 def test_a_state_cannot_be_changed_in_place() -> None:
     with pytest.raises(ValidationError):
         BUILT.last_event_index = 99  # type: ignore[misc]
+
+
+WITH_RUNNERS = apply_all(BUILT, [
+    InstanceCreated(index=5, term=1, instance=instance("i2", "b", "a")),
+    *(RunnerUpdated(index=6 + n, term=1, runner=r) for n, r in enumerate(
+        [runner("i1", 0, "a"), runner("i1", 1, "b"), runner("i2", 0, "b"), runner("i2", 1, "a")])),
+])  # indices 0..9
+
+
+def test_runner_updated_adds_the_runner_under_its_id() -> None:
+    assert set(WITH_RUNNERS.runners) == {"i1.0", "i1.1", "i2.0", "i2.1"}
+    assert WITH_RUNNERS.runners["i2.1"] == runner("i2", 1, "a") and WITH_RUNNERS.last_event_index == 9
+
+
+def test_runner_updated_replaces_the_runner() -> None:
+    state = apply(WITH_RUNNERS, RunnerUpdated(index=10, term=1, runner=runner("i1", 1, "b", RunnerStatus.READY)))
+    assert state.runners["i1.1"].status == RunnerStatus.READY
+    assert {k: v for k, v in state.runners.items() if k != "i1.1"} == {
+        k: v for k, v in WITH_RUNNERS.runners.items() if k != "i1.1"}
+
+
+@pytest.mark.parametrize(("event", "left"), [
+    (RunnerRemoved(index=10, term=1, runner_id="i1.1"), {"i1.0", "i2.0", "i2.1"}),
+    (RunnerRemoved(index=10, term=1, runner_id="i9.0"), {"i1.0", "i1.1", "i2.0", "i2.1"}),
+    (InstanceDeleted(index=10, term=1, instance_id=InstanceId("i1")), {"i2.0", "i2.1"}),
+    (NodeLeft(index=10, term=1, node_id=NodeId("a")), {"i1.1", "i2.0"}),
+    (NodeLeft(index=10, term=1, node_id=NodeId("zz")), {"i1.0", "i1.1", "i2.0", "i2.1"}),
+], ids=["runner_removed", "unknown_runner_removed", "instance_deleted", "node_left", "unknown_node_left"])
+def test_runners_leave_with_their_runner_id_instance_or_node(event: BaseEvent, left: set[str]) -> None:
+    state = apply(WITH_RUNNERS, event)
+    assert set(state.runners) == left and all(state.runners[k] == WITH_RUNNERS.runners[k] for k in left)
+
+
+def test_task_updated_adds_the_task_as_the_newest() -> None:
+    state = apply_all(BUILT, [TaskUpdated(index=5, term=1, task=task("t1")),
+                              TaskUpdated(index=6, term=1, task=task("t2"))])
+    assert list(state.tasks) == ["t1", "t2"] and state.tasks["t2"] == task("t2")
+
+
+def test_task_updated_replaces_the_task_by_id_and_makes_it_the_newest() -> None:
+    state = apply_all(BUILT, [TaskUpdated(index=5 + n, term=1, task=task(t)) for n, t in enumerate(["t1", "t2", "t3"])])
+    state = apply(state, TaskUpdated(index=8, term=1, task=task("t1", TaskStatus.COMPLETE)))
+    assert list(state.tasks) == ["t2", "t3", "t1"] and state.tasks["t1"].status == TaskStatus.COMPLETE
+
+
+@pytest.mark.parametrize("n", [TASKS_KEPT - 1, TASKS_KEPT, TASKS_KEPT + 1, 3 * TASKS_KEPT])
+def test_only_the_newest_tasks_are_kept(n: int) -> None:
+    state = apply_all(BUILT, [TaskUpdated(index=5 + k, term=1, task=task(f"t{k}")) for k in range(n)])
+    assert list(state.tasks) == [f"t{k}" for k in range(max(0, n - TASKS_KEPT), n)]
+
+
+def test_a_replaced_old_task_survives_the_trim_in_place_of_the_next_oldest() -> None:
+    events = [TaskUpdated(index=5 + k, term=1, task=task(f"t{k}")) for k in range(TASKS_KEPT)]
+    state = apply_all(BUILT, [*events, TaskUpdated(index=5 + TASKS_KEPT, term=1, task=task("t0", TaskStatus.FAILED)),
+                              TaskUpdated(index=6 + TASKS_KEPT, term=1, task=task("new"))])
+    assert len(state.tasks) == TASKS_KEPT and "t1" not in state.tasks
+    assert list(state.tasks)[-2:] == ["t0", "new"] and state.tasks["t0"].status == TaskStatus.FAILED
