@@ -85,16 +85,17 @@ class Ring:
 
     def receive(self, shape: Sequence[int], dtype: mx.Dtype) -> mx.array:
         """The next array from the left, waited for without spinning."""
-        self.wait_readable(None)
-        return self._run(mx.distributed.recv(shape, dtype, self.left, group=self.group))
+        return self._run(mx.distributed.recv(shape, dtype, self.left, group=self.group), wait=True)
 
     def send(self, x: mx.array) -> None:
         """Compute `x` and send it right."""
         self._run(mx.distributed.send(x, self.right, group=self.group))
 
-    def _run(self, op: mx.array) -> mx.array:
+    def _run(self, op: mx.array, wait: bool = False) -> mx.array:
         if self.lost is not None:
             raise RuntimeError(f"the ring was lost earlier: {self.lost}")
+        if wait:
+            self.wait_readable(None)
         try:
             mx.eval(op)
         except RuntimeError as e:  # "[ring] connection to a peer was lost"
@@ -171,8 +172,8 @@ class PipelineHead:
     def generate_step(self, prompt: Sequence[int], params: GenerationParams) -> Generator[int, None, None]:
         """Yield token ids after `prompt`, forever, like `generate.generate_step`.
 
-        Each step's own layers run before the previous token is handed out, so the caller works on
-        it while the other ranks compute. Closing the generator finishes the step in flight and
+        A token is handed out once the next step has left this rank, so the caller works on it while
+        the other ranks compute. Closing the generator finishes the step in flight and
         ends the request on every rank, so the ring is ready for the next one.
         """
         if not prompt:

@@ -112,8 +112,11 @@ class Runner:
         try:
             serve(self.loaded.model, self.ring, self._task_arrived)
         except RuntimeError as e:
-            log.error("runner=%s ring failed: %s", self.name, e)
-            self._set_status(RunnerStatus.FAILED, f"ring failed: {e}")
+            if self.status == RunnerStatus.SHUTTING_DOWN:  # the neighbours are stopping too
+                log.info("runner=%s ring closed while stopping: %s", self.name, e)
+            else:
+                log.error("runner=%s ring failed: %s", self.name, e)
+                self._set_status(RunnerStatus.FAILED, f"ring failed: {e}")
 
     def _run(self, task: Task) -> None:
         if task.task_id in self._cancelled:
