@@ -9,9 +9,9 @@ import anyio
 import httpx
 import openai
 import pytest
+from nodes import RunningNode
 
 from exo.models.cards import DEFAULT_MODEL
-from nodes import RunningNode
 
 pytestmark = pytest.mark.slow
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

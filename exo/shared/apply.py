@@ -16,7 +16,6 @@ from exo.shared.events import (
 )
 from exo.shared.state import State
 
-
 TASKS_KEPT = 64  # task records in the state; older ones are dropped
 
 

@@ -14,12 +14,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import anyio
-from anyio.abc import Process, TaskStatus as AnyioTaskStatus
+from anyio.abc import Process
+from anyio.abc import TaskStatus as AnyioTaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 

@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 from nodes import RunningNode
 
-from exo.models.cards import DEFAULT_MODEL
 from exo.engine.loading import LoadedModel
+from exo.models.cards import DEFAULT_MODEL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from exo.models.cards import CARDS, DEFAULT_MODEL
 from exo.engine.loading import LoadedModel
+from exo.models.cards import CARDS, DEFAULT_MODEL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

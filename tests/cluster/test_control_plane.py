@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from nodes import RunningNode, answers, running_nodes, start_node, wait_for
 
 from exo.models.cards import DEFAULT_MODEL
-from nodes import RunningNode, answers, running_nodes, start_node, wait_for
 
 pytestmark = pytest.mark.slow
 

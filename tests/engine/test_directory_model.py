@@ -9,12 +9,12 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from shards import run_in_sequence
 
 from exo.engine.generate import GenerationParams, generate_text
 from exo.engine.loading import LoadedModel, load
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.errors import ModelFormatError
-from shards import run_in_sequence
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 HEAD_DIM = HIDDEN // HEADS

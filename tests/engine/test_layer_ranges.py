@@ -8,10 +8,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
+from shards import run_in_sequence
 
 from exo.engine.llama import LlamaShard, ModelArgs
 from exo.engine.loading import LoadedModel, load
-from shards import run_in_sequence
 
 DECODE_STEPS = 3
 

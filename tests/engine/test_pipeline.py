@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodes import free_port
+from pipeline_rank import RING_LOST
+from test_directory_model import hf_weights, write_model
 
 from exo.engine.generate import PREFILL_CHUNK, GenerationParams, generate_step
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import write_hostfile
 from exo.engine.sample import make_sampler
-from nodes import free_port
-from pipeline_rank import RING_LOST
-from test_directory_model import hf_weights, write_model
 
 pytestmark = pytest.mark.slow
 
