@@ -38,9 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models exo knows, or fetch one into the cache")
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
     models.add_argument("model_id", nargs="?", default=DEFAULT_MODEL)
-    from exo import bench
+    from exo import bench, bench_cluster
 
     bench.add_arguments(commands.add_parser("bench", help="measure prompt and decode speed of a model"))
+    bench_cluster.add_arguments(commands.add_parser(
+        "bench-cluster", help="measure a model split over 1, 2, 4 ... real nodes on this host"))
     return parser
 
 
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from exo import bench
 
         return bench.run(args, Config.from_env().models_dir)
+    if args.command == "bench-cluster":
+        from exo import bench_cluster
+
+        return bench_cluster.run(args, Config.from_env().models_dir)
     config = Config.from_env(api_host=args.api_host, api_port=args.api_port, verbose=args.verbose,
                              preload=() if args.no_preload else tuple(args.model or [DEFAULT_MODEL]),
                              dtype=args.dtype, blas=args.blas, cluster=args.cluster, peers=args.peers,

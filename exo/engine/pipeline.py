@@ -116,6 +116,7 @@ class Op(IntEnum):
     PREFILL = 2  # n prompt tokens: fill the caches, nothing comes back
     STEP = 3     # n tokens: the last rank samples from the last position and sends the token to rank 0
     END = 4      # the request is over: drop the caches
+    CLOSE = 5    # a rank is leaving: the ranks after it stop serving, so none takes it for a lost peer
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,15 @@ class PipelineHead:
         return int(self.ring.receive((1,), mx.int32).item())
 
 
-def serve(shard: LlamaShard, ring: Ring, stop: threading.Event) -> None:
-    """Run this rank's layers for the head until `stop` is set while no request is open.
+def leave(ring: Ring) -> None:
+    """Close the ring downstream of this rank before this process leaves it."""
+    if ring.right != 0 and ring.lost is None:
+        ring.send(Header(Op.CLOSE).encode())
+
+
+def serve(shard: LlamaShard, ring: Ring, stop: threading.Event) -> bool:
+    """Run this rank's layers for the head until `stop` is set while no request is open, or a rank
+    before this one closes the ring; returns whether one did.
 
     A request is never left half done, so the ring stays in step. Raises RuntimeError when a
     neighbour is lost.
@@ -224,6 +232,8 @@ def serve(shard: LlamaShard, ring: Ring, stop: threading.Event) -> None:
         header = Header.decode(ring.receive((HEADER_WORDS,), mx.uint32))
         if not shard.is_last:
             ring.send(header.encode())
+        if header.op == Op.CLOSE:
+            return True
         if header.op == Op.START:
             cache = shard.make_cache()
             sampler = make_sampler(header.temperature / MICRO, header.top_p / MICRO, header.seed)
@@ -240,3 +250,4 @@ def serve(shard: LlamaShard, ring: Ring, stop: threading.Event) -> None:
                 ring.send(sampler(out[:, -1, :]).astype(mx.int32))
             else:
                 mx.eval([c.state for c in cache])
+    return False

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from exo.engine.generate import GenerationParams, detokenize, generate_step
 from exo.engine.loading import LoadedModel, load
-from exo.engine.pipeline import PipelineHead, Ring, serve, write_hostfile
+from exo.engine.pipeline import PipelineHead, Ring, leave, serve, write_hostfile
 from exo.engine.sample import make_sampler
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
 from exo.worker.runner.messages import (
@@ -50,6 +50,7 @@ class Runner:
         self._task_arrived = threading.Event()  # ends a follower's ring service so the task gets its turn
         self._cancelled: set[str] = set()
         self._active: str | None = None
+        self._ring_closed = False
         self._write_lock = threading.Lock()
 
     @property
@@ -100,17 +101,25 @@ class Runner:
             if self._serves_ring():
                 self._serve_ring()
             if (task := self._tasks.get()) is None:
-                return
+                break
             self._run(task)
+        if self.ring is not None and not self._ring_closed:
+            try:
+                leave(self.ring)
+            except RuntimeError:
+                pass  # the others are gone already
 
     def _serves_ring(self) -> bool:
         self._task_arrived.clear()
-        return not self.is_head and self.status == RunnerStatus.READY and self._tasks.empty()
+        return (not self.is_head and not self._ring_closed and self.status == RunnerStatus.READY
+                and self._tasks.empty())
 
     def _serve_ring(self) -> None:
         assert self.loaded is not None and self.ring is not None
         try:
-            serve(self.loaded.model, self.ring, self._task_arrived)
+            self._ring_closed = serve(self.loaded.model, self.ring, self._task_arrived)
+            if self._ring_closed:
+                log.info("runner=%s the ring was closed upstream", self.name)
         except RuntimeError as e:
             if self.status == RunnerStatus.SHUTTING_DOWN:  # the neighbours are stopping too
                 log.info("runner=%s ring closed while stopping: %s", self.name, e)
@@ -136,8 +145,9 @@ class Runner:
             self._perform(task)
         except Exception as e:  # the task fails; the runner reports it and lives on
             reason = f"{type(e).__name__}: {e}"
-            log.error("runner=%s task=%s %s failed: %s", self.name, task.task_id, task.kind, reason,
-                      exc_info=not isinstance(e, (ValueError, RuntimeError)))
+            expected = isinstance(e, (ValueError, RuntimeError))  # a bad request or a broken ring, not a bug
+            log.log(logging.WARNING if expected else logging.ERROR, "runner=%s task=%s %s failed: %s", self.name,
+                    task.task_id, task.kind, reason, exc_info=not expected)
             self._set_status(step.on_error, reason if step.on_error == RunnerStatus.FAILED else None)
             self._report(task, TaskStatus.FAILED, reason)
         else:
