@@ -4,8 +4,8 @@ For each node count it starts that many `exo` node processes on loopback, places
 exactly those nodes with even layer ranges (rank i on node i) and streams chats at temperature 0 to
 the node of rank 0, so a request crosses only the ring. Rank 0 does not expose its compute/wait
 split, so the cost of a hop is derived from the client's side: a token crosses the N links of an
-N-rank ring, so it is (1 / decode rate at N - 1 / decode rate at 1 node) / N. Every node is stopped with SIGTERM and checked to have exited with its runners, even on
-errors and Ctrl-C.
+N-rank ring, so it is (1 / decode rate at N - 1 / decode rate at 1 node) / N. Every node is
+stopped with SIGTERM and checked to have exited with its runners, even on errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -369,7 +369,8 @@ def place(nodes: list[_Node], model_id: str, layers: list[tuple[int, int]]) -> s
     def ready() -> bool:
         runners = nodes[0].state()["runners"]
         statuses = [runners.get(f"{instance_id}.{rank}", {}).get("status") for rank in range(len(nodes))]
-        if failed := [r for r in runners.values() if r["instance_id"] == instance_id and r["status"] == RunnerStatus.FAILED]:
+        if failed := [r for r in runners.values()
+                      if r["instance_id"] == instance_id and r["status"] == RunnerStatus.FAILED]:
             raise RuntimeError(f"runner {instance_id}.{failed[0]['rank']} failed: {failed[0].get('error')}")
         return all(s == RunnerStatus.READY for s in statuses)
 
