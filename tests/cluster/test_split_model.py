@@ -54,11 +54,11 @@ def place(nodes: list[RunningNode], n: int) -> str:
     assert response.status_code == 200, response.text
     instance_id: str = response.json()["instance_id"]
 
-    def ready() -> bool:
-        runners = nodes[0].state()["runners"]
+    def ready(node: RunningNode) -> bool:
+        runners = node.state()["runners"]
         return all(runners.get(f"{instance_id}.{rank}", {}).get("status") == "Ready" for rank in range(n))
 
-    wait_for(ready, 90, f"the runners of a {n}-node instance are Ready")
+    wait_for(lambda: all(ready(node) for node in nodes), 90, f"every node sees the {n}-node instance Ready")
     return instance_id
 
 
