@@ -97,17 +97,26 @@ async def route(cluster: ClusterService, tokenizers: Tokenizers, model_id: str,
                 head = ready[0].shards[0].node_id
                 if (url := cluster.transport.url(head)) is not None:
                     return ready[0], url
-            if failed := [r for i in instances for s in i.shards
-                          if (r := state.runners.get(runner_id(i.instance_id, s.rank))) is not None
-                          and r.status in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN)]:
-                raise ServiceUnavailable(f"Runner {failed[0].runner_id} of model {model_id} is {failed[0].status}"
-                                         f"{f' ({failed[0].error})' if failed[0].error else ''}. Delete the instance "
-                                         "(DELETE /instance/{id}) to place it again.")
+            if instances and all(problems := [_broken(state, i) for i in instances]):
+                raise ServiceUnavailable(f"The {model_id} instance cannot serve: {problems[0]}. Delete it "
+                                         "(DELETE /instance/{id}) to place it again on the nodes there are.")
             if forwarded and not instances:
                 raise ServiceUnavailable(f"This node no longer serves {model_id}; retry the request.")
             await anyio.sleep(0.05)
     raise ServiceUnavailable(f"No instance of {model_id} became ready within {READY_TIMEOUT:.0f}s; GET /state shows "
                              "its runners.")
+
+
+def _broken(state: State, instance: Instance) -> str | None:
+    """Why `instance` will not become ready by waiting, if it will not: first a node that left (the
+    cause), then a runner that failed (often the effect)."""
+    if gone := [s.node_id for s in instance.shards if s.node_id not in state.nodes]:
+        return f"its node {gone[0]} has left the cluster"
+    for shard in instance.shards:
+        runner = state.runners.get(runner_id(instance.instance_id, shard.rank))
+        if runner is not None and runner.status in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN):
+            return f"runner {runner.runner_id} is {runner.status}" + (f" ({runner.error})" if runner.error else "")
+    return None
 
 
 def _all_runners(state: State, instance: Instance, statuses: tuple[RunnerStatus, ...]) -> bool:

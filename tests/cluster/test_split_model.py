@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from nodes import RunningNode, answers, runner_pids, running_nodes, wait_for
 
@@ -144,3 +145,27 @@ def test_a_task_that_does_not_fit_or_raises_fails_alone_and_the_runner_keeps_ser
         assert "cannot run while the runner is Ready" in log and "Traceback" not in log
     finally:
         delete(cluster, instance_id)
+
+
+def test_a_killed_node_takes_its_runners_along_and_requests_fail_with_the_reason(cluster: list[RunningNode]) -> None:
+    """Last in the module: it kills a node of the shared cluster."""
+    place(cluster, 2)
+    victim = cluster[1]
+    pids = runner_pids(victim.process.pid)
+    assert pids
+    victim.process.kill()
+    wait_for(lambda: not [p for p in pids if _alive(p)], 5, "the killed node's runner dies with it")
+
+    def refused() -> bool:
+        body = {"model": DEFAULT_MODEL, "messages": PROMPTS[0], "max_tokens": 2}
+        response = httpx.post(f"{cluster[2].url}/v1/chat/completions", json=body, timeout=60)
+        return response.status_code == 503 and "has left the cluster" in response.json()["error"]["message"]
+
+    wait_for(refused, 20, "a request says the instance lost a node")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -148,7 +148,10 @@ class Runner:
             expected = isinstance(e, (ValueError, RuntimeError))  # a bad request or a broken ring, not a bug
             log.log(logging.WARNING if expected else logging.ERROR, "runner=%s task=%s %s failed: %s", self.name,
                     task.task_id, task.kind, reason, exc_info=not expected)
-            self._set_status(step.on_error, reason if step.on_error == RunnerStatus.FAILED else None)
+            if self.ring is not None and self.ring.lost is not None:  # no task can run on this ring again
+                self._set_status(RunnerStatus.FAILED, f"ring lost: {self.ring.lost}")
+            else:
+                self._set_status(step.on_error, reason if step.on_error == RunnerStatus.FAILED else None)
             self._report(task, TaskStatus.FAILED, reason)
         else:
             self._set_status(step.after)
