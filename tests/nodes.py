@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -57,6 +58,17 @@ def answers(node: RunningNode, path: str = "/health") -> bool:
         return httpx.get(node.url + path, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def idle_health(client: httpx.AsyncClient) -> dict[str, Any]:
+    """The node's /health once nothing is running (a runner reports Ready a moment after a chat's
+    last token), or as it is after 5 s."""
+    for _ in range(500):
+        health: dict[str, Any] = (await client.get("/health")).json()
+        if not health["busy"]:
+            break
+        await asyncio.sleep(0.01)
+    return health
 
 
 def runner_pids(node_pid: int | None = None) -> list[int]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from nodes import idle_health
 
 from exo.engine.loading import LoadedModel
 from exo.models.cards import CARDS, DEFAULT_MODEL
@@ -37,7 +38,7 @@ def assert_error(response: httpx.Response, status: int, error_type: str, param: 
 
 
 async def assert_idle(client: httpx.AsyncClient) -> None:
-    health = (await client.get("/health")).json()
+    health = await idle_health(client)
     assert (health["status"], health["queue_depth"], health["busy"]) == ("ok", 0, False)
 
 

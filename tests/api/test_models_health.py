@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+from nodes import idle_health
 
 from exo import __version__
 from exo.models.cards import CARDS, DEFAULT_MODEL
@@ -26,9 +27,8 @@ async def test_models_lists_the_default_model(client: httpx.AsyncClient) -> None
 
 
 async def test_health_is_ok_with_an_empty_queue_when_idle(client: httpx.AsyncClient) -> None:
-    response = await client.get("/health")
-    assert response.status_code == 200
-    health = response.json()
+    assert (await client.get("/health")).status_code == 200
+    health = await idle_health(client)
     assert (health["status"], health["queue_depth"], health["busy"]) == ("ok", 0, False)
     assert health["version"] == __version__ and health["runners_ready"] == 1
 
@@ -46,9 +46,5 @@ async def test_health_shows_the_queue_while_generating(client: httpx.AsyncClient
         assert health["queue_depth"] >= 1
     finally:
         assert (await generating).status_code == 200
-    for _ in range(500):  # the runner reports Ready again just after the last token
-        health = (await client.get("/health")).json()
-        if not health["busy"]:
-            break
-        await asyncio.sleep(0.01)
+    health = await idle_health(client)
     assert (health["queue_depth"], health["busy"]) == (0, False)
