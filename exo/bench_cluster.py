@@ -16,27 +16,27 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 
+from exo.local_cluster import LocalNode, place, start_node, static_peers, wait_for
 from exo.models.cards import CARDS, DEFAULT_MODEL
 from exo.models.store import ModelStore
-from exo.shared.runners import RunnerStatus
 from exo.shared.types import FrozenModel
+from exo.worker.profile import free_ports
+from exo.worker.runner.process import runner_pids
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 READY_TIMEOUT = 240.0  # N runners loading and warming up on a small machine
@@ -120,7 +120,7 @@ def measure(n: int, model_id: str, n_layers: int, models_dir: Path, runs: int, m
             concurrent: int) -> ClusterMeasurement:
     with cluster(n, models_dir) as nodes:
         layers = [(i * n_layers // n, (i + 1) * n_layers // n) for i in range(n)]
-        instance_id = place(nodes, model_id, layers)
+        instance_id = place(nodes, nodes, model_id, layers, READY_TIMEOUT)
         ask = _Chat(nodes[0].url, model_id, max_tokens)
         ask()  # warm-up: the first chat after loading is slower
         streams = [ask() for _ in range(runs)]
@@ -210,37 +210,19 @@ class _Chat:
 # -- nodes ------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Node:
-    process: subprocess.Popen[bytes]
-    port: int
-    home: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def state(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/state", timeout=5).json()
-
-    def log_tail(self, n: int = 40) -> str:
-        lines = (self.home / "node.log").read_text(errors="replace").splitlines()
-        return "\n".join(f"  {line}" for line in lines[-n:])
-
-
 @contextmanager
-def cluster(n: int, models_dir: Path) -> Iterator[list[_Node]]:
+def cluster(n: int, models_dir: Path) -> Iterator[list[LocalNode]]:
     """N nodes on loopback naming each other as peers, agreed on a master; stopped and removed after.
     Each runs in its own session, so a Ctrl-C reaches only this process, which then stops them."""
     tmp = Path(tempfile.mkdtemp(prefix="exo-bench-cluster-"))
-    ports = _free_ports(n)
-    nodes: list[_Node] = []
+    ports = free_ports(n)
+    nodes: list[LocalNode] = []
     failed = False
     try:
         for i, port in enumerate(ports):
-            peers = ",".join(f"127.0.0.1:{p}" for p in ports if p != port) or None
-            nodes.append(_start(tmp / f"node{i}", models_dir, port, peers))
-        _wait(lambda: _agreed(nodes), 60, f"{n} nodes to agree on a master")
+            peers = static_peers(i, ports) if n > 1 else ["--no-discovery"]
+            nodes.append(start_node(tmp / f"node{i}", models_dir, "--no-preload", *peers, port=port))
+        wait_for(lambda: _agreed(nodes), 60, f"{n} nodes to agree on a master")
         yield nodes
     except Exception:
         failed = True
@@ -259,19 +241,7 @@ def cluster(n: int, models_dir: Path) -> Iterator[list[_Node]]:
         raise RuntimeError("; ".join(problems))
 
 
-def _start(home: Path, models_dir: Path, port: int, peers: str | None) -> _Node:
-    home.mkdir(parents=True)
-    env = {**os.environ, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir), "EXO_PEER_TIMEOUT": "2",
-           "EXO_HEARTBEAT_INTERVAL": "0.25"}
-    cmd = [sys.executable, "-m", "exo.main", "--api-host", "127.0.0.1", "--api-port", str(port), "--no-discovery",
-           "--no-preload", *(["--peers", peers] if peers else [])]
-    with (home / "node.log").open("ab") as out:
-        process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    return _Node(process, port, home)
-
-
-def _stop_all(nodes: list[_Node]) -> list[str]:
+def _stop_all(nodes: list[LocalNode]) -> list[str]:
     """SIGTERM every node, then check that each exited 0 and left no runner; what went wrong, if anything."""
     for node in nodes:
         if node.process.poll() is None:
@@ -297,17 +267,7 @@ def _stop_all(nodes: list[_Node]) -> list[str]:
     return problems
 
 
-def runner_pids(node_pid: int) -> list[int]:
-    """A node's runner processes, by their command line (`python -m exo.worker.runner SPEC NODE_PID`)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmd = process.info["cmdline"] or []
-        if cmd[1:3] == ["-m", "exo.worker.runner"] and cmd[4:5] == [str(node_pid)]:
-            found.append(process.pid)
-    return found
-
-
-def _log_errors(nodes: list[_Node]) -> list[str]:
+def _log_errors(nodes: list[LocalNode]) -> list[str]:
     lines = []
     for node in nodes:
         log = node.home / "node.log"
@@ -333,18 +293,7 @@ def _sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]  # all open at once, so the ports differ
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _agreed(nodes: list[_Node]) -> bool:
+def _agreed(nodes: list[LocalNode]) -> bool:
     for node in nodes:
         if node.process.poll() is not None:
             raise RuntimeError(f"node on {node.port} exited {node.process.returncode} while starting")
@@ -356,39 +305,9 @@ def _agreed(nodes: list[_Node]) -> bool:
     return len(views) == 1 and states[0]["master_id"] is not None and len(states[0]["nodes"]) == len(nodes)
 
 
-def place(nodes: list[_Node], model_id: str, layers: list[tuple[int, int]]) -> str:
-    """Place the model with rank i on node i and wait until every runner is ready; the instance's id."""
-    ids = [node.state()["node_id"] for node in nodes]
-    shards = [{"node_id": node_id, "rank": rank, "start": start, "end": end}
-              for rank, (node_id, (start, end)) in enumerate(zip(ids, layers, strict=True))]
-    answer = httpx.post(f"{nodes[0].url}/instance", json={"model_id": model_id, "shards": shards}, timeout=15)
-    if answer.status_code != 200:
-        raise RuntimeError(f"POST /instance answered {answer.status_code}: {answer.text[:500]}")
-    instance_id = answer.json()["instance_id"]
-
-    def ready() -> bool:
-        runners = nodes[0].state()["runners"]
-        statuses = [runners.get(f"{instance_id}.{rank}", {}).get("status") for rank in range(len(nodes))]
-        if failed := [r for r in runners.values()
-                      if r["instance_id"] == instance_id and r["status"] == RunnerStatus.FAILED]:
-            raise RuntimeError(f"runner {instance_id}.{failed[0]['rank']} failed: {failed[0].get('error')}")
-        return all(s == RunnerStatus.READY for s in statuses)
-
-    _wait(ready, READY_TIMEOUT, f"the {len(nodes)} runners of {model_id} to be ready")
-    return instance_id
-
-
-def remove(nodes: list[_Node], instance_id: str) -> None:
+def remove(nodes: list[LocalNode], instance_id: str) -> None:
     """Delete the instance and wait for its runners to exit, as an operator would, before the nodes stop."""
     answer = httpx.delete(f"{nodes[0].url}/instance/{instance_id}", timeout=15)
     if answer.status_code != 200:
         raise RuntimeError(f"DELETE /instance answered {answer.status_code}: {answer.text[:500]}")
-    _wait(lambda: not any(runner_pids(node.process.pid) for node in nodes), 30, "the runners to stop")
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f}s for {what}")
-        time.sleep(0.1)
+    wait_for(lambda: not any(runner_pids(node.process.pid) for node in nodes), 30, "the runners to stop")

@@ -3,54 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
+from exo.local_cluster import LocalNode, start_node, static_peers, wait_for
+from exo.worker.profile import free_ports
+from exo.worker.runner.process import runner_pids
 
-@dataclass
-class RunningNode:
-    process: subprocess.Popen[bytes]
-    port: int
-    home: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log(self) -> Path:
-        return self.home / "node.log"
-
-    def state(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/state", timeout=5).json()
+__all__ = ["RunningNode", "answers", "free_ports", "idle_health", "orphaned_runner_pids", "runner_pids",
+           "running_nodes", "start_node", "static_peers", "stop_node", "wait_for"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until `predicate` holds; return how long it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        time.sleep(0.1)
-    return time.monotonic() - start
+RunningNode = LocalNode
 
 
 def answers(node: RunningNode, path: str = "/health") -> bool:
@@ -71,17 +43,6 @@ async def idle_health(client: httpx.AsyncClient) -> dict[str, Any]:
     return health
 
 
-def runner_pids(node_pid: int | None = None) -> list[int]:
-    """exo runner processes, of one node or of any, found by their command line
-    (`python -m exo.worker.runner SPEC NODE_PID`)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmd = process.info["cmdline"] or []
-        if cmd[1:3] == ["-m", "exo.worker.runner"] and (node_pid is None or cmd[4:5] == [str(node_pid)]):
-            found.append(process.pid)
-    return found
-
-
 def orphaned_runner_pids() -> list[int]:
     """Runners whose node is gone."""
     return [pid for pid in runner_pids() if not _node_alive(pid)]
@@ -93,17 +54,6 @@ def _node_alive(runner_pid: int) -> bool:
         return psutil.pid_exists(node_pid) and psutil.Process(node_pid).status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, IndexError, ValueError):
         return True  # it exited meanwhile
-
-
-def start_node(home: Path, models_dir: Path, *args: str, port: int | None = None) -> RunningNode:
-    port = port or free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir), "EXO_PEER_TIMEOUT": "2",
-           "EXO_HEARTBEAT_INTERVAL": "0.25"}
-    with (home / "node.log").open("ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "exo.main", "--api-host", "127.0.0.1",
-                                    "--api-port", str(port), *args], env=env, stdout=out, stderr=subprocess.STDOUT)
-    return RunningNode(process, port, home)
 
 
 def stop_node(node: RunningNode, sig: int = signal.SIGTERM) -> int:
@@ -133,7 +83,7 @@ def stop_node(node: RunningNode, sig: int = signal.SIGTERM) -> int:
 def running_nodes(homes: list[Path], models_dir: Path, *args: str,
                   per_node: Callable[[int, list[int]], list[str]] | None = None) -> Iterator[list[RunningNode]]:
     """Start one node per home (ports chosen first, so each may name the others), stop all after."""
-    ports = [free_port() for _ in homes]
+    ports = free_ports(len(homes))
     nodes = [start_node(home, models_dir, *args, *(per_node(i, ports) if per_node else []), port=port)
              for i, (home, port) in enumerate(zip(homes, ports, strict=False))]
     try:

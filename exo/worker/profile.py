@@ -76,3 +76,15 @@ def ring_host(api_host: str, peers: tuple[tuple[str, int], ...] = ()) -> str:
             return str(s.getsockname()[0])
         except OSError:
             return "127.0.0.1"
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` different ports free on `host` right now (all held open together while they are picked)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +29,7 @@ from exo.shared.runners import RunnerInfo, RunnerStatus, TaskInfo, TaskKind, Tas
 from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import Dtype, InstanceId, NodeId
 from exo.worker.plan import LocalRunner, Send, Spawn, Stop, plan
+from exo.worker.profile import free_ports
 from exo.worker.runner.messages import (
     PIPE_CODEC,
     Cancel,
@@ -43,18 +42,13 @@ from exo.worker.runner.messages import (
     frame_size,
     pack_frame,
 )
+from exo.worker.runner.process import command
 
 log = logging.getLogger(__name__)
 
 TASKS_REPORTED = 8       # the latest task records of each runner shown in the cluster state
 STOP_GRACE_SECONDS = 5.0  # from asking a runner to stop to SIGTERM, and again to SIGKILL
 RECONCILE_SECONDS = 0.5
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -153,7 +147,8 @@ class Supervisor:
         spec = RunnerSpec(node_id=self.node_id, instance_id=instance.instance_id, rank=shard.rank,
                           world_size=len(instance.shards), model_path="", start=shard.start, end=shard.end,
                           n_layers=instance.n_layers, dtype=self.dtype)
-        handle = RunnerHandle(spec, self.node_id, self.host, free_port(self.host))
+        [port] = free_ports(1, self.host)
+        handle = RunnerHandle(spec, self.node_id, self.host, port)
         self.runners[handle.runner_id] = handle
         log.info("runner=%s starting: layers [%d, %d) of %s", handle.runner_id, shard.start, shard.end,
                  instance.model_id)
@@ -173,7 +168,7 @@ class Supervisor:
             path = await anyio.to_thread.run_sync(self.catalog.path, model_id)
             handle.spec = handle.spec.model_copy(update={"model_path": str(path)})
             handle.process = await anyio.open_process(
-                [sys.executable, "-m", "exo.worker.runner", handle.spec.model_dump_json(), str(os.getpid())],
+                command(handle.spec.model_dump_json(), os.getpid()),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
                 start_new_session=True)  # a terminal's Ctrl-C is for the node, which stops its runners in order
             log.info("runner=%s pid=%d", handle.runner_id, handle.process.pid)

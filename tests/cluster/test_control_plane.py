@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from nodes import RunningNode, answers, running_nodes, start_node, wait_for
+from nodes import RunningNode, answers, running_nodes, start_node, static_peers, wait_for
 
 from exo.models.cards import DEFAULT_MODEL
 
@@ -27,10 +27,6 @@ def agreed(nodes: list[RunningNode], n_members: int) -> bool:
 
 def ports(nodes: list[RunningNode]) -> list[int]:
     return [node.port for node in nodes]
-
-
-def static_peers(i: int, ports: list[int]) -> list[str]:
-    return ["--no-discovery", "--peers", ",".join(f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i)]
 
 
 def test_three_nodes_with_static_peers_elect_one_master_and_survive_its_loss(tmp_path: Path,

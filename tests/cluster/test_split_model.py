@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from nodes import RunningNode, answers, runner_pids, running_nodes, wait_for
+from nodes import RunningNode, answers, runner_pids, running_nodes, static_peers, wait_for
 
+from exo import local_cluster
 from exo.models.cards import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
@@ -29,10 +30,6 @@ PROMPTS = [
 ]
 MAX_TOKENS = 16
 SPLITS = {1: [(0, 30)], 2: [(0, 15), (15, 30)], 3: [(0, 8), (8, 21), (21, 30)]}
-
-
-def static_peers(i: int, ports: list[int]) -> list[str]:
-    return ["--no-discovery", "--peers", ",".join(f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i)]
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +44,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Itera
 
 
 def place(nodes: list[RunningNode], n: int) -> str:
-    """An instance of the default model on the first `n` nodes, once every runner is Ready."""
-    node_ids = [node.state()["node_id"] for node in nodes[:n]]
-    shards = [{"node_id": node_id, "rank": rank, "start": start, "end": end}
-              for rank, (node_id, (start, end)) in enumerate(zip(node_ids, SPLITS[n], strict=True))]
-    response = httpx.post(f"{nodes[-1].url}/instance", json={"model_id": DEFAULT_MODEL, "shards": shards}, timeout=10)
-    assert response.status_code == 200, response.text
-    instance_id: str = response.json()["instance_id"]
-
-    def ready(node: RunningNode) -> bool:
-        runners = node.state()["runners"]
-        return all(runners.get(f"{instance_id}.{rank}", {}).get("status") == "Ready" for rank in range(n))
-
-    wait_for(lambda: all(ready(node) for node in nodes), 90, f"every node sees the {n}-node instance Ready")
-    return instance_id
+    """An instance of the default model on the first `n` nodes, once every node sees its runners Ready."""
+    return local_cluster.place(nodes, nodes[:n], DEFAULT_MODEL, SPLITS[n], timeout=90)
 
 
 def delete(nodes: list[RunningNode], instance_id: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodes import free_port
+from nodes import free_ports
 from pipeline_rank import RING_LOST
 from test_directory_model import hf_weights, write_model
 
@@ -74,7 +74,7 @@ def read_line(process: subprocess.Popen[str], timeout: float = TIMEOUT) -> str:
 def running_ring(model_path: Path, ranges: list[tuple[int, int]], logs: Path) -> Iterator[RunningRing]:
     """One process per range, joined in a ring on loopback; whatever still runs at the end is killed."""
     hostfile = logs / "hosts.json"
-    write_hostfile(hostfile, [f"127.0.0.1:{free_port()}" for _ in ranges])
+    write_hostfile(hostfile, [f"127.0.0.1:{port}" for port in free_ports(len(ranges))])
     processes: list[subprocess.Popen[str]] = []
     try:
         for rank, (start, end) in enumerate(ranges):

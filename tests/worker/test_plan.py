@@ -95,7 +95,8 @@ def test_a_ring_runner_moves_on_after_connecting(status: RunnerStatus, task: Tas
 @pytest.mark.parametrize("rid", ["solo.0", "ring.1"])
 def test_a_runner_in_any_other_status_gets_nothing(status: RunnerStatus, rid: str) -> None:
     s = state(SOLO, RING, runners=reported(RING, 0, 1, 2))
-    assert plan(ME, s, {"solo.0": idle(busy=True), "ring.1": idle(busy=True), rid: LocalRunner(status, busy=False)}) == []
+    local = {"solo.0": idle(busy=True), "ring.1": idle(busy=True), rid: LocalRunner(status, busy=False)}
+    assert plan(ME, s, local) == []
 
 
 @pytest.mark.parametrize("status", list(RunnerStatus))
