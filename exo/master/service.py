@@ -33,6 +33,8 @@ class ClusterService:
         self.coordinator, self.transport, self.measure, self.on_state = coordinator, transport, measure, on_state
         self.heartbeat_interval, self.dtype, self.clock = heartbeat_interval, dtype, clock
         self._outbox_in, self._outbox = anyio.create_memory_object_stream[Outgoing](max_buffer_size=1024)
+        self._worker_changed = anyio.Event()
+        self._published: State | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -44,12 +46,15 @@ class ClusterService:
                     self.coordinator.update_profile(self.measure())
                     last_profile = self.clock()
                 self._post(self.coordinator.tick(self.clock()))
-                await anyio.sleep(self.heartbeat_interval)
+                with anyio.move_on_after(self.heartbeat_interval):
+                    await self._worker_changed.wait()
+                self._worker_changed = anyio.Event()
 
     def report_worker(self, runners: tuple[RunnerInfo, ...], tasks: tuple[TaskInfo, ...]) -> None:
-        """This node's runners changed: tell the master now rather than at the next heartbeat."""
+        """This node's runners changed: heartbeat now rather than at the next interval (reports that
+        come together go out in one heartbeat)."""
         self.coordinator.update_worker(runners, tasks)
-        self._post(self.coordinator.tick(self.clock()))
+        self._worker_changed.set()
 
     def receive(self, frame: bytes, sender_host: str) -> None:
         """Handle one frame from a peer. Raises WireError for a frame that is not a valid message."""
@@ -91,7 +96,9 @@ class ClusterService:
             raise ServiceUnavailable("This node is not the master; send the request to any node's API.")
 
     def _post(self, outgoing: list[Outgoing]) -> None:
-        self.on_state(self.coordinator.state)
+        if self.coordinator.state is not self._published:
+            self._published = self.coordinator.state
+            self.on_state(self._published)
         for item in outgoing:
             try:
                 self._outbox_in.send_nowait(item)

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 TASKS_REPORTED = 8       # the latest task records of each runner shown in the cluster state
 STOP_GRACE_SECONDS = 5.0  # from asking a runner to stop to SIGTERM, and again to SIGKILL
-RECONCILE_SECONDS = 0.5
 
 
 @dataclass
@@ -109,14 +108,13 @@ class Supervisor:
                 task_status.started()
                 while True:
                     self._reconcile()
-                    with anyio.move_on_after(RECONCILE_SECONDS):
-                        await self._wake.wait()
+                    await self._wake.wait()
                     self._wake = anyio.Event()
         finally:
             self._tg = None
 
     def update(self, state: State) -> None:
-        """The cluster state changed: reconcile soon."""
+        """The cluster state changed: reconcile."""
         self.state = state
         self._wake.set()
 
@@ -142,6 +140,7 @@ class Supervisor:
             await handle.send(task)
         except (ServiceUnavailable, anyio.BrokenResourceError, anyio.ClosedResourceError):
             handle.lifecycle = None
+            self._wake.set()
 
     def _spawn(self, instance: Instance, shard: ShardAssignment) -> None:
         spec = RunnerSpec(node_id=self.node_id, instance_id=instance.instance_id, rank=shard.rank,
@@ -204,6 +203,7 @@ class Supervisor:
             case StatusChanged(status=status, error=error):
                 handle.started, handle.status, handle.error = True, status, error
                 self._publish()
+                self._wake.set()  # its next lifecycle task may be due
             case TaskChanged(task_id=task_id, kind=kind, status=status, error=error):
                 spec = handle.spec
                 handle.tasks.pop(task_id, None)
@@ -213,6 +213,7 @@ class Supervisor:
                     del handle.tasks[next(iter(handle.tasks))]
                 if status in (TaskStatus.COMPLETE, TaskStatus.FAILED) and task_id == handle.lifecycle:
                     handle.lifecycle = None
+                    self._wake.set()
                 if (chat := handle.chats.get(task_id)) is not None:
                     chat.send_nowait(message)
                 self._publish()

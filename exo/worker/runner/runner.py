@@ -64,7 +64,7 @@ class Runner:
         """
         worker = threading.Thread(target=self._work, name="exo-runner-mlx")
         worker.start()
-        self._set_status(RunnerStatus.IDLE)
+        self._send(StatusChanged(status=self.status))
         shutdown: Task | None = None
         while (message := read_frame(inp)) is not None:
             match message:
@@ -211,8 +211,9 @@ class Runner:
         return [*queued, *([self._active] if self._active else [])]
 
     def _set_status(self, status: RunnerStatus, error: str | None = None) -> None:
-        if status != self.status or error:
-            log.info("runner=%s %s -> %s%s", self.name, self.status, status, f" ({error})" if error else "")
+        if status == self.status and not error:
+            return
+        log.info("runner=%s %s -> %s%s", self.name, self.status, status, f" ({error})" if error else "")
         self.status = status
         self._send(StatusChanged(status=status, error=error))
 
