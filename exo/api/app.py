@@ -17,7 +17,7 @@ from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
 from exo.api.runners import runners_router
 from exo.master.service import ClusterService
-from exo.shared.runners import RunnerStatus
+from exo.shared.runners import SERVING, RunnerStatus
 from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers
 
@@ -44,8 +44,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
         body = {"status": "stalled" if stalled else "ok", "version": __version__,
                 "node_id": cluster.coordinator.node_id, "master_id": cluster.coordinator.master_id,
                 "runners": {rid: h.status for rid, h in supervisor.runners.items()},
-                "runners_ready": sum(h.status in (RunnerStatus.READY, RunnerStatus.RUNNING)
-                                     for h in supervisor.runners.values()),
+                "runners_ready": sum(h.status in SERVING for h in supervisor.runners.values()),
                 "queue_depth": supervisor.queue_depth(), "busy": bool(busy),
                 "seconds_since_progress": round(idle_for, 3)}
         return JSONResponse(body, status_code=503 if stalled else 200)

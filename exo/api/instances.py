@@ -9,18 +9,17 @@ import httpx
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
+from exo.api.forward import ask_node
 from exo.master.planner import previews
 from exo.master.service import ClusterService
 from exo.models.cards import CARDS, ModelCard
 from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
-from exo.shared.runners import RunnerStatus, runner_id
+from exo.shared.runners import SERVING, RunnerStatus, runner_id
 from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import InstanceId, new_instance_id
 from exo.worker.tokenizers import Tokenizers
 
-FORWARD_TIMEOUT = 10.0
 READY_TIMEOUT = 120.0  # how long a chat waits for its instance's runners to load
-SERVING = (RunnerStatus.READY, RunnerStatus.RUNNING)
 
 
 class PlaceInstance(BaseModel):
@@ -44,12 +43,7 @@ def _card(model_id: str) -> ModelCard:
 
 
 async def _ask_master(cluster: ClusterService, method: str, path: str, body: bytes) -> httpx.Response:
-    try:
-        async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
-            return await client.request(method, cluster.master_url() + path, content=body,
-                                        headers={"Content-Type": "application/json"})
-    except httpx.HTTPError as e:
-        raise ServiceUnavailable(f"The master did not answer ({type(e).__name__}); retry shortly.") from e
+    return await ask_node(cluster.master_url(), method, path, body, who="The master")
 
 
 async def ensure_instance(cluster: ClusterService, tokenizers: Tokenizers, model_id: str) -> None:
@@ -83,10 +77,10 @@ async def route(cluster: ClusterService, tokenizers: Tokenizers, model_id: str,
     """A ready instance of `model_id` and, unless its rank 0 is on this node, the API of the node
     where it is. Places an instance if there is none and waits for its runners to load."""
     coordinator = cluster.coordinator
+    if not forwarded:
+        await ensure_instance(cluster, tokenizers, model_id)
     with anyio.move_on_after(READY_TIMEOUT):
         while True:
-            if not forwarded:
-                await ensure_instance(cluster, tokenizers, model_id)
             state = coordinator.state
             instances = [i for i in state.instances.values() if i.model_id == model_id]
             ready = [i for i in instances if _all_runners(state, i, SERVING)]

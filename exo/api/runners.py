@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import httpx
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
+from exo.api.forward import ask_node
 from exo.master.service import ClusterService
 from exo.shared.errors import ModelNotFound, ServiceUnavailable
 from exo.shared.runners import TaskKind
 from exo.worker.supervisor import Supervisor
-
-FORWARD_TIMEOUT = 10.0
 
 
 class RunnerTask(BaseModel):
@@ -31,12 +29,8 @@ def runners_router(cluster: ClusterService, supervisor: Supervisor) -> APIRouter
             raise ModelNotFound(f"No runner {runner_id!r}; GET /state lists the runners.", param="runner_id")
         if (url := cluster.transport.url(runner.node_id)) is None:
             raise ServiceUnavailable(f"The node of runner {runner_id} is not reachable; retry shortly.")
-        try:
-            async with httpx.AsyncClient(timeout=FORWARD_TIMEOUT) as client:
-                answer = await client.post(url + request.url.path, content=await request.body(),
-                                           headers={"Content-Type": "application/json"})
-        except httpx.HTTPError as e:
-            raise ServiceUnavailable(f"The node of runner {runner_id} did not answer ({type(e).__name__}).") from e
+        answer = await ask_node(url, "POST", request.url.path, await request.body(),
+                                who=f"The node of runner {runner_id}")
         return Response(answer.content, status_code=answer.status_code, media_type="application/json")
 
     return router

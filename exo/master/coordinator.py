@@ -221,7 +221,7 @@ class Coordinator:
 
     def _reconcile_workers(self) -> list[Outgoing]:
         state = self.state
-        alive = [self.heartbeat(), *(hb for _, hb in self.peers.values())]
+        alive = self._live_heartbeats()
         reported = {r.runner_id: r for hb in alive for r in hb.runners if r.instance_id in state.instances}
         events: list[Callable[[int, int], BaseEvent]] = []
         for runner_id, runner in reported.items():

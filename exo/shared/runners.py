@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from enum import StrEnum
 
 from exo.shared.types import FrozenModel, InstanceId, NodeId
@@ -34,6 +35,13 @@ class TaskStatus(StrEnum):
     RUNNING = "Running"
     COMPLETE = "Complete"
     FAILED = "Failed"
+
+
+SERVING = (RunnerStatus.READY, RunnerStatus.RUNNING)  # a runner that takes requests
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def runner_id(instance_id: InstanceId, rank: int) -> str:

@@ -11,7 +11,6 @@ import logging
 import os
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -25,12 +24,22 @@ from exo.engine.generate import Delta, GenerationParams
 from exo.models.catalog import ModelCatalog
 from exo.net.codec import WireError
 from exo.shared.errors import ExoError, ModelError, ServiceUnavailable
-from exo.shared.runners import RunnerInfo, RunnerStatus, TaskInfo, TaskKind, TaskStatus, runner_id
+from exo.shared.runners import (
+    SERVING,
+    RunnerInfo,
+    RunnerStatus,
+    TaskInfo,
+    TaskKind,
+    TaskStatus,
+    new_task_id,
+    runner_id,
+)
 from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import Dtype, InstanceId, NodeId
 from exo.worker.plan import LocalRunner, Send, Spawn, Stop, plan
 from exo.worker.profile import free_ports
 from exo.worker.runner.messages import (
+    HEADER_SIZE,
     PIPE_CODEC,
     Cancel,
     Generated,
@@ -128,7 +137,7 @@ class Supervisor:
                     self._stop(self.runners[rid])
                 case Send(runner_id=rid, kind=kind, hosts=hosts):
                     handle = self.runners[rid]
-                    handle.lifecycle = uuid.uuid4().hex[:12]
+                    handle.lifecycle = new_task_id()
                     self._start(self._send_lifecycle, handle, Task(task_id=handle.lifecycle, kind=kind, hosts=hosts))
 
     def _start(self, func: Callable[..., object], *args: object) -> None:
@@ -159,7 +168,7 @@ class Supervisor:
             self._publish()
         elif not handle.stopping:
             handle.stopping = True
-            self._start(self._send_lifecycle, handle, Task(task_id=uuid.uuid4().hex[:12], kind=TaskKind.SHUTDOWN))
+            self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
 
     async def _supervise(self, handle: RunnerHandle, model_id: str) -> None:
         """Run one runner process from start to exit, whatever ends it."""
@@ -187,7 +196,7 @@ class Supervisor:
         stream = BufferedByteReceiveStream(handle.process.stdout)
         while True:
             try:
-                frame = await stream.receive_exactly(frame_size(await stream.receive_exactly(4)))
+                frame = await stream.receive_exactly(frame_size(await stream.receive_exactly(HEADER_SIZE)))
             except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError):
                 return
             try:
@@ -265,9 +274,9 @@ class Supervisor:
     async def chat(self, instance_id: InstanceId, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
         """Stream a chat's text from the instance's rank-0 runner, which must be on this node."""
         handle = self.head(instance_id)
-        if handle is None or handle.status not in (RunnerStatus.READY, RunnerStatus.RUNNING):
+        if handle is None or handle.status not in SERVING:
             raise ServiceUnavailable(f"Instance {instance_id} is not ready on this node; retry shortly.")
-        task = Task(task_id=uuid.uuid4().hex[:12], kind=TaskKind.CHAT, prompt=tuple(prompt),
+        task = Task(task_id=new_task_id(), kind=TaskKind.CHAT, prompt=tuple(prompt),
                     params=SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                           top_p=params.top_p, seed=params.seed, stop=params.stop))
         send, receive = anyio.create_memory_object_stream[Generated | TaskChanged](max_buffer_size=1 << 16)
@@ -301,6 +310,6 @@ class Supervisor:
         """Give a runner a task as an operator asks; the runner checks it like any other."""
         if (handle := self.runners.get(rid)) is None:
             raise ServiceUnavailable(f"No runner {rid} on this node.")
-        task = Task(task_id=uuid.uuid4().hex[:12], kind=kind)
+        task = Task(task_id=new_task_id(), kind=kind)
         await handle.send(task)
         return task.task_id

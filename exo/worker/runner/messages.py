@@ -15,6 +15,7 @@ from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
 from exo.shared.types import Dtype, FrozenModel, InstanceId
 
 _LENGTH = struct.Struct(">I")
+HEADER_SIZE = _LENGTH.size
 
 
 class RunnerSpec(FrozenModel):
@@ -77,25 +78,22 @@ class Generated(FrozenModel):
 PIPE_CODEC = Codec(Task, Cancel, StatusChanged, TaskChanged, Generated)
 
 
-def write_frame(stream: BinaryIO, message: FrozenModel) -> None:
-    data = PIPE_CODEC.encode(message)
-    stream.write(_LENGTH.pack(len(data)) + data)
-    stream.flush()
-
-
-def read_frame(stream: BinaryIO) -> FrozenModel | None:
-    """The next message, or None at the end of the stream."""
-    header = stream.read(_LENGTH.size)
-    if len(header) < _LENGTH.size:
-        return None
-    (size,) = _LENGTH.unpack(header)
-    return PIPE_CODEC.decode(stream.read(size))
-
-
 def pack_frame(message: FrozenModel) -> bytes:
     data = PIPE_CODEC.encode(message)
     return _LENGTH.pack(len(data)) + data
 
 
 def frame_size(header: bytes) -> int:
+    """The length of the frame that follows a `HEADER_SIZE`-byte header."""
     return int(_LENGTH.unpack(header)[0])
+
+
+def write_frame(stream: BinaryIO, message: FrozenModel) -> None:
+    stream.write(pack_frame(message))
+    stream.flush()
+
+
+def read_frame(stream: BinaryIO) -> FrozenModel | None:
+    """The next message, or None at the end of the stream."""
+    header = stream.read(HEADER_SIZE)
+    return None if len(header) < HEADER_SIZE else PIPE_CODEC.decode(stream.read(frame_size(header)))
