@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from exo.engine.blas import Blas
@@ -29,6 +29,16 @@ class Config:
     max_memory: int | None = None
     heartbeat_interval: float = 0.5
     peer_timeout: float = 3.0
+    # The three phases of a stop: finish the requests in flight, drain the channels, release resources.
+    shutdown_timeout: float = 30.0
+    channel_drain_timeout: float = 5.0
+    resource_cleanup_timeout: float = 10.0
+    debug_coordination: bool = False  # log each phase of a stop, and of the watchdog
+    queue_limit: int = 16             # requests waiting or running per instance before 503s
+    watchdog_timeout: float = 60.0    # seconds without progress on a request before its runner restarts
+    max_restarts: int = 3
+    cluster_secret: str | None = field(default=None, repr=False)  # None: any node on the network may join
+    api_key: str | None = field(default=None, repr=False)  # None: the API answers anyone who reaches it
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: object) -> Config:
@@ -47,8 +57,24 @@ class Config:
             settings["heartbeat_interval"] = float(interval)
         if timeout := env.get("EXO_PEER_TIMEOUT"):
             settings["peer_timeout"] = float(timeout)
+        for name, kind in _NUMBERS.items():
+            if value := env.get(f"EXO_{name.upper()}"):
+                settings[name] = kind(value)
+        if env.get("EXO_DEBUG_COORDINATION", "") not in ("", "0", "false", "no"):
+            settings["debug_coordination"] = True
+        if secret := env.get("EXO_CLUSTER_SECRET"):
+            settings["cluster_secret"] = secret
+        elif secret_file := env.get("EXO_CLUSTER_SECRET_FILE"):
+            settings["cluster_secret"] = read_secret(secret_file)
+        if api_key := env.get("EXO_API_KEY"):
+            settings["api_key"] = api_key
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**settings)  # type: ignore[arg-type]
+
+
+_NUMBERS: dict[str, type[int] | type[float]] = {
+    "shutdown_timeout": float, "channel_drain_timeout": float, "resource_cleanup_timeout": float,
+    "queue_limit": int, "watchdog_timeout": float, "max_restarts": int}
 
 
 def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
@@ -60,6 +86,15 @@ def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"peer {item!r} is not host:port")
         peers.append((host.strip("[]"), int(port)))
     return tuple(peers)
+
+
+def read_secret(path: str) -> str:
+    """A secret kept in a file (so it stays off command lines and out of unit files), surrounding
+    whitespace dropped."""
+    secret = Path(path).expanduser().read_text().strip()
+    if not secret:
+        raise ValueError(f"the secret file {path} is empty")
+    return secret
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

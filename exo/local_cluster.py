@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,12 @@ class LocalNode:
         return "\n".join(f"  {line}" for line in lines[-n:])
 
 
-def start_node(home: Path, models_dir: Path, *args: str, port: int | None = None) -> LocalNode:
-    """An `exo` node on 127.0.0.1, logging to `home/node.log`."""
+def start_node(home: Path, models_dir: Path, *args: str, port: int | None = None,
+               env: Mapping[str, str] | None = None) -> LocalNode:
+    """An `exo` node on 127.0.0.1, logging to `home/node.log` (`env` adds to its environment)."""
     [port] = [port] if port else free_ports(1)
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **NODE_ENV, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir)}
+    env = {**os.environ, **NODE_ENV, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir), **(env or {})}
     cmd = [sys.executable, "-m", "exo.main", "--api-host", "127.0.0.1", "--api-port", str(port), *args]
     with (home / "node.log").open("ab") as out:
         process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

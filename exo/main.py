@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from exo import __version__
-from exo.config import DEFAULT_API_PORT, Config, parse_bytes, parse_peers
+from exo.config import DEFAULT_API_PORT, Config, parse_bytes, parse_peers, read_secret
 from exo.engine.blas import find_blas, reexec_with
 from exo.models.cards import DEFAULT_MODEL
 
@@ -16,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exo", description="Run a node of an exo inference cluster.")
     parser.add_argument("--version", action="version", version=f"exo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and every request")
-    parser.add_argument("--api-host", default="0.0.0.0", help="address the API listens on (default: all)")
+    parser.add_argument("--host", "--api-host", dest="api_host", default="0.0.0.0", metavar="HOST",
+                        help="address the API listens on (default: 0.0.0.0, all of them)")
     parser.add_argument("--api-port", type=int, default=DEFAULT_API_PORT, help=f"default: {DEFAULT_API_PORT}")
     parser.add_argument("--model", action="append", metavar="ID_OR_PATH",
                         help=f"load this model at start (repeatable; default: {DEFAULT_MODEL}); "
@@ -34,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="memory this node offers to exo, e.g. 2GB (default: all available)")
     parser.add_argument("--peer-timeout", type=float, metavar="SECONDS",
                         help="drop a peer unheard for this long (default: 3)")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument("--cluster-secret", metavar="SECRET",
+                        help="shared secret every node of the cluster proves it holds; nodes without it are "
+                             "refused (also EXO_CLUSTER_SECRET; default: none, any node on the network may join)")
+    secret.add_argument("--cluster-secret-file", type=_secret_file, dest="cluster_secret", metavar="PATH",
+                        help="read the cluster secret from this file (also EXO_CLUSTER_SECRET_FILE)")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="require `Authorization: Bearer KEY` on every endpoint but /health and the dashboard "
+                             "page; give every node of the cluster the same key (also EXO_API_KEY)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     models = commands.add_parser("models", help="list the models exo knows, or fetch one into the cache")
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
@@ -43,13 +54,34 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_arguments(commands.add_parser("bench", help="measure prompt and decode speed of a model"))
     bench_cluster.add_arguments(commands.add_parser(
         "bench-cluster", help="measure a model split over 1, 2, 4 ... real nodes on this host"))
+    from exo import doctor
+
+    doctor.add_arguments(commands.add_parser(
+        "doctor", help="check exo on this machine: node, runners, orphans, ports, memory, peers; exit 1 on issues",
+        description="Report this machine's exo node and its runners, orphaned runners, their ports and memory, "
+                    "the node's API, peers and discovery, and end with one line: `verdict: no issues` (exit 0) "
+                    "or the issues found (exit 1)."))
+    commands.add_parser("cleanup", help="stop exo's orphaned runners (whose node is gone), freeing their ports",
+                        description="Stop every runner whose node is gone (SIGTERM, then SIGKILL after 5 s), "
+                                    "found by exo's runner marker only, and print the pids and ports freed.")
     return parser
+
+
+def _secret_file(path: str) -> str:
+    try:
+        return read_secret(path)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("doctor", "cleanup"):
+        from exo import doctor
+
+        return doctor.run_doctor(args, os.environ) if args.command == "doctor" else doctor.run_cleanup()
     if args.command == "bench":
         from exo import bench
 
@@ -62,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                              preload=() if args.no_preload else tuple(args.model or [DEFAULT_MODEL]),
                              dtype=args.dtype, blas=args.blas, cluster=args.cluster, peers=args.peers,
                              discovery=False if args.no_discovery else None, max_memory=args.max_memory,
-                             peer_timeout=args.peer_timeout)
+                             peer_timeout=args.peer_timeout, cluster_secret=args.cluster_secret,
+                             api_key=args.api_key)
     if args.command == "models":
         return _models(config, args.action, args.model_id)
     return _serve(config)

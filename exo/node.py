@@ -1,4 +1,13 @@
-"""One exo node: its engine, its place in the cluster and its API, started and stopped together."""
+"""One exo node: its engine, its place in the cluster and its API, started and stopped together.
+
+A stop (SIGTERM or SIGINT) goes in three phases, each bounded by its own timeout:
+1. drain: new requests get 503 with Retry-After, the cluster hears this node drains, and the
+   requests in flight (here, or on instances this node holds a rank of) finish;
+2. channels: the node says it leaves, so its peers re-plan at once, delivers what its outbox
+   holds, and closes the API once its open responses are sent;
+3. resources: runners stop (asked, then SIGTERM, then SIGKILL), then discovery and sockets.
+A second signal skips what is left of the waiting.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +22,22 @@ from zeroconf import InterfaceChoice
 
 from exo import __version__
 from exo.api.app import create_app
+from exo.api.auth import sending_api_key
+from exo.api.control import Admission
 from exo.api.instances import ensure_instance
 from exo.config import Config
 from exo.master.coordinator import Coordinator
 from exo.master.service import ClusterService
 from exo.models.catalog import ModelCatalog
 from exo.models.store import ModelStore
+from exo.net.auth import ClusterAuth
 from exo.net.discovery import Discovery
 from exo.net.transport import PeerTransport
 from exo.shared.errors import ExoError, ServiceUnavailable
-from exo.shared.state import NodeProfile
+from exo.shared.runners import RunnerStatus, runner_id
+from exo.shared.state import NodeMode, NodeProfile
 from exo.worker.profile import TermStore, load_node_id, measure_profile, ring_host
-from exo.worker.supervisor import Supervisor
+from exo.worker.supervisor import Limits, Supervisor
 from exo.worker.tokenizers import Tokenizers
 
 log = logging.getLogger(__name__)
@@ -43,65 +56,115 @@ class Node:
             return measure_profile(node_id, address=config.api_host, api_port=config.api_port,
                                    memory_cap=config.max_memory)
 
-        self.transport = PeerTransport()
+        self.transport = PeerTransport(auth=ClusterAuth(config.cluster_secret) if config.cluster_secret else None)
         for host, port in config.peers:
             self.transport.add_seed(host, port)
         coordinator = Coordinator(measure(), cluster=config.cluster, term=terms.load(),
                                   peer_timeout=config.peer_timeout, on_term=terms.save)
         self.supervisor = Supervisor(node_id, self.catalog, host=ring_host(config.api_host, config.peers),
-                                     dtype=config.dtype, report=lambda *worker: self.cluster.report_worker(*worker))
+                                     dtype=config.dtype, report=lambda *worker: self.cluster.report_worker(*worker),
+                                     limits=Limits(queue=config.queue_limit, watchdog_timeout=config.watchdog_timeout,
+                                                   max_restarts=config.max_restarts))
         self.cluster = ClusterService(coordinator, self.transport, measure=measure,
                                       heartbeat_interval=config.heartbeat_interval, dtype=config.dtype,
+                                      queues=self.supervisor.queues,
                                       on_state=self.supervisor.update)
-        self.app = create_app(self.cluster, self.supervisor, self.tokenizers)
+        self.admission = Admission()
+        self.app = create_app(self.cluster, self.supervisor, self.tokenizers, api_key=config.api_key,
+                              admission=self.admission)
+        self._phase = log.info if config.debug_coordination else log.debug
+        self._forced = anyio.Event()
 
     @property
     def node_id(self) -> str:
         return self.cluster.coordinator.node_id
 
     async def run(self) -> None:
+        config = self.config
+        # Phase 2 closes the API: responses still open then get this long to finish.
         server = _Server(uvicorn.Config(
-            self.app, host=self.config.api_host, port=self.config.api_port, log_config=None,
-            access_log=self.config.verbose, timeout_graceful_shutdown=30))
-        log.info("node=%s cluster=%s term=%d", self.node_id, self.config.cluster, self.cluster.coordinator.term)
+            self.app, host=config.api_host, port=config.api_port, log_config=None,
+            access_log=config.verbose, timeout_graceful_shutdown=max(config.channel_drain_timeout, 0.1)))
+        log.info("node=%s cluster=%s term=%d", self.node_id, config.cluster, self.cluster.coordinator.term)
+        if not config.cluster_secret:
+            log.warning("no cluster secret set: any node on this network can join this cluster; "
+                        "set --cluster-secret on every node")
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._stop_on_signal, server)
+                tg.start_soon(self._stop_on_signal, server, tg)
                 await tg.start(self.supervisor.run)
                 await tg.start(self.cluster.run)
-                if self.config.discovery:
+                if config.discovery:
                     await tg.start(self._discover)
                 for model_id in self.preload:
                     tg.start_soon(self._preload, model_id)
                 await server.serve()
-                tg.cancel_scope.cancel()
+                self._phase("node=%s stop phase 3: releasing runners, discovery and sockets (up to %.0fs)",
+                            self.node_id, config.resource_cleanup_timeout)
+                await self.supervisor.stop(0 if self._forced.is_set() else config.resource_cleanup_timeout)
+                tg.cancel_scope.cancel()  # runners still up are terminated, then killed, as they are reaped
         finally:
-            await self.transport.aclose()
-            log.info("node stopped")
+            with anyio.CancelScope(shield=True):
+                await self.transport.aclose()
+            log.info("node=%s stopped", self.node_id)
 
     async def _discover(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         host = self.config.api_host
         # Advertise only the address the API listens on, unless it listens on all of them.
         interfaces = InterfaceChoice.All if host in ("0.0.0.0", "::", "") else [host]
         discovery = Discovery(node_id=self.node_id, cluster=self.config.cluster, version=__version__,
-                              api_port=self.config.api_port, on_peer=self.transport.add_seed, interfaces=interfaces)
+                              api_port=self.config.api_port, on_peer=self.transport.add_seed, interfaces=interfaces,
+                              auth=self.transport.auth)
         await discovery.run(task_status=task_status)
 
-    async def _stop_on_signal(self, server: uvicorn.Server) -> None:
+    async def _stop_on_signal(self, server: uvicorn.Server, tg: anyio.abc.TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if server.should_exit:
-                    log.warning("second %s: stopping at once", signal.Signals(signum).name)
-                    server.force_exit = True
+                name = signal.Signals(signum).name
+                if self.admission.stopping:
+                    log.warning("node=%s second %s: stopping at once", self.node_id, name)
+                    self._forced.set()
+                    server.should_exit = server.force_exit = True
                 else:
-                    log.info("%s: stopping", signal.Signals(signum).name)
-                    server.should_exit = True
+                    log.info("node=%s %s: stopping", self.node_id, name)
+                    tg.start_soon(self._stop, server)
+
+    async def _stop(self, server: uvicorn.Server) -> None:
+        """Phases 1 and 2 of a stop; phase 3 follows in `run` once the API has closed."""
+        config = self.config
+        self.admission.draining = self.admission.stopping = True
+        self.cluster.set_mode(NodeMode.DRAIN)
+        self._phase("node=%s stop phase 1: no new requests; waiting for %d in flight (up to %.0fs)", self.node_id,
+                    self._in_flight(), config.shutdown_timeout)
+        with anyio.move_on_after(config.shutdown_timeout) as waited:
+            while self._in_flight() and not self._forced.is_set():
+                await anyio.sleep(0.05)
+        if waited.cancelled_caught:
+            log.warning("node=%s %d requests still in flight after %.0fs: stopping anyway", self.node_id,
+                        self._in_flight(), config.shutdown_timeout)
+        self._phase("node=%s stop phase 2: leaving the cluster, draining channels (up to %.0fs)", self.node_id,
+                    config.channel_drain_timeout)
+        await self.cluster.leave(0 if self._forced.is_set() else config.channel_drain_timeout)
+        server.should_exit = True
+
+    def _in_flight(self) -> int:
+        """Requests this node is serving, plus those on instances it holds a rank of for another head."""
+        count = self.admission.in_flight + self.supervisor.queue_depth()
+        state, queues = self.cluster.coordinator.state, self.cluster.all_queues()
+        for handle in self.supervisor.runners.values():
+            if handle.spec.rank == 0 or handle.exited.is_set():
+                continue
+            head = state.runners.get(runner_id(handle.spec.instance_id, 0))
+            if queues.get(handle.spec.instance_id) or (head is not None and head.status == RunnerStatus.RUNNING):
+                count += 1
+        return count
 
     async def _preload(self, model_id: str) -> None:
         """Place the model once the cluster has a master, unless an instance of it exists."""
-        while True:
+        while not self.admission.stopping:
             try:
-                await ensure_instance(self.cluster, self.tokenizers, model_id)
+                with sending_api_key(self.config.api_key):  # a follower asks the master to place it
+                    await ensure_instance(self.cluster, self.tokenizers, model_id)
                 return
             except ServiceUnavailable:
                 await anyio.sleep(0.5)  # no master yet

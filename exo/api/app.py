@@ -5,14 +5,19 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from exo import __version__
+from exo.api.auth import ApiKeyMiddleware
 from exo.api.cluster import cluster_router
+from exo.api.control import Admission, AdmissionMiddleware, control_router
 from exo.api.errors import install_error_handlers
 from exo.api.instances import instances_router, route
+from exo.api.metrics import Metrics, metrics_router
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
 from exo.api.runners import runners_router
@@ -25,14 +30,29 @@ STALL_SECONDS = 120.0
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard" / "index.html"
 
 
-def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Tokenizers) -> FastAPI:
+class _Revalidated(StaticFiles):
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Tokenizers,
+               api_key: str | None = None, admission: Admission | None = None) -> FastAPI:
     app = FastAPI(title="exo", version=__version__)
     install_error_handlers(app)
-    chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers))
+    admission = admission or Admission()
+    app.add_middleware(AdmissionMiddleware, admission=admission)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    metrics = Metrics(cluster.coordinator, supervisor, cluster.clock)
+    chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers), metrics)
     app.include_router(openai_router(chat, tokenizers.catalog))
     app.include_router(cluster_router(cluster))
+    app.include_router(control_router(cluster, admission))
     app.include_router(instances_router(cluster))
     app.include_router(runners_router(cluster, supervisor))
+    app.include_router(metrics_router(metrics))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -41,16 +61,21 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
         busy = [h for h in supervisor.runners.values() if h.chats or h.status == RunnerStatus.RUNNING]
         idle_for = max((now - h.last_progress for h in busy), default=0.0)
         stalled = idle_for > STALL_SECONDS
-        body = {"status": "stalled" if stalled else "ok", "version": __version__,
+        status = "stalled" if stalled else "stopping" if admission.stopping else "draining" if admission.draining \
+            else "ok"
+        body = {"status": status, "version": __version__, "mode": cluster.mode,
                 "node_id": cluster.coordinator.node_id, "master_id": cluster.coordinator.master_id,
                 "runners": {rid: h.status for rid, h in supervisor.runners.items()},
                 "runners_ready": sum(h.status in SERVING for h in supervisor.runners.values()),
                 "queue_depth": supervisor.queue_depth(), "busy": bool(busy),
-                "seconds_since_progress": round(idle_for, 3)}
-        return JSONResponse(body, status_code=503 if stalled else 200)
+                "in_flight": admission.in_flight, "seconds_since_progress": round(idle_for, 3)}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/", include_in_schema=False)
     async def dashboard() -> FileResponse:
-        return FileResponse(DASHBOARD)
+        return FileResponse(DASHBOARD, headers={"Cache-Control": "no-cache"})
+
+    # the page's scripts and styles; no-cache (revalidated by ETag) so an upgraded node serves no stale mix
+    app.mount("/dashboard", _Revalidated(directory=DASHBOARD.parent), name="dashboard")
 
     return app

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from exo.net.messages import EventBatch, Heartbeat, Snapshot
+from exo.net.messages import EventBatch, Heartbeat, Leave, Snapshot
 from exo.shared.apply import TASKS_KEPT, apply
 from exo.shared.events import (
     BaseEvent,
@@ -66,6 +66,8 @@ class Coordinator:
         self.peers: dict[NodeId, tuple[float, Heartbeat]] = {}
         self.runners: tuple[RunnerInfo, ...] = ()
         self.tasks: tuple[TaskInfo, ...] = ()
+        self.queues: dict[str, int] = {}
+        self._left: dict[NodeId, float] = {}  # peers that said they leave, and when: their late heartbeats are stale
         self._started: float | None = None
 
     @property
@@ -79,7 +81,12 @@ class Coordinator:
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(cluster=self.cluster, version=self.profile.version, profile=self.profile, term=self.term,
                          master_id=self.master_id, synced_term=self.synced_term,
-                         last_event_index=self.state.last_event_index, runners=self.runners, tasks=self.tasks)
+                         last_event_index=self.state.last_event_index, runners=self.runners, tasks=self.tasks,
+                         queues=self.queues)
+
+    def leave(self) -> list[Outgoing]:
+        """This node is stopping: tell every peer, so they drop it now."""
+        return [Outgoing(None, Leave(cluster=self.cluster, node_id=self.node_id, term=self.term))]
 
     def update_profile(self, profile: NodeProfile) -> None:
         self.profile = profile
@@ -113,6 +120,8 @@ class Coordinator:
         match message:
             case Heartbeat():
                 return self._on_heartbeat(message, now)
+            case Leave():
+                self._on_leave(message, now)
             case EventBatch():
                 self._on_events(message)
             case Snapshot():
@@ -156,9 +165,22 @@ class Coordinator:
             self.term = term
             self._on_term(term)
 
+    def _on_leave(self, leave: Leave, now: float) -> None:
+        if leave.cluster != self.cluster or leave.node_id not in self.peers:
+            return
+        log.info("node=%s peer=%s left the cluster", self.node_id, leave.node_id)
+        del self.peers[leave.node_id]
+        self._left[leave.node_id] = now
+        if self.master_id == leave.node_id:
+            self.master_id = None  # elect at the next tick, without waiting for a timeout
+
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> list[Outgoing]:
         if hb.cluster != self.cluster or not compatible(self.profile.version, hb.version) or hb.node_id == self.node_id:
             return []
+        if (left := self._left.get(hb.node_id)) is not None:
+            if now - left < self.peer_timeout:
+                return []  # sent before its Leave, arrived after it
+            del self._left[hb.node_id]
         self.peers[hb.node_id] = (now, hb)
         if hb.node_id == self.master_id and hb.master_id is None and hb.term >= self.term:
             self.master_id = None  # our master restarted (its term persisted, its mastership not): elect anew

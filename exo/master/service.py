@@ -11,13 +11,14 @@ from anyio.abc import TaskStatus
 
 from exo.master.coordinator import Coordinator, Outgoing
 from exo.master.planner import place
-from exo.models.cards import ModelCard
+from exo.master.replan import eligible_nodes, instances_to_move
+from exo.models.cards import CARDS, ModelCard
 from exo.net.messages import CODEC, Heartbeat
 from exo.net.transport import PeerTransport
-from exo.shared.errors import ServiceUnavailable
+from exo.shared.errors import PlacementRefused, ServiceUnavailable
 from exo.shared.events import InstanceCreated, InstanceDeleted
 from exo.shared.runners import RunnerInfo, TaskInfo
-from exo.shared.state import Instance, NodeProfile, State
+from exo.shared.state import Instance, NodeMode, NodeProfile, State
 from exo.shared.types import Dtype, InstanceId, new_instance_id
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,15 @@ class ClusterService:
     def __init__(self, coordinator: Coordinator, transport: PeerTransport, *, measure: Callable[[], NodeProfile],
                  heartbeat_interval: float = 0.5, dtype: Dtype = "float32",
                  on_state: Callable[[State], None] = lambda state: None,
+                 queues: Callable[[], dict[str, int]] = dict,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.coordinator, self.transport, self.measure, self.on_state = coordinator, transport, measure, on_state
-        self.heartbeat_interval, self.dtype, self.clock = heartbeat_interval, dtype, clock
+        self.heartbeat_interval, self.dtype, self.queues, self.clock = heartbeat_interval, dtype, queues, clock
+        self.mode = NodeMode.NORMAL
         self._outbox_in, self._outbox = anyio.create_memory_object_stream[Outgoing](max_buffer_size=1024)
         self._worker_changed = anyio.Event()
         self._published: State | None = None
+        self._sending = 0  # messages taken from the outbox and not yet delivered (or given up)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -43,9 +47,12 @@ class ClusterService:
             last_profile = self.clock()
             while True:
                 if self.clock() - last_profile >= PROFILE_REFRESH_SECONDS:
-                    self.coordinator.update_profile(self.measure())
+                    self._refresh_profile()
                     last_profile = self.clock()
+                self.coordinator.queues = self.queues()
                 self._post(self.coordinator.tick(self.clock()))
+                if self.coordinator.is_master:
+                    self._replan()
                 with anyio.move_on_after(self.heartbeat_interval):
                     await self._worker_changed.wait()
                 self._worker_changed = anyio.Event()
@@ -55,6 +62,33 @@ class ClusterService:
         come together go out in one heartbeat)."""
         self.coordinator.update_worker(runners, tasks)
         self._worker_changed.set()
+
+    def set_mode(self, mode: NodeMode) -> None:
+        """Drain this node (no new work; its instances move once idle) or bring it back."""
+        if mode != self.mode:
+            log.info("node=%s mode %s -> %s", self.coordinator.node_id, self.mode, mode)
+            self.mode = mode
+            self._refresh_profile()
+            self._worker_changed.set()  # tell the cluster now
+
+    def all_queues(self) -> dict[str, int]:
+        """Requests in flight per instance, as the nodes where they wait last said."""
+        queues = dict(self.coordinator.queues)
+        for _, hb in self.coordinator.peers.values():
+            queues.update(hb.queues)
+        return queues
+
+    async def leave(self, timeout: float) -> None:
+        """Say goodbye to every peer, then close the outbox once what is in it is delivered (or
+        `timeout` passes): nothing is sent on a closed channel, and the peers re-plan at once."""
+        self._post(self.coordinator.leave())
+        self._outbox_in.close()
+        with anyio.move_on_after(timeout) as scope:
+            while self._sending or self._outbox.statistics().current_buffer_used:
+                await anyio.sleep(0.01)
+        if scope.cancelled_caught:
+            log.warning("node=%s left with %d messages undelivered after %.1fs", self.coordinator.node_id,
+                        self._sending, timeout)
 
     def receive(self, frame: bytes, sender_host: str) -> None:
         """Handle one frame from a peer. Raises WireError for a frame that is not a valid message."""
@@ -67,8 +101,7 @@ class ClusterService:
 
     def place_instance(self, card: ModelCard, *, min_nodes: int = 1) -> Instance:
         self._require_master()
-        state = self.coordinator.state
-        shards = place(card, list(state.nodes.values()), model_bytes=card.memory_bytes(self.dtype),
+        shards = place(card, eligible_nodes(self.coordinator.state), model_bytes=card.memory_bytes(self.dtype),
                        min_nodes=min_nodes)
         return self.add_instance(Instance(instance_id=new_instance_id(), model_id=card.id,
                                           n_layers=card.n_layers, shards=shards))
@@ -83,6 +116,26 @@ class ClusterService:
     def delete_instance(self, instance_id: InstanceId) -> None:
         self._require_master()
         self._post(self.coordinator.emit(lambda i, t: InstanceDeleted(index=i, term=t, instance_id=instance_id)))
+
+    def _replan(self) -> None:
+        """Move the instances that cannot serve where they are: delete each, and place its model
+        again on the nodes that take work (a model that no longer fits is placed by its next request,
+        which then says what is missing)."""
+        for instance, reason in instances_to_move(self.coordinator.state, self.all_queues()):
+            log.warning("instance=%s model=%s %s: placing it again", instance.instance_id, instance.model_id, reason)
+            self.delete_instance(instance.instance_id)
+            if (card := CARDS.get(instance.model_id)) is None:
+                log.warning("instance=%s model=%s is not in the registry: place it again by hand",
+                            instance.instance_id, instance.model_id)
+                continue
+            nodes = eligible_nodes(self.coordinator.state)
+            try:
+                self.place_instance(card, min_nodes=max(1, min(len(instance.shards), len(nodes))))
+            except PlacementRefused as e:
+                log.error("model=%s could not be placed again: %s", instance.model_id, e.message)
+
+    def _refresh_profile(self) -> None:
+        self.coordinator.update_profile(self.measure().model_copy(update={"mode": self.mode}))
 
     def master_url(self) -> str:
         """Where to forward master commands; raises ServiceUnavailable while there is no master."""
@@ -110,4 +163,11 @@ class ClusterService:
     async def _send_loop(self) -> None:
         async with self._outbox, anyio.create_task_group() as tg:
             async for item in self._outbox:  # concurrently, so one slow peer delays no other
-                tg.start_soon(self.transport.send, item.to, item.message)
+                self._sending += 1
+                tg.start_soon(self._send, item)
+
+    async def _send(self, item: Outgoing) -> None:
+        try:
+            await self.transport.send(item.to, item.message)
+        finally:
+            self._sending -= 1

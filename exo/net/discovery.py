@@ -3,6 +3,10 @@
 Each node advertises `<node_id>._exo._tcp.local.` with its API port and the TXT properties
 `node_id`, `cluster` and `version`, and browses for the others. Peers of another cluster and our
 own service are skipped; everything else is reported through plain callbacks.
+
+With a cluster secret, the TXT record also holds `auth`, an HMAC of (node id, cluster, API port) keyed
+with the secret (exo/net/auth.py), and announcements without a valid one are ignored. This only keeps
+strangers out of the list of addresses we send to: admission to the cluster rests on signed messages.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import psutil
 from anyio.abc import TaskStatus
 from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from exo.net.auth import ClusterAuth
 
 SERVICE_TYPE = "_exo._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
@@ -88,9 +94,11 @@ class Discovery:
         on_peer: Callable[[str, int], None],
         on_peer_gone: Callable[[str], None] | None = None,
         interfaces: Interfaces = InterfaceChoice.All,
+        auth: ClusterAuth | None = None,
     ) -> None:
         self.node_id, self.cluster, self.version, self.api_port = node_id, cluster, version, api_port
-        self.on_peer, self.on_peer_gone, self.interfaces = on_peer, on_peer_gone, interfaces
+        self.on_peer, self.on_peer_gone, self.interfaces, self.auth = on_peer, on_peer_gone, interfaces, auth
+        self._refused: set[str] = set()  # node ids whose announcements had no valid proof, logged once
         self._reported: dict[str, str] = {}  # service name -> node id, of peers passed to on_peer
         self._resolving: dict[str, anyio.CancelScope] = {}  # service name -> its resolve in flight
 
@@ -99,11 +107,14 @@ class Discovery:
             addrs = [str(i.ip) for i in local if not i.ip.is_loopback] or ["127.0.0.1"]
         else:  # explicit interface addresses: advertise the IPv4 ones
             addrs = [a for a in self.interfaces if ip_address(a).version == 4]
+        properties = {"node_id": self.node_id, "cluster": self.cluster, "version": self.version}
+        if self.auth is not None:
+            properties["auth"] = self.auth.announcement(self.node_id, self.cluster, self.api_port)
         return ServiceInfo(
             SERVICE_TYPE,
             f"{self.node_id}.{SERVICE_TYPE}",
             port=self.api_port,
-            properties={"node_id": self.node_id, "cluster": self.cluster, "version": self.version},
+            properties=properties,
             addresses=[socket.inet_aton(a) for a in addrs],
             server=f"{self.node_id}.local.",
         )
@@ -160,6 +171,12 @@ class Discovery:
             return
         if cluster != self.cluster:
             log.debug("discovery: node=%s ignored peer=%s of cluster=%s", self.node_id, node_id, cluster)
+            return
+        if self.auth is not None and not self.auth.announced(props.get("auth"), node_id, cluster, port):
+            if node_id not in self._refused and len(self._refused) < 1024:
+                self._refused.add(node_id)
+                log.warning("discovery: node=%s ignored peer=%s: its announcement has no valid proof of the "
+                            "cluster secret", self.node_id, node_id)
             return
         host = pick_address(info.parsed_addresses(IPVersion.V4Only), local)
         if host is None:

@@ -26,6 +26,7 @@ class Heartbeat(FrozenModel):
     last_event_index: int
     runners: tuple[RunnerInfo, ...] = ()  # this node's runners and latest tasks, as its worker sees them
     tasks: tuple[TaskInfo, ...] = ()
+    queues: dict[str, int] = {}  # requests waiting or running per instance whose rank 0 is here
 
     @property
     def node_id(self) -> NodeId:
@@ -38,6 +39,15 @@ class Heartbeat(FrozenModel):
         if not isinstance(other, Heartbeat):
             return NotImplemented
         return self._key() < other._key()
+
+
+class Leave(FrozenModel):
+    """Sent by a node that is stopping, once its work is done, so its peers drop it at once
+    (and re-plan what ran on it) instead of waiting for its heartbeats to time out."""
+
+    cluster: str
+    node_id: NodeId
+    term: int
 
 
 class EventBatch(FrozenModel):
@@ -56,4 +66,4 @@ class Snapshot(FrozenModel):
     state: State
 
 
-CODEC = Codec(Heartbeat, EventBatch, Snapshot, *EVENT_TYPES)
+CODEC = Codec(Heartbeat, Leave, EventBatch, Snapshot, *EVENT_TYPES)

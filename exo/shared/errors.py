@@ -6,7 +6,8 @@
     │   └── ChatTemplateError   the model's chat template rejected the conversation
     ├── ModelNotFound           no such model in the registry or on disk (404)
     ├── PlacementRefused        the cluster has too little memory (or too few nodes) for the model (409)
-    ├── ServiceUnavailable      the node cannot take the request now (503)
+    ├── ServiceUnavailable      the node cannot take the request now (503, with Retry-After)
+    │   └── Overloaded          the instance's queue is full
     └── ModelError              the model's files are missing, damaged or unsupported (500)
         ├── ModelFormatError
         └── ModelFetchError
@@ -48,6 +49,10 @@ class PlacementRefused(ExoError):
 class ServiceUnavailable(ExoError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    pass
 
 
 class ModelError(ExoError):

@@ -62,6 +62,8 @@ class RunnerInfo(FrozenModel):
     port: int
     pid: int | None = None
     error: str | None = None
+    restarts: int = 0       # times its node's watchdog restarted it
+    gave_up: bool = False   # failed past its restarts: only a new placement can bring the instance back
 
     @property
     def runner_id(self) -> str:

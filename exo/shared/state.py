@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+from pydantic import Field
+
 from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.types import FrozenModel, InstanceId, NodeId
+
+
+class NodeMode(StrEnum):
+    NORMAL = "normal"
+    DRAIN = "drain"  # takes no new work; its instances move elsewhere once idle (maintenance, or stopping)
 
 
 class NodeProfile(FrozenModel):
@@ -13,13 +22,14 @@ class NodeProfile(FrozenModel):
     hostname: str
     version: str
     address: str
-    api_port: int
+    api_port: int = Field(ge=1, le=65535)  # peers send to it: a port no socket takes is refused on arrival
     memory_total: int
     memory_available: int
     memory_cap: int | None = None
     cpu_count: int
     accelerator: str
     mlx_device: str
+    mode: NodeMode = NodeMode.NORMAL
 
     @property
     def memory_offered(self) -> int:

@@ -3,6 +3,10 @@
 It reconciles the cluster state with its runners through `plan`, relays their statuses and task
 records to the cluster, and streams a chat's text from the instance's rank-0 runner. A runner
 ends by escalation: its node asks (Shutdown, or the end of its stdin), then terminates, then kills.
+
+Its watchdog restarts a runner that died, failed, or made no progress on a request for
+`watchdog_timeout`, with a backoff that doubles, up to `max_restarts` times; after that the
+runner is reported as given up and the master places its instance again.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from exo.engine.generate import Delta, GenerationParams
 from exo.models.catalog import ModelCatalog
 from exo.net.codec import WireError
-from exo.shared.errors import ExoError, ModelError, ServiceUnavailable
+from exo.shared.errors import ExoError, ModelError, Overloaded, ServiceUnavailable
 from exo.shared.runners import (
     SERVING,
     RunnerInfo,
@@ -36,7 +40,7 @@ from exo.shared.runners import (
 )
 from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import Dtype, InstanceId, NodeId
-from exo.worker.plan import LocalRunner, Send, Spawn, Stop, plan
+from exo.worker.plan import LocalRunner, Restart, Send, Spawn, Stop, plan
 from exo.worker.profile import free_ports
 from exo.worker.runner.messages import (
     HEADER_SIZE,
@@ -57,6 +61,15 @@ log = logging.getLogger(__name__)
 
 TASKS_REPORTED = 8       # the latest task records of each runner shown in the cluster state
 STOP_GRACE_SECONDS = 5.0  # from asking a runner to stop to SIGTERM, and again to SIGKILL
+WATCHDOG_PERIOD = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    queue: int = 16                  # requests waiting or running per instance before 503s
+    watchdog_timeout: float = 60.0   # seconds without progress on a request before a restart
+    max_restarts: int = 3
+    restart_backoff: float = 1.0     # before the first restart; doubles with each
 
 
 @dataclass
@@ -70,6 +83,11 @@ class RunnerHandle:
     process: Process | None = None
     started: bool = False           # the runner reported its first status
     stopping: bool = False
+    replace: bool = False           # stopping to be started again (restarts count when `counted`)
+    counted: bool = True
+    restarts: int = 0
+    gave_up: bool = False
+    hosts: tuple[str, ...] | None = None  # the ring it was asked to join
     lifecycle: str | None = None    # the lifecycle task in flight
     last_progress: float = field(default_factory=time.monotonic)
     tasks: dict[str, TaskInfo] = field(default_factory=dict)
@@ -85,12 +103,14 @@ class RunnerHandle:
     def info(self) -> RunnerInfo:
         return RunnerInfo(instance_id=self.spec.instance_id, rank=self.spec.rank, node_id=self.node_id,
                           start=self.spec.start, end=self.spec.end, status=self.status, host=self.host, port=self.port,
-                          pid=self.process.pid if self.process else None, error=self.error)
+                          pid=self.process.pid if self.process else None, error=self.error,
+                          restarts=self.restarts, gave_up=self.gave_up)
 
     @property
     def local(self) -> LocalRunner:
         dead = self.exited.is_set()
-        return LocalRunner(self.status, busy=dead or self.stopping or not self.started or self.lifecycle is not None)
+        return LocalRunner(self.status, busy=dead or self.stopping or not self.started or self.lifecycle is not None,
+                           hosts=self.hosts)
 
     async def send(self, message: Task | Cancel) -> None:
         if self.process is None or self.process.stdin is None or self.exited.is_set():
@@ -101,9 +121,14 @@ class RunnerHandle:
 
 class Supervisor:
     def __init__(self, node_id: NodeId, catalog: ModelCatalog, *, host: str, dtype: Dtype,
-                 report: Callable[[tuple[RunnerInfo, ...], tuple[TaskInfo, ...]], None]) -> None:
+                 report: Callable[[tuple[RunnerInfo, ...], tuple[TaskInfo, ...]], None],
+                 limits: Limits = Limits()) -> None:
         self.node_id, self.catalog, self.host, self.dtype, self._report = node_id, catalog, host, dtype, report
+        self.limits = limits
         self.runners: dict[str, RunnerHandle] = {}
+        self.restarts = 0  # runners this node's watchdog restarted since it started
+        self._restarts: dict[str, int] = {}  # counted restarts per runner id
+        self._grace = STOP_GRACE_SECONDS
         self.state = State()
         self._wake = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -114,6 +139,7 @@ class Supervisor:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self._watch)
                 task_status.started()
                 while True:
                     self._reconcile()
@@ -135,9 +161,13 @@ class Supervisor:
                     self._spawn(instance, shard)
                 case Stop(runner_id=rid):
                     self._stop(self.runners[rid])
+                case Restart(runner_id=rid):
+                    self._restart(self.runners[rid], "its ring changed", counted=False)
                 case Send(runner_id=rid, kind=kind, hosts=hosts):
                     handle = self.runners[rid]
                     handle.lifecycle = new_task_id()
+                    if kind == TaskKind.CONNECT:
+                        handle.hosts = hosts
                     self._start(self._send_lifecycle, handle, Task(task_id=handle.lifecycle, kind=kind, hosts=hosts))
 
     def _start(self, func: Callable[..., object], *args: object) -> None:
@@ -157,18 +187,64 @@ class Supervisor:
                           n_layers=instance.n_layers, dtype=self.dtype)
         [port] = free_ports(1, self.host)
         handle = RunnerHandle(spec, self.node_id, self.host, port)
+        handle.restarts = self._restarts.get(handle.runner_id, 0)
         self.runners[handle.runner_id] = handle
         log.info("runner=%s starting: layers [%d, %d) of %s", handle.runner_id, shard.start, shard.end,
                  instance.model_id)
         self._start(self._supervise, handle, instance.model_id)
 
     def _stop(self, handle: RunnerHandle) -> None:
+        handle.replace = False  # its instance is gone: nothing to restart
         if handle.exited.is_set():
             del self.runners[handle.runner_id]
+            self._restarts.pop(handle.runner_id, None)
             self._publish()
         elif not handle.stopping:
             handle.stopping = True
             self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
+
+    # -- the watchdog --------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await anyio.sleep(WATCHDOG_PERIOD)
+            now = time.monotonic()
+            for handle in list(self.runners.values()):
+                if handle.stopping or handle.exited.is_set():
+                    continue
+                if handle.status == RunnerStatus.FAILED:
+                    self._restart(handle, f"it failed ({handle.error})")
+                elif (handle.chats or handle.status == RunnerStatus.RUNNING) and \
+                        now - handle.last_progress > self.limits.watchdog_timeout:
+                    self._restart(handle, f"no progress for {now - handle.last_progress:.0f}s")
+
+    def _restart(self, handle: RunnerHandle, reason: str, *, counted: bool = True) -> None:
+        """Stop a runner so that it starts again; its exit (see `_reap`) schedules the new one."""
+        if handle.stopping:
+            return
+        log.warning("runner=%s restarting: %s", handle.runner_id, reason)
+        handle.replace, handle.counted, handle.stopping = True, counted, True
+        for chat in handle.chats.values():
+            chat.close()  # its requests end now, with an error, rather than when the process is gone
+        self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
+
+    async def _respawn(self, handle: RunnerHandle) -> None:
+        """After a runner that should run again has exited: wait out its backoff, then let the next
+        reconcile start it anew; or, past its restarts, give up on it."""
+        rid = handle.runner_id
+        if handle.counted:
+            attempt = self._restarts.get(rid, 0)
+            if attempt >= self.limits.max_restarts:
+                handle.gave_up = True
+                log.error("runner=%s gave up after %d restarts: %s", rid, attempt, handle.error)
+                self._publish()
+                return
+            await anyio.sleep(self.limits.restart_backoff * 2**attempt)
+            self._restarts[rid] = attempt + 1
+        if self.runners.get(rid) is handle:
+            self.restarts += 1
+            del self.runners[rid]
+            self._wake.set()
 
     async def _supervise(self, handle: RunnerHandle, model_id: str) -> None:
         """Run one runner process from start to exit, whatever ends it."""
@@ -182,7 +258,7 @@ class Supervisor:
             log.info("runner=%s pid=%d", handle.runner_id, handle.process.pid)
             await self._read(handle)
         except anyio.get_cancelled_exc_class():
-            handle.stopping = True  # the node is stopping
+            handle.stopping, handle.replace = True, False  # the node is stopping
             raise
         except ExoError as e:
             handle.status, handle.error = RunnerStatus.FAILED, e.message
@@ -237,7 +313,7 @@ class Supervisor:
             if process.stdin is not None:
                 await process.stdin.aclose()
             for escalate in (process.terminate, process.kill):
-                with anyio.move_on_after(STOP_GRACE_SECONDS):
+                with anyio.move_on_after(self._grace):
                     await process.wait()
                     break
                 log.warning("runner=%s pid=%d did not exit: %s", handle.runner_id, process.pid, escalate.__name__)
@@ -250,13 +326,17 @@ class Supervisor:
             if not handle.stopping and handle.status not in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN):
                 handle.status, handle.error = RunnerStatus.FAILED, f"runner process exited with code {code}"
                 log.error("runner=%s %s", handle.runner_id, handle.error)
-            elif handle.stopping:
+            elif handle.stopping and not handle.replace:
                 handle.status = RunnerStatus.SHUTDOWN
+        if not handle.stopping:  # it died on its own
+            handle.replace = True
         handle.exited.set()
         for chat in handle.chats.values():
             chat.close()
         self._publish()
         self._wake.set()
+        if handle.replace and self._tg is not None:
+            self._tg.start_soon(self._respawn, handle)
 
     def _publish(self) -> None:
         runners = tuple(h.info for h in self.runners.values())
@@ -271,11 +351,30 @@ class Supervisor:
     def queue_depth(self) -> int:
         return sum(len(h.chats) for h in self.runners.values())
 
+    def queues(self) -> dict[str, int]:
+        """Requests waiting or running per instance whose rank 0 is here."""
+        return {h.spec.instance_id: len(h.chats) for h in self.runners.values() if h.spec.rank == 0}
+
+    async def stop(self, timeout: float) -> None:
+        """Ask every runner to stop and give them a third of `timeout` to do it; the rest of it goes
+        to SIGTERM and then SIGKILL when the supervisor's task group is cancelled after this."""
+        self._grace = timeout / 3
+        live = [h for h in self.runners.values() if not h.exited.is_set()]
+        for handle in live:
+            self._stop(handle)
+            handle.replace = False
+        with anyio.move_on_after(self._grace):
+            for handle in live:
+                await handle.exited.wait()
+
     async def chat(self, instance_id: InstanceId, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
         """Stream a chat's text from the instance's rank-0 runner, which must be on this node."""
         handle = self.head(instance_id)
-        if handle is None or handle.status not in SERVING:
+        if handle is None or handle.status not in SERVING or handle.stopping:
             raise ServiceUnavailable(f"Instance {instance_id} is not ready on this node; retry shortly.")
+        if len(handle.chats) >= self.limits.queue:
+            raise Overloaded(f"Instance {instance_id} has {len(handle.chats)} requests waiting, its limit; "
+                             "retry shortly.")
         task = Task(task_id=new_task_id(), kind=TaskKind.CHAT, prompt=tuple(prompt),
                     params=SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                           top_p=params.top_p, seed=params.seed, stop=params.stop))

@@ -10,6 +10,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from exo.api.auth import forward_headers
 from exo.api.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from exo.api.openai.serving import ChatService, RemoteChat
 from exo.models.catalog import ModelCatalog
@@ -48,7 +49,7 @@ async def _forward(request: Request, url: str) -> Response:
     """Hand the request to the node that serves it, and its answer (streamed as it comes) back."""
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5))
     upstream = client.build_request("POST", url + request.url.path, content=await request.body(),
-                                    headers={"content-type": "application/json", FORWARDED: "1"})
+                                    headers={"content-type": "application/json", FORWARDED: "1", **forward_headers()})
     try:
         response = await client.send(upstream, stream=True)
     except httpx.HTTPError as e:

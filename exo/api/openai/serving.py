@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from exo.api.errors import error_body
+from exo.api.metrics import ChatRecord, Metrics
 from exo.api.openai.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -36,6 +37,7 @@ class PreparedChat:
     instance: Instance
     prompt: list[int]
     params: GenerationParams
+    record: ChatRecord
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,27 @@ class RemoteChat:
 
 class ChatService:
     def __init__(self, supervisor: Supervisor, tokenizers: Tokenizers,
-                 route: Callable[[str, bool], Awaitable[tuple[Instance, str | None]]]) -> None:
-        self.supervisor, self.tokenizers, self.route = supervisor, tokenizers, route
+                 route: Callable[[str, bool], Awaitable[tuple[Instance, str | None]]], metrics: Metrics) -> None:
+        self.supervisor, self.tokenizers, self.route, self.metrics = supervisor, tokenizers, route, metrics
 
     async def prepare(self, request: ChatCompletionRequest, *, forwarded: bool = False) -> PreparedChat | RemoteChat:
         """Find a ready instance; if its rank 0 is here, render and tokenize the conversation and
         check that it fits the model's context."""
+        record = self.metrics.chat(forwarded=forwarded)  # time to first token counts from here
+        try:
+            return await self._prepare(request, forwarded, record)
+        except BaseException as e:
+            record.fail(e)
+            record.end()
+            raise
+
+    async def _prepare(self, request: ChatCompletionRequest, forwarded: bool,
+                       record: ChatRecord) -> PreparedChat | RemoteChat:
         self.tokenizers.catalog.check(request.model)
+        record.model = request.model
         instance, remote_url = await self.route(request.model, forwarded)
         if remote_url is not None:
-            return RemoteChat(remote_url)
+            return RemoteChat(remote_url)  # counted by the node that serves it
         tokenizer, args = await self.tokenizers.get(request.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                     for m in request.messages]
@@ -73,13 +86,15 @@ class ChatService:
                                  f"{context} after the {len(prompt)}-token prompt. Lower {field}.", param=field)
         params = GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
                                   seed=request.seed, stop=request.stop_list)
-        return PreparedChat(request, instance, prompt, params)
+        return PreparedChat(request, instance, prompt, params, record)
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion:
         text, n, finish = [], 0, "length"
-        async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
-            text.append(delta.text)
-            n, finish = delta.n_tokens, delta.finish_reason or finish
+        with chat.record:
+            async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
+                chat.record.generated(delta.n_tokens)
+                text.append(delta.text)
+                n, finish = delta.n_tokens, delta.finish_reason or finish
         return ChatCompletion(id=completion_id(), created=now(), model=chat.request.model,
                               choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=finish)],
                               usage=_usage(chat, n))
@@ -89,19 +104,22 @@ class ChatService:
         request = chat.request
         chunk = ChatCompletionChunk(id=completion_id(), created=now(), model=request.model,
                                     choices=[ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-        yield _event(chunk)
-        try:
-            async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
-                usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
-                if delta.text or delta.finish_reason:
-                    yield _event(chunk.model_copy(update={"choices": [ChunkChoice(
-                        delta=DeltaMessage(content=delta.text or None), finish_reason=delta.finish_reason)],
-                        "usage": usage}))
-                if usage and request.stream_options and request.stream_options.include_usage:
-                    yield _event(chunk.model_copy(update={"choices": [], "usage": usage}))
-        except ExoError as e:
-            yield f"data: {json.dumps(error_body(e))}\n\n"
-        yield "data: [DONE]\n\n"
+        with chat.record:  # counts the request when the stream ends, or is cancelled as its client goes away
+            yield _event(chunk)
+            try:
+                async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
+                    chat.record.generated(delta.n_tokens)
+                    usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
+                    if delta.text or delta.finish_reason:
+                        yield _event(chunk.model_copy(update={"choices": [ChunkChoice(
+                            delta=DeltaMessage(content=delta.text or None), finish_reason=delta.finish_reason)],
+                            "usage": usage}))
+                    if usage and request.stream_options and request.stream_options.include_usage:
+                        yield _event(chunk.model_copy(update={"choices": [], "usage": usage}))
+            except ExoError as e:
+                chat.record.fail(e)
+                yield f"data: {json.dumps(error_body(e))}\n\n"
+            yield "data: [DONE]\n\n"
 
 
 def _usage(chat: PreparedChat, completion_tokens: int) -> Usage:

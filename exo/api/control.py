@@ -1,0 +1,95 @@
+"""Admission and maintenance: whether this node takes new requests, and how many it is serving.
+
+A node that drains (maintenance, or the first phase of a stop) answers new chat requests with 503
+and `Retry-After`, lets the ones in flight finish, and tells the cluster, whose master then moves
+its instances elsewhere once they are idle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import StrEnum
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from exo.api.errors import error_body
+from exo.master.service import ClusterService
+from exo.shared.errors import InvalidRequest, ServiceUnavailable
+from exo.shared.state import NodeMode
+
+log = logging.getLogger(__name__)
+
+WORK_PATHS = ("/v1/chat/completions",)  # what a draining node refuses, and counts while it runs
+RETRY_AFTER_SECONDS = 5
+
+
+class Admission:
+    """This node's door: open or draining, and the requests that came through it still running."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.stopping = False  # draining for good: the node is shutting down
+        self.in_flight = 0
+
+    def refusal(self) -> ServiceUnavailable:
+        why = "is shutting down" if self.stopping else "is in maintenance (draining)"
+        return ServiceUnavailable(f"This node {why} and takes no new requests; send them to another node, "
+                                  f"or retry in {RETRY_AFTER_SECONDS}s.")
+
+
+class AdmissionMiddleware:
+    """Counts requests for work while they run, streams included, and refuses them while draining."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app, self.admission = app, admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in WORK_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.admission.draining:
+            await _send_json(send, 503, error_body(self.admission.refusal()),
+                             [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
+            return
+        self.admission.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.in_flight -= 1
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Mode(StrEnum):
+    DRAIN = "drain"
+    NORMAL = "normal"
+
+
+class MaintenanceRequest(BaseModel):
+    mode: Mode
+
+
+def control_router(cluster: ClusterService, admission: Admission) -> APIRouter:
+    router = APIRouter(prefix="/control")
+
+    @router.post("/maintenance")
+    async def maintenance(body: MaintenanceRequest) -> dict[str, Any]:
+        """Drain this node (no new requests; those in flight finish; its instances move elsewhere once
+        idle), or bring it back to normal."""
+        if admission.stopping and body.mode == Mode.NORMAL:
+            raise InvalidRequest("This node is shutting down; it cannot return to normal.", param="mode")
+        admission.draining = body.mode == Mode.DRAIN
+        cluster.set_mode(NodeMode(body.mode.value))
+        log.info("node=%s maintenance mode: %s", cluster.coordinator.node_id, body.mode)
+        return {"node_id": cluster.coordinator.node_id, "mode": body.mode, "in_flight": admission.in_flight}
+
+    return router

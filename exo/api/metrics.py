@@ -1,0 +1,183 @@
+"""GET /metrics: the node's numbers in Prometheus' text format, for dashboards and deployment/alerts.yml.
+
+Two kinds. Events are counted as they happen by the chat service of the node that serves a chat
+(`ChatRecord`): requests by outcome, tokens generated, time to first token and time per token.
+A request one node hands to another is counted once, by the node that serves it, labelled
+`forwarded="true"`; the entry node counts nothing for it. Values that already live in the node's
+parts (runners, queues, the cluster as this node sees it) are read at scrape time by `NodeCollector`.
+
+Each app has its own registry, never the process-wide default: several nodes live in one test process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from types import TracebackType
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exo import __version__
+from exo.master.coordinator import Coordinator
+from exo.shared.errors import ExoError
+from exo.shared.runners import RunnerStatus, runner_id
+from exo.shared.types import InstanceId
+from exo.worker.supervisor import Supervisor
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+CLIENT_CLOSED_REQUEST = 499  # the outcome of a request whose client went away (as the router answers it)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)  # seconds, queueing included
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+class Metrics:
+    """One node's registry, the instruments the chat service records into, and the collector of the
+    values read at scrape time."""
+
+    def __init__(self, coordinator: Coordinator, supervisor: Supervisor, clock: Callable[[], float]) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("exo_requests_total", "Chat requests this node served, by HTTP status of the outcome "
+                                "(499: the client went away).", ["endpoint", "model", "code", "forwarded"],
+                                registry=registry)
+        self.tokens = Counter("exo_generated_tokens_total", "Tokens generated for the chats this node served.",
+                              ["model"], registry=registry)
+        self.ttft = Histogram("exo_time_to_first_token_seconds", "From a chat request's arrival (queueing included) "
+                              "to its first generated token.", ["model"], buckets=TTFT_BUCKETS, registry=registry)
+        self.per_token = Histogram("exo_time_per_output_token_seconds", "Time per generated token after a chat's "
+                                   "first.", ["model"], buckets=TOKEN_BUCKETS, registry=registry)
+        registry.register(NodeCollector(coordinator, supervisor, clock))
+
+    def chat(self, *, forwarded: bool) -> ChatRecord:
+        """Start recording a chat request that has just arrived."""
+        return ChatRecord(self, forwarded=forwarded)
+
+
+class ChatRecord:
+    """One chat request as it is served. Used as a context manager, it counts the request on exit
+    with its outcome: the status code of an ExoError, 499 when cancelled, 500 for a bug."""
+
+    def __init__(self, metrics: Metrics, *, forwarded: bool) -> None:
+        self.metrics, self.forwarded = metrics, forwarded
+        self.model = ""  # set once the catalog knows the model, so no client can invent label values
+        self.code = 200
+        self.started = time.perf_counter()
+        self.last: float | None = None
+        self.n_tokens = 0
+        self.ended = False
+
+    def generated(self, n_tokens: int) -> None:
+        """A delta arrived with `n_tokens` generated so far; a delta's gap is spread over its tokens."""
+        now, new = time.perf_counter(), n_tokens - self.n_tokens
+        if new <= 0:
+            return
+        if self.last is None:
+            self.metrics.ttft.labels(self.model).observe(now - self.started)
+        else:
+            per_token = self.metrics.per_token.labels(self.model)
+            for _ in range(new):
+                per_token.observe((now - self.last) / new)
+        self.metrics.tokens.labels(self.model).inc(new)
+        self.n_tokens, self.last = n_tokens, now
+
+    def fail(self, error: BaseException) -> None:
+        self.code = _status(error)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.metrics.requests.labels(CHAT_ENDPOINT, self.model, str(self.code), str(self.forwarded).lower()).inc()
+
+    def __enter__(self) -> ChatRecord:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if error is not None:
+            self.fail(error)
+        self.end()
+
+
+def _status(error: BaseException) -> int:
+    if isinstance(error, ExoError):
+        return error.status_code
+    return 500 if isinstance(error, Exception) else CLIENT_CLOSED_REQUEST  # cancelled: the client went away
+
+
+class NodeCollector(Collector):
+    """Values read when Prometheus scrapes: this node's runners and queues, and the cluster as it sees it."""
+
+    def __init__(self, coordinator: Coordinator, supervisor: Supervisor, clock: Callable[[], float]) -> None:
+        self.coordinator, self.supervisor, self.clock = coordinator, supervisor, clock
+
+    def collect(self) -> Iterator[Metric]:
+        coordinator, handles = self.coordinator, list(self.supervisor.runners.values())
+        state = coordinator.state
+        info = GaugeMetricFamily("exo_node_info", "This node's id and version (always 1).",
+                                 labels=["node_id", "version"])
+        info.add_metric([coordinator.node_id, __version__], 1)
+        yield info
+
+        runners = GaugeMetricFamily("exo_runners", "This node's runner processes by status.", labels=["status"])
+        for status in RunnerStatus:
+            runners.add_metric([status.value], sum(h.status == status for h in handles))
+        yield runners
+        yield CounterMetricFamily("exo_runner_restarts_total", "Runners this node's watchdog restarted.",
+                                  value=self.supervisor.restarts)
+
+        labels = ["instance_id", "model"]
+        queue = GaugeMetricFamily("exo_queue_depth", "Chats in flight (generating or waiting) on an instance whose "
+                                  "rank 0 runs here.", labels=labels)
+        limit = GaugeMetricFamily("exo_queue_limit", "Chats in flight at which the instance answers 503.",
+                                  labels=labels)
+        for h in handles:
+            if h.spec.rank == 0:
+                instance = state.instances.get(h.spec.instance_id)
+                ids = [h.spec.instance_id, instance.model_id if instance else ""]
+                queue.add_metric(ids, len(h.chats))
+                limit.add_metric(ids, self.supervisor.limits.queue)
+        yield queue
+        yield limit
+
+        busy = sum(self._generating(h.spec.instance_id) for h in handles)
+        yield GaugeMetricFamily("exo_utilization_ratio", "Share of this node's runners whose instance is generating, "
+                                "sampled when scraped (avg_over_time gives the share of time).",
+                                value=busy / len(handles) if handles else 0.0)
+
+        yield GaugeMetricFamily("exo_master_term", "The election term this node is in.", value=coordinator.term)
+        yield GaugeMetricFamily("exo_is_master", "1 if this node is the cluster's master.",
+                                value=int(coordinator.is_master))
+        yield GaugeMetricFamily("exo_master_known", "1 if this node knows a live master.",
+                                value=int(coordinator.master_id is not None))
+        yield GaugeMetricFamily("exo_cluster_nodes", "Nodes in the cluster state this node holds.",
+                                value=len(state.nodes))
+        yield GaugeMetricFamily("exo_instances", "Model instances in the cluster state this node holds.",
+                                value=len(state.instances))
+        yield GaugeMetricFamily("exo_peers", "Peers this node heard a heartbeat from within the peer timeout.",
+                                value=len(coordinator.peers))
+        now = self.clock()
+        age = GaugeMetricFamily("exo_peer_heartbeat_age_seconds", "Since this node last heard each live peer "
+                                "(a peer silent for the peer timeout is dropped).", labels=["peer"])
+        for peer, (seen, _) in coordinator.peers.items():
+            age.add_metric([peer], max(now - seen, 0.0))
+        yield age
+
+    def _generating(self, instance_id: InstanceId) -> bool:
+        """An instance generates while its rank 0 has chats in flight (here) or reports Running (elsewhere);
+        every rank of it is busy then, though only rank 0 knows."""
+        head = runner_id(instance_id, 0)
+        local, reported = self.supervisor.runners.get(head), self.coordinator.state.runners.get(head)
+        return bool(local and local.chats) or (reported is not None and reported.status == RunnerStatus.RUNNING)
+
+
+def metrics_router(metrics: Metrics) -> APIRouter:
+    router = APIRouter()
+
+    # async, so the collector reads the node's parts on the event loop that changes them
+    @router.get("/metrics", include_in_schema=False)
+    async def scrape() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
