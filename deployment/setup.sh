@@ -16,6 +16,18 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null; then
     { $sudo apt-get update -qq && $sudo apt-get install -y -qq libblis4-pthread; } >/dev/null 2>&1 ||
       echo "setup: could not install libblis4-pthread; exo will use MLX's slower bundled BLAS" >&2
   fi
+  if [ -n "$extras" ]; then  # --dev: tools the tests use (tests/deployment: shellcheck, systemd-analyze)
+    dev_packages=""
+    command -v shellcheck >/dev/null || dev_packages="$dev_packages shellcheck"
+    command -v systemd-analyze >/dev/null || dev_packages="$dev_packages systemd"
+    if [ -n "$dev_packages" ]; then
+      sudo=""
+      [ "$(id -u)" -ne 0 ] && sudo="sudo"
+      # shellcheck disable=SC2086  # a list of package names
+      { $sudo apt-get update -qq && $sudo apt-get install -y -qq $dev_packages; } >/dev/null 2>&1 ||
+        echo "setup: could not install$dev_packages; the tests that need them will be skipped" >&2
+    fi
+  fi
 fi
 
 python="${PYTHON:-python3}"
