@@ -75,6 +75,12 @@ class SimNet:
     def kill(self, node_id: str) -> None:
         self.killed.add(NodeId(node_id))
 
+    def leave(self, node_id: str) -> None:
+        """The node stops cleanly: its goodbye goes out with the next step, and then it is gone."""
+        self._pending += [(NodeId(node_id), o) for o in self.nodes[NodeId(node_id)].leave()]
+        self.step(0.1)
+        self.kill(node_id)
+
     def restart(self, node_id: str) -> Coordinator:
         """A fresh process for `node_id`: empty state, the persisted term."""
         return self.add(node_id, cluster=self.nodes[NodeId(node_id)].cluster,

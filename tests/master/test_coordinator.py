@@ -442,3 +442,14 @@ def test_more_reported_tasks_than_the_state_keeps_do_not_make_events_forever() -
     index = net.nodes[only_master(net)].state.last_event_index
     net.run(3)
     assert net.nodes[only_master(net)].state.last_event_index == index
+
+
+def test_a_master_that_says_it_leaves_is_replaced_well_before_its_peers_would_time_out() -> None:
+    net = converged("a", "b", "c")
+    old = only_master(net)
+    net.leave(old)
+    survivors = set(net.live)
+    took = net.run_until(lambda: net.settled(survivors) and all(old not in c.state.nodes for c in net.live.values()),
+                         seconds=TIMEOUT, dt=0.1)
+    assert took is not None and took < TIMEOUT / 2, net.describe()
+    assert only_master(net) != old

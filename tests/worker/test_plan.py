@@ -7,7 +7,7 @@ import pytest
 from exo.shared.runners import RunnerInfo, RunnerStatus, TaskKind, runner_id
 from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import InstanceId, NodeId
-from exo.worker.plan import LocalRunner, Send, Spawn, Stop, plan, ring_hosts
+from exo.worker.plan import LocalRunner, Restart, Send, Spawn, Stop, plan, ring_hosts
 
 ME = NodeId("a")
 
@@ -103,3 +103,23 @@ def test_a_runner_in_any_other_status_gets_nothing(status: RunnerStatus, rid: st
 def test_a_busy_assigned_runner_gets_nothing(status: RunnerStatus) -> None:
     s = state(SOLO, RING, runners=reported(RING, 0, 1, 2))
     assert plan(ME, s, {"solo.0": LocalRunner(status, busy=True), "ring.1": LocalRunner(status, busy=True)}) == []
+
+
+def test_a_ring_is_joined_only_by_runners_that_joined_no_earlier_ring() -> None:
+    runners = reported(RING, 0, 1, 2)
+    stale = {**runners, "ring.2": runners["ring.2"].model_copy(update={"status": RunnerStatus.READY})}
+    assert plan(ME, state(RING, runners=stale), {"ring.1": idle()}) == []  # rank 2 is still in the old ring
+    joining = {**runners, "ring.0": runners["ring.0"].model_copy(update={"status": RunnerStatus.CONNECTING})}
+    assert plan(ME, state(RING, runners=joining), {"ring.1": idle()}) == [
+        Send("ring.1", TaskKind.CONNECT, ("host-b:7000", "host-a:7001", "host-c:7002"))]
+
+
+def test_a_runner_whose_ring_peer_started_again_elsewhere_restarts() -> None:
+    runners = reported(RING, 0, 1, 2)
+    joined = ("host-b:7000", "host-a:7001", "host-c:7002")
+    ready = LocalRunner(RunnerStatus.READY, busy=False, hosts=joined)
+    assert plan(ME, state(RING, runners=runners), {"ring.1": ready}) == []
+    moved = {**runners, "ring.2": runners["ring.2"].model_copy(update={"port": 7999})}
+    assert plan(ME, state(RING, runners=moved), {"ring.1": ready}) == [Restart("ring.1")]
+    gone = {k: v for k, v in runners.items() if k != "ring.2"}  # unknown is not changed: wait for its report
+    assert plan(ME, state(RING, runners=gone), {"ring.1": ready}) == []
