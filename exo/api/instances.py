@@ -11,15 +11,17 @@ from pydantic import BaseModel, Field
 
 from exo.api.forward import ask_node
 from exo.master.planner import previews
+from exo.master.replan import eligible_nodes
 from exo.master.service import ClusterService
 from exo.models.cards import CARDS, ModelCard
 from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
 from exo.shared.runners import SERVING, RunnerStatus, runner_id
 from exo.shared.state import Instance, NodeMode, ShardAssignment, State
-from exo.shared.types import InstanceId, new_instance_id
+from exo.shared.types import InstanceId, Utf8Str, new_instance_id
 from exo.worker.tokenizers import Tokenizers
 
 READY_TIMEOUT = 120.0  # how long a chat waits for its instance's runners to load
+MAX_LAYERS = 10_000  # far more than any model has; keeps an explicit placement's ints small enough for the wire
 
 
 class PlaceInstance(BaseModel):
@@ -30,9 +32,9 @@ class PlaceInstance(BaseModel):
 
 
 class CreateInstance(BaseModel):
-    model_id: str
+    model_id: Utf8Str
     shards: list[ShardAssignment] = Field(min_length=1)
-    n_layers: int | None = Field(default=None, ge=1)  # for a model outside the registry
+    n_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)  # for a model outside the registry
 
 
 def _card(model_id: str) -> ModelCard:
@@ -131,7 +133,8 @@ def instances_router(cluster: ClusterService) -> APIRouter:
     async def forward(request: Request) -> Response:
         """Send this request to the master as it came, and answer with the master's response."""
         answer = await _ask_master(cluster, request.method, request.url.path, await request.body())
-        return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+        retry = {"Retry-After": answer.headers["retry-after"]} if "retry-after" in answer.headers else None
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json", headers=retry)
 
     @router.post("/place_instance", response_model=None)
     async def place_instance(body: PlaceInstance, request: Request) -> Instance | Response:
@@ -155,7 +158,7 @@ def instances_router(cluster: ClusterService) -> APIRouter:
     @router.get("/instance/previews")
     async def instance_previews(model_id: str) -> dict[str, Any]:
         card = _card(model_id)
-        nodes = list(coordinator.state.nodes.values())
+        nodes = eligible_nodes(coordinator.state)
         options = previews(card, nodes, model_bytes=card.memory_bytes(cluster.dtype))
         return {"model_id": model_id, "previews": [{"shards": [s.model_dump() for s in p]} for p in options]}
 

@@ -31,6 +31,7 @@ def runners_router(cluster: ClusterService, supervisor: Supervisor) -> APIRouter
             raise ServiceUnavailable(f"The node of runner {runner_id} is not reachable; retry shortly.")
         answer = await ask_node(url, "POST", request.url.path, await request.body(),
                                 who=f"The node of runner {runner_id}")
-        return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+        retry = {"Retry-After": answer.headers["retry-after"]} if "retry-after" in answer.headers else None
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json", headers=retry)
 
     return router

@@ -129,6 +129,9 @@ class ClusterService:
                             instance.instance_id, instance.model_id)
                 continue
             nodes = eligible_nodes(self.coordinator.state)
+            if not nodes:
+                log.warning("model=%s not placed again: every node is draining", instance.model_id)
+                continue
             try:
                 self.place_instance(card, min_nodes=max(1, min(len(instance.shards), len(nodes))))
             except PlacementRefused as e:

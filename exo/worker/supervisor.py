@@ -201,6 +201,10 @@ class Supervisor:
             self._publish()
         elif not handle.stopping:
             handle.stopping = True
+            # Its requests end now, with an error: a runner blocked in a ring whose peer is cut off
+            # exits only after its MLX thread's grace, and Shutdown cancels them anyway.
+            for chat in handle.chats.values():
+                chat.close()
             self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
 
     # -- the watchdog --------------------------------------------------------------------------
@@ -242,7 +246,7 @@ class Supervisor:
             await anyio.sleep(self.limits.restart_backoff * 2**attempt)
             self._restarts[rid] = attempt + 1
         if self.runners.get(rid) is handle:
-            self.restarts += 1
+            self.restarts += handle.counted  # a ring re-forming around a restarted neighbour is not a fault here
             del self.runners[rid]
             self._wake.set()
 
@@ -367,14 +371,19 @@ class Supervisor:
             for handle in live:
                 await handle.exited.wait()
 
-    async def chat(self, instance_id: InstanceId, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
-        """Stream a chat's text from the instance's rank-0 runner, which must be on this node."""
+    def admit(self, instance_id: InstanceId) -> RunnerHandle:
+        """The instance's rank-0 runner, if it takes one more request now; else the reason it does not."""
         handle = self.head(instance_id)
         if handle is None or handle.status not in SERVING or handle.stopping:
             raise ServiceUnavailable(f"Instance {instance_id} is not ready on this node; retry shortly.")
         if len(handle.chats) >= self.limits.queue:
             raise Overloaded(f"Instance {instance_id} has {len(handle.chats)} requests waiting, its limit; "
                              "retry shortly.")
+        return handle
+
+    async def chat(self, instance_id: InstanceId, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
+        """Stream a chat's text from the instance's rank-0 runner, which must be on this node."""
+        handle = self.admit(instance_id)
         task = Task(task_id=new_task_id(), kind=TaskKind.CHAT, prompt=tuple(prompt),
                     params=SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                           top_p=params.top_p, seed=params.seed, stop=params.stop))

@@ -128,9 +128,10 @@ def test_beyond_its_queue_an_instance_answers_503_with_retry_after(tough_node: R
     first.start()
     try:
         wait_for(lambda: sum(tough_node.state()["queues"].values()) == 1, 30, "the first request to be queued")
-        refused = chat(tough_node)
-        assert refused.status_code == 503 and refused.headers["retry-after"]
-        assert "requests waiting, its limit" in refused.json()["error"]["message"]
+        for stream in (False, True):  # a stream is refused before it begins, not with an error inside it
+            refused = chat(tough_node, stream=stream)
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            assert "requests waiting, its limit" in refused.json()["error"]["message"]
     finally:
         first.join(timeout=120)
     assert answered[0].status_code == 200

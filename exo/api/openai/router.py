@@ -64,7 +64,8 @@ async def _forward(request: Request, url: str) -> Response:
             await response.aclose()
             await client.aclose()
 
-    headers = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "cache-control")}
+    headers = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "cache-control",
+                                                                                "retry-after")}
     return StreamingResponse(body(), status_code=response.status_code, headers=headers)
 
 

@@ -70,6 +70,7 @@ class ChatService:
         instance, remote_url = await self.route(request.model, forwarded)
         if remote_url is not None:
             return RemoteChat(remote_url)  # counted by the node that serves it
+        self.supervisor.admit(instance.instance_id)  # a full queue is a 503 before any stream begins
         tokenizer, args = await self.tokenizers.get(request.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                     for m in request.messages]
