@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal, NewType
+from typing import Annotated, Literal, NewType
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class FrozenModel(BaseModel):
@@ -18,6 +18,19 @@ InstanceId = NewType("InstanceId", str)
 
 def new_instance_id() -> InstanceId:
     return InstanceId(uuid.uuid4().hex[:12])
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text with an unpaired surrogate ({text[e.start:e.end]!a}), not valid Unicode") from None
+    return text
+
+
+# Text from a client that goes on to the tokenizer or the wire, which take UTF-8. JSON can carry an
+# unpaired surrogate (`"\ud800"`) that UTF-8 cannot, so it is refused where it comes in.
+Utf8Str = Annotated[str, AfterValidator(_utf8)]
 
 
 # How a node holds model weights in memory: dequantized to a float type, or kept quantized.

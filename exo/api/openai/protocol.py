@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from exo.engine.generate import FinishReason
+from exo.shared.types import Utf8Str
 
 
 class _Request(BaseModel):
@@ -18,12 +19,12 @@ class _Request(BaseModel):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Utf8Str
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Utf8Str | list[TextPart] | None = None
 
     @property
     def text(self) -> str:
@@ -43,8 +44,8 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # the sampler's key is an unsigned 64-bit int
+    stop: Utf8Str | list[Utf8Str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
