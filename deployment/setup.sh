@@ -20,6 +20,7 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null; then
     dev_packages=""
     command -v shellcheck >/dev/null || dev_packages="$dev_packages shellcheck"
     command -v systemd-analyze >/dev/null || dev_packages="$dev_packages systemd"
+    command -v ip >/dev/null || dev_packages="$dev_packages iproute2"  # tests/cluster/test_netns_faults.py
     if [ -n "$dev_packages" ]; then
       sudo=""
       [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -29,10 +29,11 @@ class LocalNode:
     process: subprocess.Popen[bytes]
     port: int
     home: Path
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log(self) -> Path:
@@ -47,21 +48,26 @@ class LocalNode:
 
 
 def start_node(home: Path, models_dir: Path, *args: str, port: int | None = None,
-               env: Mapping[str, str] | None = None) -> LocalNode:
-    """An `exo` node on 127.0.0.1, logging to `home/node.log` (`env` adds to its environment)."""
+               env: Mapping[str, str] | None = None, host: str = "127.0.0.1",
+               prefix: Sequence[str] = ()) -> LocalNode:
+    """An `exo` node on `host`, logging to `home/node.log` (`env` adds to its environment). `prefix` runs
+    it through another command that then execs it, such as `ip netns exec NAME`, so its pid stays the node's."""
     [port] = [port] if port else free_ports(1)
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **NODE_ENV, "EXO_HOME": str(home), "EXO_MODELS_DIR": str(models_dir), **(env or {})}
-    cmd = [sys.executable, "-m", "exo.main", "--api-host", "127.0.0.1", "--api-port", str(port), *args]
+    cmd = [*prefix, sys.executable, "-m", "exo.main", "--api-host", host, "--api-port", str(port), *args]
     with (home / "node.log").open("ab") as out:
         process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    return LocalNode(process, port, home)
+    return LocalNode(process, port, home, host)
 
 
-def static_peers(i: int, ports: Sequence[int]) -> list[str]:
-    """Flags for node `i` of nodes on `ports` to find the others without mDNS."""
-    return ["--no-discovery", "--peers", ",".join(f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i)]
+def static_peers(i: int, ports: Sequence[int], hosts: Sequence[str] | None = None) -> list[str]:
+    """Flags for node `i` of nodes on `ports` (at `hosts`, default all on 127.0.0.1) to find the others
+    without mDNS."""
+    hosts = hosts or ["127.0.0.1"] * len(ports)
+    return ["--no-discovery", "--peers",
+            ",".join(f"{h}:{p}" for j, (h, p) in enumerate(zip(hosts, ports, strict=True)) if j != i)]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
