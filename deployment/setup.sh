@@ -21,6 +21,9 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null; then
     command -v shellcheck >/dev/null || dev_packages="$dev_packages shellcheck"
     command -v systemd-analyze >/dev/null || dev_packages="$dev_packages systemd"
     command -v ip >/dev/null || dev_packages="$dev_packages iproute2"  # tests/cluster/test_netns_faults.py
+    # tests/dashboard: headless Debian Chromium, driven through its chromedriver
+    command -v chromium >/dev/null || dev_packages="$dev_packages chromium"
+    command -v chromedriver >/dev/null || dev_packages="$dev_packages chromium-driver"
     if [ -n "$dev_packages" ]; then
       sudo=""
       [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -1,0 +1,192 @@
+"""The dashboard in a real headless Chromium, against a real 2-node cluster on loopback.
+
+The page is opened on the node that is not the master, before any model is placed; the model is then
+placed across both nodes and the page must show it without a reload. A chat message typed into the page
+must stream its answer in piece by piece, the same answer the API gives. A node started with an API key
+makes the page ask for the key once and keep it. Screenshots go to the test's tmp_path, and also to
+$EXO_TEST_ARTIFACTS when that is set (CI keeps them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from nodes import RunningNode, answers, running_nodes, static_peers, wait_for
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from exo import local_cluster
+from exo.models.cards import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+QUESTION = "What is the capital of France?"
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
+    root = tmp_path_factory.mktemp("dashboard")
+    with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", per_node=static_peers) as nodes:
+        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
+        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["master_id"] for n in nodes), 30,
+                 "both nodes agree on a master")
+        yield nodes
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    """Headless Debian Chromium driven by its chromedriver; both processes are gone after the test."""
+    if not CHROMIUM or not CHROMEDRIVER:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (deployment/setup.sh --dev installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
+                "--window-size=1440,1100", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    processes = [psutil.Process(service.process.pid), *psutil.Process(service.process.pid).children(recursive=True)]
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        for process in alive:
+            process.kill()
+        assert not alive, f"chromium or chromedriver outlived driver.quit(): {[p.pid for p in alive]}"
+
+
+@pytest.fixture
+def screenshot(tmp_path: Path, browser: WebDriver) -> Callable[[str], Path]:
+    """Saves the page as `name`.png in tmp_path, copied to $EXO_TEST_ARTIFACTS when set."""
+    keep = os.environ.get("EXO_TEST_ARTIFACTS")
+
+    def save(name: str) -> Path:
+        path = tmp_path / f"{name}.png"
+        assert browser.save_screenshot(str(path)), f"no screenshot {name}"
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(keep) / path.name)
+        return path
+
+    return save
+
+
+def text_of(driver: WebDriver, css: str) -> str:
+    return "\n".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+
+
+def api_answer(node: RunningNode) -> str:
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": QUESTION}], "stream": True,
+            "max_tokens": MAX_TOKENS, "temperature": 0}
+    response = httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=120)
+    chunks = [json.loads(e.removeprefix("data: ")) for e in response.text.split("\n\n") if e and "[DONE]" not in e]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+
+# Records every length the answer's text takes in the page, to tell a streamed answer from one set at once.
+WATCH_ANSWER = """
+window.answerLengths = [];
+new MutationObserver(() => {
+  const bubble = [...document.querySelectorAll('.msg.assistant .bubble')].pop();
+  const n = bubble ? bubble.textContent.length : 0;
+  if (n && n !== window.answerLengths.at(-1)) window.answerLengths.push(n);
+}).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+"""
+
+
+def test_the_dashboard_shows_the_cluster_live_and_streams_a_chat_answer(
+        cluster: list[RunningNode], browser: WebDriver, screenshot: Callable[[str], Path]) -> None:
+    state = cluster[0].state()
+    master_id = state["master_id"]
+    node_ids = [n.state()["node_id"] for n in cluster]
+    [follower] = [n for node_id, n in zip(node_ids, cluster, strict=True) if node_id != master_id]
+    wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+
+    browser.get(follower.url)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".node-card")) == 2)
+    for node_id, node in zip(node_ids, cluster, strict=True):
+        card = browser.find_element(By.CSS_SELECTOR, f'.node-card[data-node-id="{node_id}"]')
+        assert node_id[:8] in card.text and state["nodes"][node_id]["hostname"] in card.text
+        assert f"127.0.0.1:{node.port}" in card.text
+        assert ("master" in card.get_attribute("class").split()) == (node_id == master_id)
+        assert ("★ master" in card.text) == (node_id == master_id)
+    assert "this node" in browser.find_element(By.CSS_SELECTOR, ".node-card:not(.master)").text
+    assert "No model placed" in text_of(browser, "#instances")
+    assert browser.find_element(By.ID, "live").text == "live"
+
+    # placed while the page is open: it must show up without a reload
+    instance_id = local_cluster.place(cluster, cluster, DEFAULT_MODEL, [(0, 15), (15, 30)], timeout=90)
+    shards = f'.instance[data-instance-id="{instance_id}"] .shard'
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, shards)) == 2
+               and text_of(d, f'.instance[data-instance-id="{instance_id}"] .runners').count("Ready") == 2)
+    for rank, shard in enumerate(browser.find_elements(By.CSS_SELECTOR, shards)):  # in layer order
+        assert shard.get_attribute("data-node-id") == node_ids[rank]
+        assert shard.text.endswith(["0–15", "15–30"][rank])
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#topology svg path.ring")) == 2  # the ring, both ways
+    screenshot("cluster")
+
+    # a chat through the page: greedy and short, so it can be compared with the API's own answer
+    for field, value in (("max-tokens", MAX_TOKENS), ("temperature", 0)):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(str(value))
+    browser.execute_script(WATCH_ANSWER)
+    browser.find_element(By.ID, "prompt").send_keys(QUESTION)
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.streaming"))
+    WebDriverWait(browser, 60, poll_frequency=0.1).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, ".msg.assistant.streaming"))
+    answer = browser.execute_script("return document.querySelector('.msg.assistant .bubble').textContent")
+    lengths = browser.execute_script("return window.answerLengths")
+    assert answer.strip() and "Paris" in answer
+    assert len(lengths) >= 2 and lengths == sorted(lengths), f"the answer did not stream in: {lengths}"
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error, .msg-error")
+    assert answer == api_answer(follower)
+    stats = text_of(browser, ".msg.assistant .msg-stats")
+    assert "tok/s" in stats and "first after" in stats, stats
+    assert float(browser.find_element(By.ID, "tps").text) > 0
+    screenshot("chat")
+
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def test_the_dashboard_asks_for_the_api_key_once_and_keeps_it(
+        tmp_path: Path, models_dir: Path, browser: WebDriver, screenshot: Callable[[str], Path]) -> None:
+    key = "dashboard-test-key"
+    with running_nodes([tmp_path / "node"], models_dir, "--no-discovery", "--no-preload", "--api-key", key) as [node]:
+        wait_for(lambda: answers(node), 30, "the node answers")
+        wait = WebDriverWait(browser, 20, poll_frequency=0.1)
+        browser.get(node.url)
+        wait.until(lambda d: d.find_element(By.ID, "auth").is_displayed())
+        assert browser.find_element(By.ID, "live").text == "locked"
+        assert "API key" in browser.find_element(By.ID, "auth").text
+        assert not browser.find_elements(By.CSS_SELECTOR, ".node-card")
+        screenshot("api-key")
+
+        browser.find_element(By.ID, "auth-key").send_keys(key + "\n")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".node-card")) == 1)
+        assert not browser.find_element(By.ID, "auth").is_displayed()
+        assert browser.execute_script("return localStorage.getItem('exo.apiKey')") == key
+
+        browser.refresh()  # the stored key is sent from the first request on
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".node-card")) == 1)
+        assert not browser.find_element(By.ID, "auth").is_displayed()
+        assert browser.find_element(By.ID, "live").text == "live"
+    # the page's first requests were refused: those 401s are expected, nothing else is
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
+    assert not errors, errors
