@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_arguments(commands.add_parser("bench", help="measure prompt and decode speed of a model"))
     bench_cluster.add_arguments(commands.add_parser(
         "bench-cluster", help="measure a model split over 1, 2, 4 ... real nodes on this host"))
+    from exo import soak
+
+    soak.add_arguments(commands.add_parser(
+        "soak", help="run real nodes on this host under random load, cancels and restarts; report what was lost"))
     from exo import doctor
 
     doctor.add_arguments(commands.add_parser(
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from exo import bench_cluster
 
         return bench_cluster.run(args, Config.from_env().models_dir)
+    if args.command == "soak":
+        from exo import soak
+
+        return soak.run(args, Config.from_env().models_dir)
     config = Config.from_env(api_host=args.api_host, api_port=args.api_port, verbose=args.verbose,
                              preload=() if args.no_preload else tuple(args.model or [DEFAULT_MODEL]),
                              dtype=args.dtype, blas=args.blas, cluster=args.cluster, peers=args.peers,

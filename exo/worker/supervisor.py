@@ -399,6 +399,9 @@ class Supervisor:
                         finished = item.finish_reason is not None
                     elif item.status == TaskStatus.FAILED:
                         finished = True
+                        if handle.status not in SERVING:  # the runner broke (its ring, say): a retry may work
+                            raise ServiceUnavailable(f"Runner {handle.runner_id} is {handle.status} and could not "
+                                                     f"finish the request ({item.error}); retry shortly.")
                         raise ModelError(f"The request failed in runner {handle.runner_id}: {item.error}")
                     elif item.status == TaskStatus.COMPLETE:
                         finished = True

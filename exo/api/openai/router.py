@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
@@ -11,10 +13,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from exo.api.auth import forward_headers
+from exo.api.errors import error_body
 from exo.api.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from exo.api.openai.serving import ChatService, RemoteChat
 from exo.models.catalog import ModelCatalog
 from exo.shared.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nobody reads it: the client is gone
@@ -60,6 +65,13 @@ async def _forward(request: Request, url: str) -> Response:
         try:
             async for piece in response.aiter_raw():
                 yield piece
+        except httpx.HTTPError as e:
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                raise
+            # The serving node died mid-stream: end the client's stream as a failed one, not a cut one.
+            log.warning("forwarded stream from %s cut: %s", url, type(e).__name__)
+            error = ServiceUnavailable(f"The node serving this model stopped mid-stream ({type(e).__name__}); retry.")
+            yield f"\n\ndata: {json.dumps(error_body(error))}\n\ndata: [DONE]\n\n".encode()
         finally:  # also when our client went away: closing the upstream cancels its generation
             await response.aclose()
             await client.aclose()
