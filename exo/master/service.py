@@ -81,14 +81,19 @@ class ClusterService:
     async def leave(self, timeout: float) -> None:
         """Say goodbye to every peer, then close the outbox once what is in it is delivered (or
         `timeout` passes): nothing is sent on a closed channel, and the peers re-plan at once."""
-        self._post(self.coordinator.leave())
-        self._outbox_in.close()
         with anyio.move_on_after(timeout) as scope:
-            while self._sending or self._outbox.statistics().current_buffer_used:
-                await anyio.sleep(0.01)
+            await self._drained()  # what is queued first: a goodbye must not overtake a master's last events
+            self._post(self.coordinator.leave())
+            self._outbox_in.close()
+            await self._drained()
+        self._outbox_in.close()
         if scope.cancelled_caught:
             log.warning("node=%s left with %d messages undelivered after %.1fs", self.coordinator.node_id,
                         self._sending, timeout)
+
+    async def _drained(self) -> None:
+        while self._sending or self._outbox.statistics().current_buffer_used:
+            await anyio.sleep(0.01)
 
     def receive(self, frame: bytes, sender_host: str) -> None:
         """Handle one frame from a peer. Raises WireError for a frame that is not a valid message."""
