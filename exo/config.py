@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,36 +45,15 @@ class Config:
         home = Path(env.get("EXO_HOME") or Path.home() / ".exo").expanduser()
         models_dir = Path(env.get("EXO_MODELS_DIR") or home / "models").expanduser()
         settings: dict[str, object] = {"home": home, "models_dir": models_dir}
-        if blas := env.get("EXO_BLAS"):
-            settings["blas"] = blas
-        if dtype := env.get("EXO_DTYPE"):
-            settings["dtype"] = dtype
-        if cluster := env.get("EXO_CLUSTER"):
-            settings["cluster"] = cluster
-        if peers := env.get("EXO_PEERS"):
-            settings["peers"] = parse_peers(peers)
-        if interval := env.get("EXO_HEARTBEAT_INTERVAL"):
-            settings["heartbeat_interval"] = float(interval)
-        if timeout := env.get("EXO_PEER_TIMEOUT"):
-            settings["peer_timeout"] = float(timeout)
-        for name, kind in _NUMBERS.items():
+        for name, parse in _FROM_ENV.items():  # each setting `name` from EXO_<NAME>, when set
             if value := env.get(f"EXO_{name.upper()}"):
-                settings[name] = kind(value)
+                settings[name] = parse(value)
         if env.get("EXO_DEBUG_COORDINATION", "") not in ("", "0", "false", "no"):
             settings["debug_coordination"] = True
-        if secret := env.get("EXO_CLUSTER_SECRET"):
-            settings["cluster_secret"] = secret
-        elif secret_file := env.get("EXO_CLUSTER_SECRET_FILE"):
+        if "cluster_secret" not in settings and (secret_file := env.get("EXO_CLUSTER_SECRET_FILE")):
             settings["cluster_secret"] = read_secret(secret_file)
-        if api_key := env.get("EXO_API_KEY"):
-            settings["api_key"] = api_key
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**settings)  # type: ignore[arg-type]
-
-
-_NUMBERS: dict[str, type[int] | type[float]] = {
-    "shutdown_timeout": float, "channel_drain_timeout": float, "resource_cleanup_timeout": float,
-    "queue_limit": int, "watchdog_timeout": float, "max_restarts": int}
 
 
 def parse_peers(text: str) -> tuple[tuple[str, int], ...]:
@@ -96,6 +75,12 @@ def read_secret(path: str) -> str:
         raise ValueError(f"the secret file {path} is empty")
     return secret
 
+
+_FROM_ENV: dict[str, Callable[[str], object]] = {
+    "blas": str, "dtype": str, "cluster": str, "peers": parse_peers, "heartbeat_interval": float,
+    "peer_timeout": float, "shutdown_timeout": float, "channel_drain_timeout": float,
+    "resource_cleanup_timeout": float, "queue_limit": int, "watchdog_timeout": float, "max_restarts": int,
+    "cluster_secret": str, "api_key": str}
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

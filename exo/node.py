@@ -69,7 +69,7 @@ class Node:
                                       heartbeat_interval=config.heartbeat_interval, dtype=config.dtype,
                                       queues=self.supervisor.queues,
                                       on_state=self.supervisor.update)
-        self.admission = Admission()
+        self.admission = Admission(self.cluster)
         self.app = create_app(self.cluster, self.supervisor, self.tokenizers, api_key=config.api_key,
                               admission=self.admission)
         self._phase = log.info if config.debug_coordination else log.debug
@@ -132,7 +132,7 @@ class Node:
     async def _stop(self, server: uvicorn.Server) -> None:
         """Phases 1 and 2 of a stop; phase 3 follows in `run` once the API has closed."""
         config = self.config
-        self.admission.draining = self.admission.stopping = True
+        self.admission.stopping = True
         self.cluster.set_mode(NodeMode.DRAIN)
         self._phase("node=%s stop phase 1: no new requests; waiting for %d in flight (up to %.0fs)", self.node_id,
                     self._in_flight(), config.shutdown_timeout)

@@ -41,7 +41,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
                api_key: str | None = None, admission: Admission | None = None) -> FastAPI:
     app = FastAPI(title="exo", version=__version__)
     install_error_handlers(app)
-    admission = admission or Admission()
+    admission = admission or Admission(cluster)
     app.add_middleware(AdmissionMiddleware, admission=admission)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)

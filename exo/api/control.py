@@ -7,12 +7,10 @@ its instances elsewhere once they are idle.
 
 from __future__ import annotations
 
-import json
-import logging
-from enum import StrEnum
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -21,8 +19,6 @@ from exo.master.service import ClusterService
 from exo.shared.errors import InvalidRequest, ServiceUnavailable
 from exo.shared.state import NodeMode
 
-log = logging.getLogger(__name__)
-
 WORK_PATHS = ("/v1/chat/completions",)  # what a draining node refuses, and counts while it runs
 RETRY_AFTER_SECONDS = 5
 
@@ -30,10 +26,14 @@ RETRY_AFTER_SECONDS = 5
 class Admission:
     """This node's door: open or draining, and the requests that came through it still running."""
 
-    def __init__(self) -> None:
-        self.draining = False
+    def __init__(self, cluster: ClusterService) -> None:
+        self.cluster = cluster
         self.stopping = False  # draining for good: the node is shutting down
         self.in_flight = 0
+
+    @property
+    def draining(self) -> bool:
+        return self.cluster.mode == NodeMode.DRAIN
 
     def refusal(self) -> ServiceUnavailable:
         why = "is shutting down" if self.stopping else "is in maintenance (draining)"
@@ -52,8 +52,9 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         if self.admission.draining:
-            await _send_json(send, 503, error_body(self.admission.refusal()),
-                             [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
+            refusal = JSONResponse(error_body(self.admission.refusal()), status_code=503,
+                                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            await refusal(scope, receive, send)
             return
         self.admission.in_flight += 1
         try:
@@ -62,20 +63,8 @@ class AdmissionMiddleware:
             self.admission.in_flight -= 1
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), *headers]})
-    await send({"type": "http.response.body", "body": payload})
-
-
-class Mode(StrEnum):
-    DRAIN = "drain"
-    NORMAL = "normal"
-
-
 class MaintenanceRequest(BaseModel):
-    mode: Mode
+    mode: NodeMode
 
 
 def control_router(cluster: ClusterService, admission: Admission) -> APIRouter:
@@ -85,11 +74,9 @@ def control_router(cluster: ClusterService, admission: Admission) -> APIRouter:
     async def maintenance(body: MaintenanceRequest) -> dict[str, Any]:
         """Drain this node (no new requests; those in flight finish; its instances move elsewhere once
         idle), or bring it back to normal."""
-        if admission.stopping and body.mode == Mode.NORMAL:
+        if admission.stopping and body.mode == NodeMode.NORMAL:
             raise InvalidRequest("This node is shutting down; it cannot return to normal.", param="mode")
-        admission.draining = body.mode == Mode.DRAIN
-        cluster.set_mode(NodeMode(body.mode.value))
-        log.info("node=%s maintenance mode: %s", cluster.coordinator.node_id, body.mode)
+        cluster.set_mode(body.mode)  # logs the change
         return {"node_id": cluster.coordinator.node_id, "mode": body.mode, "in_flight": admission.in_flight}
 
     return router

@@ -11,12 +11,12 @@ from pydantic import BaseModel, Field
 
 from exo.api.forward import ask_node
 from exo.master.planner import previews
-from exo.master.replan import eligible_nodes
+from exo.master.replan import draining_nodes, eligible_nodes
 from exo.master.service import ClusterService
 from exo.models.cards import CARDS, ModelCard
 from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
 from exo.shared.runners import SERVING, RunnerStatus, runner_id
-from exo.shared.state import Instance, NodeMode, ShardAssignment, State
+from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import InstanceId, Utf8Str, new_instance_id
 from exo.worker.tokenizers import Tokenizers
 
@@ -85,7 +85,7 @@ async def route(cluster: ClusterService, tokenizers: Tokenizers, model_id: str,
         while True:
             state = coordinator.state
             instances = [i for i in state.instances.values() if i.model_id == model_id]
-            ready = [i for i in instances if _all_runners(state, i, SERVING) and not _draining(state, i)]
+            ready = [i for i in instances if _all_runners(state, i, SERVING) and not draining_nodes(state, i)]
             here = [i for i in ready if i.shards[0].node_id == coordinator.node_id]
             if here:
                 return here[0], None
@@ -108,17 +108,13 @@ def _broken(state: State, instance: Instance) -> str | None:
     cause), then a runner that failed (often the effect)."""
     if gone := [s.node_id for s in instance.shards if s.node_id not in state.nodes]:
         return f"its node {gone[0]} has left the cluster"
-    if draining := _draining(state, instance):
+    if draining := draining_nodes(state, instance):
         return f"its node {draining[0]} is draining (maintenance, or stopping) and it is moving elsewhere"
     for shard in instance.shards:
         runner = state.runners.get(runner_id(instance.instance_id, shard.rank))
         if runner is not None and runner.status in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN):
             return f"runner {runner.runner_id} is {runner.status}" + (f" ({runner.error})" if runner.error else "")
     return None
-
-
-def _draining(state: State, instance: Instance) -> list[str]:
-    return [n for n in instance.node_ids if n in state.nodes and state.nodes[n].mode == NodeMode.DRAIN]
 
 
 def _all_runners(state: State, instance: Instance, statuses: tuple[RunnerStatus, ...]) -> bool:

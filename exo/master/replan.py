@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from exo.shared.runners import RunnerStatus, runner_id
 from exo.shared.state import Instance, NodeMode, NodeProfile, State
+from exo.shared.types import NodeId
 
 
 def instances_to_move(state: State, queues: Mapping[str, int]) -> list[tuple[Instance, str]]:
@@ -28,13 +29,18 @@ def eligible_nodes(state: State) -> list[NodeProfile]:
     return [node for node in state.nodes.values() if node.mode == NodeMode.NORMAL]
 
 
+def draining_nodes(state: State, instance: Instance) -> list[NodeId]:
+    """The nodes of `instance` that take no new work."""
+    return [n for n in instance.node_ids if n in state.nodes and state.nodes[n].mode == NodeMode.DRAIN]
+
+
 def _why_move(state: State, instance: Instance, in_flight: int) -> str | None:
     if gone := [n for n in instance.node_ids if n not in state.nodes]:
         return f"node {gone[0]} left the cluster"
     runners = [state.runners.get(runner_id(instance.instance_id, s.rank)) for s in instance.shards]
     if failed := [r for r in runners if r is not None and r.gave_up]:
         return f"runner {failed[0].runner_id} failed {failed[0].restarts + 1} times ({failed[0].error})"
-    if draining := [n for n in instance.node_ids if state.nodes[n].mode == NodeMode.DRAIN]:
+    if draining := draining_nodes(state, instance):
         busy = in_flight or any(r is not None and r.status == RunnerStatus.RUNNING for r in runners)
         if not busy:
             return f"node {draining[0]} is draining"

@@ -200,12 +200,15 @@ class Supervisor:
             self._restarts.pop(handle.runner_id, None)
             self._publish()
         elif not handle.stopping:
-            handle.stopping = True
-            # Its requests end now, with an error: a runner blocked in a ring whose peer is cut off
-            # exits only after its MLX thread's grace, and Shutdown cancels them anyway.
-            for chat in handle.chats.values():
-                chat.close()
-            self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
+            self._shut_down(handle)
+
+    def _shut_down(self, handle: RunnerHandle) -> None:
+        """Ask a runner to exit. Its requests end now, with an error: a runner blocked in a ring whose
+        peer is cut off exits only after its MLX thread's grace, and Shutdown cancels them anyway."""
+        handle.stopping = True
+        for chat in handle.chats.values():
+            chat.close()
+        self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
 
     # -- the watchdog --------------------------------------------------------------------------
 
@@ -227,10 +230,8 @@ class Supervisor:
         if handle.stopping:
             return
         log.warning("runner=%s restarting: %s", handle.runner_id, reason)
-        handle.replace, handle.counted, handle.stopping = True, counted, True
-        for chat in handle.chats.values():
-            chat.close()  # its requests end now, with an error, rather than when the process is gone
-        self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
+        handle.replace, handle.counted = True, counted
+        self._shut_down(handle)
 
     async def _respawn(self, handle: RunnerHandle) -> None:
         """After a runner that should run again has exited: wait out its backoff, then let the next
@@ -366,7 +367,6 @@ class Supervisor:
         live = [h for h in self.runners.values() if not h.exited.is_set()]
         for handle in live:
             self._stop(handle)
-            handle.replace = False
         with anyio.move_on_after(self._grace):
             for handle in live:
                 await handle.exited.wait()

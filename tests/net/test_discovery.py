@@ -17,9 +17,10 @@ import pytest
 from anyio.abc import TaskGroup
 from zeroconf._dns import DNSPointer  # raw records, only to fake a service that never resolves
 from zeroconf._protocol.outgoing import DNSOutgoing
-from zeroconf.asyncio import AsyncZeroconf
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_PTR
 
+from exo.net.auth import ClusterAuth
 from exo.net.discovery import SERVICE_TYPE, Discovery, pick_address
 
 RUN = uuid.uuid4().hex[:8]
@@ -41,10 +42,9 @@ class Peers:
         self.gone.add(node_id)
 
 
-def node(name: str, port: int, peers: Peers, cluster: str = CLUSTER) -> Discovery:
-    return Discovery(
-        f"{name}-{RUN}", cluster, "0.1.0", port, peers.on_peer, peers.on_peer_gone, interfaces=["127.0.0.1"]
-    )
+def node(name: str, port: int, peers: Peers, cluster: str = CLUSTER, secret: str | None = None) -> Discovery:
+    return Discovery(f"{name}-{RUN}", cluster, "0.1.0", port, peers.on_peer, peers.on_peer_gone,
+                     interfaces=["127.0.0.1"], auth=ClusterAuth(secret) if secret else None)
 
 
 async def start_all(tg: TaskGroup, *nodes: Discovery) -> None:
@@ -152,3 +152,35 @@ LOCAL = [ipaddress.IPv4Interface(i) for i in ("127.0.0.1/8", "192.168.1.5/24", "
 )
 def test_pick_address_prefers_a_shared_subnet_over_our_own_addresses(peer: list[str], expected: str | None) -> None:
     assert pick_address(peer, LOCAL) == expected
+
+
+async def test_with_a_cluster_secret_announcements_without_a_valid_proof_are_ignored(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each intruder is logged once per peer, and the secret itself is never announced."""
+    caplog.set_level(logging.DEBUG, logger="exo.net.discovery")
+    cluster, secret = f"test-auth-{RUN}", f"secret-{RUN}"
+    a, b, wrong, none = Peers(), Peers(), Peers(), Peers()
+
+    def refusals(by: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and f"node={by}-{RUN} ignored peer=" in r.getMessage()]
+
+    async with anyio.create_task_group() as tg:
+        await start_all(tg, node("a", 2001, a, cluster, secret), node("b", 2002, b, cluster, secret),
+                        node("wrong", 2003, wrong, cluster, "not-the-secret"), node("none", 2004, none, cluster))
+        await until(lambda: a.ports == {2002} and b.ports == {2001})
+        await until(lambda: all(len(refusals(n)) == 2 for n in ("a", "b")))
+        # a node without a secret checks nothing, so it still sees everyone: it is the one left out
+        await until(lambda: none.ports == {2001, 2002, 2003})
+
+        async with AsyncZeroconf(interfaces=["127.0.0.1"]) as zc:  # what is on the air for node a
+            info = AsyncServiceInfo(SERVICE_TYPE, f"a-{RUN}.{SERVICE_TYPE}")
+            assert await info.async_request(zc.zeroconf, 3000)
+            announced = info.decoded_properties
+        tg.cancel_scope.cancel()
+
+    assert a.ports == {2002} and b.ports == {2001} and wrong.ports == set()
+    for by in ("a", "b"):
+        assert sorted(line.split("peer=")[1].split(":")[0] for line in refusals(by)) == [f"none-{RUN}", f"wrong-{RUN}"]
+    assert announced["auth"] == ClusterAuth(secret).announcement(f"a-{RUN}", cluster, 2001)
+    assert not any(secret in str(value) for value in announced.values())
