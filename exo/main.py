@@ -6,45 +6,48 @@ import argparse
 import logging
 import os
 import sys
+from typing import get_args
 
 from exo import __version__
-from exo.config import DEFAULT_API_PORT, Config, parse_bytes, parse_peers, read_secret
-from exo.engine.blas import find_blas, reexec_with
+from exo.config import DEFAULT_API_PORT, MIN_SECRET_LENGTH, Config, ConfigError, read_secret
+from exo.engine.blas import Blas, find_blas, reexec_with
 from exo.models.cards import DEFAULT_MODEL
+from exo.shared.types import Dtype
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exo", description="Run a node of an exo inference cluster.")
     parser.add_argument("--version", action="version", version=f"exo {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and every request")
-    parser.add_argument("--host", "--api-host", dest="api_host", default="0.0.0.0", metavar="HOST",
+    parser.add_argument("--host", "--api-host", dest="api_host", metavar="HOST",
                         help="address the API listens on (default: 0.0.0.0, all of them)")
-    parser.add_argument("--api-port", type=int, default=DEFAULT_API_PORT, help=f"default: {DEFAULT_API_PORT}")
+    parser.add_argument("--api-port", metavar="PORT", help=f"default: {DEFAULT_API_PORT}")
     parser.add_argument("--model", action="append", metavar="ID_OR_PATH",
                         help=f"load this model at start (repeatable; default: {DEFAULT_MODEL}); "
                              "a path to a .gguf file or a model directory serves a local model")
     parser.add_argument("--no-preload", action="store_true", help="load models on first request only")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "quantized"],
+    parser.add_argument("--dtype", choices=get_args(Dtype),
                         help="how weights are held in memory (default: float32, the fastest on CPUs)")
-    parser.add_argument("--blas", choices=["auto", "blis", "openblas", "bundled"],
+    parser.add_argument("--blas", choices=get_args(Blas),
                         help="BLAS preloaded for MLX's CPU backend (default: auto, the fastest installed)")
     parser.add_argument("--cluster", help="cluster name; nodes of other clusters are ignored (default: exo)")
-    parser.add_argument("--peers", type=parse_peers, metavar="HOST:PORT,...",
+    parser.add_argument("--peers", metavar="HOST:PORT,...",
                         help="peers' API addresses, for networks without multicast (also EXO_PEERS)")
     parser.add_argument("--no-discovery", action="store_true", help="do not use mDNS to find peers")
-    parser.add_argument("--max-memory", type=parse_bytes, metavar="SIZE",
+    parser.add_argument("--max-memory", metavar="SIZE",
                         help="memory this node offers to exo, e.g. 2GB (default: all available)")
-    parser.add_argument("--peer-timeout", type=float, metavar="SECONDS",
-                        help="drop a peer unheard for this long (default: 3)")
+    parser.add_argument("--peer-timeout", metavar="SECONDS", help="drop a peer unheard for this long (default: 3)")
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument("--cluster-secret", metavar="SECRET",
                         help="shared secret every node of the cluster proves it holds; nodes without it are "
-                             "refused (also EXO_CLUSTER_SECRET; default: none, any node on the network may join)")
+                             f"refused; at least {MIN_SECRET_LENGTH} characters (also EXO_CLUSTER_SECRET; "
+                             "default: none, any node on the network may join)")
     secret.add_argument("--cluster-secret-file", type=_secret_file, dest="cluster_secret", metavar="PATH",
                         help="read the cluster secret from this file (also EXO_CLUSTER_SECRET_FILE)")
     parser.add_argument("--api-key", metavar="KEY",
                         help="require `Authorization: Bearer KEY` on every endpoint but /health and the dashboard "
-                             "page; give every node of the cluster the same key (also EXO_API_KEY)")
+                             "page; give every node of the cluster the same key, at least "
+                             f"{MIN_SECRET_LENGTH} characters (also EXO_API_KEY)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     models = commands.add_parser("models", help="list the models exo knows, or fetch one into the cache")
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
@@ -86,27 +89,35 @@ def main(argv: list[str] | None = None) -> int:
         from exo import doctor
 
         return doctor.run_doctor(args, os.environ) if args.command == "doctor" else doctor.run_cleanup()
+    try:  # flags and environment are checked alike: a bad value is one line, exit 2
+        config = Config.from_env(**_flags(args)) if args.command in (None, "models") else Config.from_env()
+    except ConfigError as e:
+        print(f"exo: {e}", file=sys.stderr)
+        return 2
     if args.command == "bench":
         from exo import bench
 
-        return bench.run(args, Config.from_env().models_dir)
+        return bench.run(args, config.models_dir)
     if args.command == "bench-cluster":
         from exo import bench_cluster
 
-        return bench_cluster.run(args, Config.from_env().models_dir)
+        return bench_cluster.run(args, config.models_dir)
     if args.command == "soak":
         from exo import soak
 
-        return soak.run(args, Config.from_env().models_dir)
-    config = Config.from_env(api_host=args.api_host, api_port=args.api_port, verbose=args.verbose,
-                             preload=() if args.no_preload else tuple(args.model or [DEFAULT_MODEL]),
-                             dtype=args.dtype, blas=args.blas, cluster=args.cluster, peers=args.peers,
-                             discovery=False if args.no_discovery else None, max_memory=args.max_memory,
-                             peer_timeout=args.peer_timeout, cluster_secret=args.cluster_secret,
-                             api_key=args.api_key)
+        return soak.run(args, config.models_dir)
     if args.command == "models":
         return _models(config, args.action, args.model_id)
     return _serve(config)
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    """The node's settings given as flags; None where a flag is not given, so EXO_<NAME> or the default holds."""
+    return dict(api_host=args.api_host, api_port=args.api_port, verbose=args.verbose or None,
+                preload=() if args.no_preload else args.model and tuple(args.model), dtype=args.dtype,
+                blas=args.blas, cluster=args.cluster, peers=args.peers, discovery=False if args.no_discovery else None,
+                max_memory=args.max_memory, peer_timeout=args.peer_timeout, cluster_secret=args.cluster_secret,
+                api_key=args.api_key)
 
 
 def _serve(config: Config) -> int:

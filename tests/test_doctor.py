@@ -21,7 +21,7 @@ from nodes import RunningNode, free_ports
 from exo.config import Config
 from exo.doctor.processes import Proc, classify
 from exo.doctor.report import ApiStatus, Browse, IssueKind, OrphanedRunner, Report, find_issues
-from exo.doctor.secrets import redact, redact_args, secret_values
+from exo.doctor.secrets import redact, redact_args, scrub, secret_values
 from exo.worker.runner.process import command
 
 PY = sys.executable
@@ -183,7 +183,7 @@ def test_classify_finds_nodes_runners_and_orphans_by_marker_only(
 
 
 def test_redaction_hides_secret_named_fields_flags_and_values() -> None:
-    config = Config.from_env({"EXO_HOME": "/x", "EXO_API_KEY": "k3y-value-1", "EXO_CLUSTER_SECRET": "s3cret-value"})
+    config = Config.from_env({"EXO_HOME": "/x", "EXO_API_KEY": "k3y-value-1-long-enough", "EXO_CLUSTER_SECRET": "s3cret-value-long-enough"})
     data = redact(config)
     assert data["api_key"] == data["cluster_secret"] == "***" and data["home"] == "/x" and data["api_port"] == 52415
     assert redact({"token": None, "nested": [{"password": "p"}]}) == {"token": None, "nested": [{"password": "***"}]}
@@ -192,7 +192,30 @@ def test_redaction_hides_secret_named_fields_flags_and_values() -> None:
                                                 "/etc/exo/secret", "--api-port", "1")
     assert secret_values(config, {"HF_TOKEN": "hf_abcdefgh", "EXO_CLUSTER_SECRET_FILE": "/etc/exo/secret"},
                          [("--api-key=flag-key-123", "--cluster-secret", "flag-secret-456")]) == {
-        "k3y-value-1", "s3cret-value", "hf_abcdefgh", "flag-key-123", "flag-secret-456"}
+        "k3y-value-1-long-enough", "s3cret-value-long-enough", "hf_abcdefgh", "flag-key-123", "flag-secret-456"}
+
+
+def test_exo_secrets_are_scrubbed_whatever_their_length_short_ones_where_they_stand_alone() -> None:
+    found = secret_values(None, {"EXO_API_KEY": "abc", "OTHER_TOKEN": "1", "EXO_CLUSTER_SECRET_FILE": "/s"},
+                          [("--cluster-secret", "s1", "--api-key=k2")])
+    assert found == {"abc", "s1", "k2"}  # another program's short value would scrub innocent text: left
+    assert scrub('--api-key=abc "abc" fabcd abc.x s1 s12', found) == '--api-key=*** "***" fabcd abc.x *** s12'
+
+
+def test_a_bundle_made_when_a_short_secret_stopped_the_node_holds_no_secret(tmp_path: Path) -> None:
+    short, path, log = "sk-abc", tmp_path / "support.tar.gz", tmp_path / "node.log"
+    log.write_text(f"$ exo --api-key {short}\nexo: --api-key: must be at least 16 characters\nEXO_API_KEY={short}\n")
+    [port] = free_ports(1)
+
+    out = exo("doctor", "--url", f"http://127.0.0.1:{port}", "--no-browse", "--bundle", str(path),
+              env={"EXO_API_KEY": short, "EXO_LOG_FILE": str(log)})
+
+    assert "the configuration in the environment is not valid: EXO_API_KEY: must be at least" in out.stderr
+    assert short not in out.stdout + out.stderr and path.is_file(), out.stdout + out.stderr
+    with tarfile.open(path, "r:gz") as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    assert all(short.encode() not in data for data in members.values())
+    assert b"$ exo --api-key ***\n" in members["logs.txt"] and b"EXO_API_KEY=***" in members["logs.txt"]
 
 
 def test_verdict_names_each_kind_of_issue_once_most_pressing_first() -> None:

@@ -2,7 +2,9 @@
 
 A node may be started with `--cluster-secret S` or `--api-key K` on its command line, and its Config
 holds both, so the report's node flags and the bundle's config are redacted by name, and the values
-themselves are then scrubbed from every member of the bundle, in case a log line printed one.
+themselves are then scrubbed from every member of the bundle, in case a log line printed one. exo's own
+secrets are scrubbed whatever their length (a node refuses short ones, so a bundle made after such a
+refusal may hold one); a short value is scrubbed only where it stands alone, not inside other words.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 SECRET_NAME = re.compile(r"secret|key|token|password|passwd|credential", re.IGNORECASE)
 REDACTED = "***"
-_MIN_SCRUBBED = 6  # shorter values ("1", "true") would scrub innocent text
+_MIN_SCRUBBED = 6  # shorter values ("1", "true") of other programs' variables would scrub innocent text
+_EXO_SECRETS = ("EXO_API_KEY", "EXO_CLUSTER_SECRET", "--api-key", "--cluster-secret")
 
 
 def _is_secret(name: str) -> bool:
@@ -60,30 +63,36 @@ def redact_args(args: Iterable[str]) -> tuple[str, ...]:
 def secret_values(config: Any, env: Mapping[str, str], args: Iterable[Iterable[str]] = ()) -> set[str]:
     """The values to scrub: of secret-named config fields, environment variables and flags in `args`."""
     found: set[str] = set()
+    short: set[str] = set()  # exo's own, kept whatever their length
 
-    def collect(value: Any, secret: bool) -> None:
+    def collect(value: Any, secret: bool, into: set[str] = found) -> None:
         value = _fields(value)
         if isinstance(value, Mapping):
             for k, v in value.items():
-                collect(v, secret or _is_secret(str(k)))
+                collect(v, secret or _is_secret(str(k)), into)
         elif isinstance(value, list | tuple | set | frozenset):
             for v in value:
-                collect(v, secret)
+                collect(v, secret, into)
         elif secret and value is not None and not isinstance(value, bool):
-            found.add(str(value))
+            into.add(str(value))
 
-    collect(config, False)
-    collect({k: v for k, v in env.items() if _is_secret(k)}, True)
-    for flags in args:
+    collect(config, False, short)  # exo's Config: every secret in it is exo's
+    for name, value in env.items():
+        if _is_secret(name):
+            collect(value, True, short if name in _EXO_SECRETS else found)
+    for flags in args:  # exo nodes' command lines
         flags = list(flags)
         for i, arg in enumerate(flags):
             name, eq, inline = arg.partition("=")
             if arg.startswith("--") and _is_secret(name):
-                found.update([inline] if eq else flags[i + 1:i + 2])
-    return {v for v in found if len(v) >= _MIN_SCRUBBED}
+                (short if name in _EXO_SECRETS else found).update([inline] if eq else flags[i + 1:i + 2])
+    return {v for v in found if len(v) >= _MIN_SCRUBBED} | {v for v in short if v}
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
+        if len(secret) >= _MIN_SCRUBBED:
+            text = text.replace(secret, REDACTED)
+        else:  # a short value only where it stands alone: `--api-key abc`, `"abc"`, not inside `fabcd`
+            text = re.sub(rf"(?<![\w.+/-]){re.escape(secret)}(?![\w.+/-])", REDACTED, text)
     return text

@@ -55,7 +55,7 @@ from exo.worker.runner.messages import (
     frame_size,
     pack_frame,
 )
-from exo.worker.runner.process import command
+from exo.worker.runner.process import command, runner_env
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class Supervisor:
             handle.spec = handle.spec.model_copy(update={"model_path": str(path)})
             handle.process = await anyio.open_process(
                 command(handle.spec.model_dump_json(), os.getpid()),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=runner_env(os.environ),
                 start_new_session=True)  # a terminal's Ctrl-C is for the node, which stops its runners in order
             log.info("runner=%s pid=%d", handle.runner_id, handle.process.pid)
             await self._read(handle)

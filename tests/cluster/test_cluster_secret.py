@@ -19,7 +19,7 @@ from exo.models.cards import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 
-SECRET, KEY = "the-cluster-secret", "sk-the-api-key"
+SECRET, KEY = "the-cluster-secret", "sk-the-cluster-api-key"
 HEARTBEAT = float(NODE_ENV["EXO_HEARTBEAT_INTERVAL"])
 
 
@@ -53,7 +53,7 @@ def all_peers(i: int, ports: list[int]) -> list[str]:
 def test_nodes_without_the_cluster_secret_never_join(tmp_path: Path, models_dir: Path) -> None:
     (tmp_path / "secret").write_text(SECRET + "\n")
     secrets = [["--cluster-secret", SECRET], ["--cluster-secret-file", str(tmp_path / "secret")],
-               ["--cluster-secret", "a-wrong-secret"], []]
+               ["--cluster-secret", "a-wrong-cluster-secret"], []]
 
     def flags(i: int, ports: list[int]) -> list[str]:
         return [*all_peers(i, ports), *secrets[i]]
@@ -122,9 +122,9 @@ def test_the_api_key_guards_every_endpoint_but_health(tmp_path: Path, models_dir
         # a node of the cluster with another key joins (it holds the secret) but the master refuses
         # what it forwards, and it says why
         other = start_node(tmp_path / "other", models_dir, "--no-preload", "--cluster-secret", SECRET,
-                           "--api-key", "sk-another-key", *all_peers(2, [*(n.port for n in nodes), 0]))
+                           "--api-key", "sk-another-api-key-0", *all_peers(2, [*(n.port for n in nodes), 0]))
         try:
-            wait_for(lambda: members(other, "sk-another-key") == 3, 30, "the third node joins")
+            wait_for(lambda: members(other, "sk-another-api-key-0") == 3, 30, "the third node joins")
             answer = httpx.post(f"{other.url}/place_instance", json={"model_id": DEFAULT_MODEL, "min_nodes": 3},
                                 headers={"Authorization": "Bearer sk-another-key"}, timeout=10)
             assert answer.status_code == 500 and "same --api-key" in answer.json()["error"]["message"], answer.text

@@ -130,13 +130,14 @@ def test_throttle_lets_one_through_per_key_and_period() -> None:
 
 def test_the_secret_comes_from_flags_the_environment_or_a_file(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
-    secret_file.write_text("from-file\n")
+    secret_file.write_text("secret-from-the-file\n")
     assert Config.from_env({}).cluster_secret is None
-    assert Config.from_env({"EXO_CLUSTER_SECRET_FILE": str(secret_file)}).cluster_secret == "from-file"
-    assert Config.from_env({"EXO_CLUSTER_SECRET": "from-env", "EXO_API_KEY": "k"}).cluster_secret == "from-env"
-    assert Config.from_env({"EXO_CLUSTER_SECRET": "from-env"}, cluster_secret="from-flag").cluster_secret == "from-flag"
-    config = Config.from_env({"EXO_API_KEY": "sk-1"})
-    assert config.api_key == "sk-1" and "sk-1" not in repr(config)
+    assert Config.from_env({"EXO_CLUSTER_SECRET_FILE": str(secret_file)}).cluster_secret == "secret-from-the-file"
+    env = {"EXO_CLUSTER_SECRET": "secret-from-the-env", "EXO_API_KEY": "sk-key-from-the-env"}
+    assert Config.from_env(env).cluster_secret == "secret-from-the-env"
+    assert Config.from_env(env, cluster_secret="secret-from-a-flag").cluster_secret == "secret-from-a-flag"
+    config = Config.from_env({"EXO_API_KEY": "sk-key-from-the-env"})
+    assert config.api_key == "sk-key-from-the-env" and "sk-key-from-the-env" not in repr(config)
     secret_file.write_text(" \n")
     with pytest.raises(ValueError, match="empty"):
         Config.from_env({"EXO_CLUSTER_SECRET_FILE": str(secret_file)})
