@@ -126,11 +126,17 @@ def _serve(config: Config) -> int:
     import anyio
 
     from exo.node import Node
+    from exo.shared.errors import ExoError
 
     log = logging.getLogger("exo")
     log.info("exo %s: API on http://%s:%d, BLAS %s", __version__, config.api_host, config.api_port,
              library or "bundled with MLX")
-    anyio.run(Node(config).run)
+    try:
+        node = Node(config)
+    except ExoError as e:  # a --model that names nothing
+        print(f"exo: {e.message}", file=sys.stderr)
+        return 2
+    anyio.run(node.run)
     return 0
 
 

@@ -171,6 +171,9 @@ class Node:
             except ExoError as e:
                 log.error("model=%s could not be placed: %s", model_id, e.message)
                 return
+            except Exception:  # a bug: the node still serves its other models
+                log.exception("model=%s could not be placed", model_id)
+                return
 
 
 class _Server(uvicorn.Server):

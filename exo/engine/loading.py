@@ -6,9 +6,11 @@ prefix), then narrowed to the layer range, fused, and converted to the engine's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,21 +58,23 @@ class LoadedModel:
 
 
 def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "float32") -> LoadedModel:
-    """Load layers `[start, end)` of the model at `path` (a `.gguf` file or a model directory)."""
-    if path.is_file() and path.suffix == ".gguf":
-        weights, args, group_size, tokenizer = _read_gguf(path)
-    elif path.is_dir() and (path / "config.json").is_file():
-        weights, args, group_size, tokenizer = _read_directory(path)
-    else:
-        raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
-    model = LlamaShard(args, start, end)
-    weights = _fuse(_select_range(weights, model))
-    if dtype == "quantized":
-        nn.quantize(model, class_predicate=lambda p, _: _quantization_of(weights, p, group_size))
-    else:
-        weights = _dequantize(weights, group_size, _FLOAT_DTYPES[dtype])
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    """Load layers `[start, end)` of the model at `path` (a `.gguf` file or a model directory).
+    Raises ModelFormatError, saying what and why, for files that are unsupported, damaged or not a model."""
+    with _reading(path):
+        if path.is_file() and path.suffix == ".gguf":
+            weights, args, group_size, tokenizer = _read_gguf(path)
+        elif path.is_dir() and (path / "config.json").is_file():
+            weights, args, group_size, tokenizer = _read_directory(path)
+        else:
+            raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
+        model = LlamaShard(args, start, end)
+        weights = _fuse(_select_range(weights, model))
+        if dtype == "quantized":
+            nn.quantize(model, class_predicate=lambda p, _: _quantization_of(weights, p, group_size))
+        else:
+            weights = _dequantize(weights, group_size, _FLOAT_DTYPES[dtype])
+        model.load_weights(list(weights.items()), strict=True)
+        mx.eval(model.parameters())
     log.info("loaded %s layers [%d, %d) of %d as %s", path.name, model.start, model.end,
              args.num_hidden_layers, dtype)
     return LoadedModel(model, tokenizer, args)
@@ -78,13 +82,49 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "flo
 
 def load_tokenizer(path: Path) -> tuple[Tokenizer, ModelArgs]:
     """The tokenizer and shape of the model at `path`, for a process that renders prompts but holds no layers."""
-    if path.is_file() and path.suffix == ".gguf":
-        _, args, _, tokenizer = _read_gguf(path)  # reads the tensors too; MLX has no metadata-only read
-        return tokenizer, args
-    if path.is_dir() and (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        return Tokenizer.from_directory(path), ModelArgs.from_dict(config)
+    with _reading(path):
+        if path.is_file() and path.suffix == ".gguf":
+            _, args, _, tokenizer = _read_gguf(path)  # reads the tensors too; MLX has no metadata-only read
+            return tokenizer, args
+        if path.is_dir() and (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+            return Tokenizer.from_directory(path), _checked(ModelArgs.from_dict(config), path)
     raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
+
+
+# What MLX's loader says, and what it means for the person who chose the file.
+_MLX_SAYS = [
+    ("gguf_tensor_to_f16 failed", "it holds tensors of a quantization MLX cannot read (K-quants such as Q3_K, Q5_K "
+                                  "or Q8_K, as in Q4_K_M files); use a Q4_0, Q4_1, Q8_0 or F16 GGUF"),
+    ("gguf_init failed", "it is not a GGUF file (its header cannot be read), or it is cut short"),
+    ("extends past the end of the file", "it is cut short (an incomplete download or a damaged copy)"),
+]
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what reading a damaged or foreign model raises, from MLX, the tokenizer or a config, into
+    one ModelFormatError naming the file and why."""
+    try:
+        yield
+    except ModelFormatError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:
+        said = str(e).strip("'\"") or type(e).__name__
+        why = next((meaning for clue, meaning in _MLX_SAYS if clue in said), None)
+        if why is None:
+            why = f"it is missing {said!r}" if isinstance(e, KeyError) else f"it cannot be read: {said}"
+        raise ModelFormatError(f"{path.name} is not a model exo can serve: {why}") from e
+
+
+def _checked(args: ModelArgs, path: Path) -> ModelArgs:
+    """`args`, if they describe a model at all."""
+    sizes = (args.hidden_size, args.num_hidden_layers, args.intermediate_size, args.num_attention_heads,
+             args.vocab_size)
+    if not all(isinstance(n, int) and n > 0 for n in sizes):
+        raise ModelFormatError(f"{path.name}: its shape is incomplete (hidden size, layers, MLP size, heads, "
+                               f"vocabulary: {sizes})")
+    return args
 
 
 def _read_gguf(path: Path) -> tuple[dict[str, mx.array], ModelArgs, int, Tokenizer]:
@@ -95,6 +135,8 @@ def _read_gguf(path: Path) -> tuple[dict[str, mx.array], ModelArgs, int, Tokeniz
 
     def num(key: str, default: Any = None) -> Any:
         value = meta.get(f"llama.{key}")
+        if value is None and default is None:
+            raise ModelFormatError(f"{path.name}: its metadata lacks llama.{key}")
         return default if value is None else value.item()
 
     head_count = num("attention.head_count")
@@ -113,6 +155,7 @@ def _read_gguf(path: Path) -> tuple[dict[str, mx.array], ModelArgs, int, Tokeniz
         tie_word_embeddings="output.weight" not in raw,
         max_position_embeddings=num("context_length", 4096),
     )
+    _checked(args, path)
     weights = {}
     for name, value in raw.items():
         for pattern, repl in _GGUF_NAMES:
@@ -134,7 +177,7 @@ def _read_directory(path: Path) -> tuple[dict[str, mx.array], ModelArgs, int, To
         weights.update(mx.load(str(file)))
     weights = {k.removeprefix("model."): v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     group_size = config.get("quantization", {}).get("group_size", 64)
-    return weights, ModelArgs.from_dict(config), group_size, Tokenizer.from_directory(path)
+    return weights, _checked(ModelArgs.from_dict(config), path), group_size, Tokenizer.from_directory(path)
 
 
 def _select_range(weights: dict[str, mx.array], model: LlamaShard) -> dict[str, mx.array]:
