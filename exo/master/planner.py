@@ -4,23 +4,31 @@ The planner takes the fewest nodes that can hold the model, largest offered memo
 the layers into contiguous half-open ranges in proportion to each node's usable memory. Bad arguments
 (a card with no layers, no bytes, `min_nodes < 1`) are the caller's bug and raise ValueError;
 a cluster that cannot hold the model raises PlacementRefused, saying how much memory is missing.
+
+What a node offers is measured now, and runners of instances just placed have not loaded yet: so what
+those runners will take is counted against it, and what every instance placed takes is counted against
+all a node may give exo (its cap, or all its memory).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
 from exo.models.cards import ModelCard
 from exo.shared.errors import PlacementRefused
-from exo.shared.state import NodeProfile, ShardAssignment
+from exo.shared.runners import RunnerStatus, runner_id
+from exo.shared.state import NodeProfile, ShardAssignment, State
+from exo.shared.types import NodeId
 
 # Weights are not all a node needs: the KV cache and activations grow with the context, so a tenth of
 # what a node offers stays free, plus a fixed reserve for the runner process itself (interpreter, MLX,
 # tokenizer), which does not shrink on a small node.
 HEADROOM_FRACTION = 0.1
 RESERVE_BYTES = 128 * 1024**2
+# A runner in these states holds its weights, so the memory available now already shows them.
+_HOLDING_WEIGHTS = (RunnerStatus.LOADED, RunnerStatus.WARMING_UP, RunnerStatus.READY, RunnerStatus.RUNNING)
 
 _GB = 1_000_000_000
 
@@ -40,6 +48,37 @@ def usable_bytes(node: NodeProfile) -> int:
 def _headroom_left(node: NodeProfile) -> int:
     """What a node offers less its headroom; negative when it offers less than the reserve."""
     return int(node.memory_offered * (1 - HEADROOM_FRACTION)) - RESERVE_BYTES
+
+
+def committed_bytes(state: State, model_bytes: Callable[[str], int | None]) -> tuple[dict[NodeId, int], dict[NodeId, int]]:
+    """Offered memory each node has given to the instances placed in `state`, and the part of it whose
+    runners have not loaded yet (so memory available now does not show it). Each shard takes its share
+    of the model's weights with that share's headroom, and a runner's reserve (only that where the
+    model's size is unknown)."""
+    committed: dict[NodeId, int] = {}
+    loading: dict[NodeId, int] = {}
+    for instance in state.instances.values():
+        size = model_bytes(instance.model_id) or 0
+        for shard in instance.shards:
+            share = _offered_for(size * (shard.end - shard.start) // max(instance.n_layers, 1))
+            committed[shard.node_id] = committed.get(shard.node_id, 0) + share
+            runner = state.runners.get(runner_id(instance.instance_id, shard.rank))
+            if runner is None or runner.status not in _HOLDING_WEIGHTS:
+                loading[shard.node_id] = loading.get(shard.node_id, 0) + share
+    return committed, loading
+
+
+def _uncommitted(nodes: Sequence[NodeProfile], committed: Mapping[NodeId, int],
+                 loading: Mapping[NodeId, int]) -> list[NodeProfile]:
+    """The nodes as offering what is available now less what runners still loading will take, within
+    what placed instances leave of all the node may give exo (its cap, or all its memory)."""
+    out = []
+    for node in nodes:
+        if taken := committed.get(node.node_id, 0):
+            left = min(node.memory_offered - loading.get(node.node_id, 0), (node.memory_cap or node.memory_total) - taken)
+            node = node.model_copy(update={"memory_available": max(0, left), "memory_cap": None})
+        out.append(node)
+    return out
 
 
 def allocate_layers(n_layers: int, weights: Sequence[float]) -> list[int]:
@@ -62,10 +101,15 @@ def allocate_layers(n_layers: int, weights: Sequence[float]) -> list[int]:
 
 
 def place(
-    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int, min_nodes: int = 1
+    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int, min_nodes: int = 1,
+    committed: Mapping[NodeId, int] | None = None, loading: Mapping[NodeId, int] | None = None,
 ) -> tuple[ShardAssignment, ...]:
-    """Layer ranges on the fewest nodes (at least `min_nodes`) that hold `model_bytes` of weights."""
+    """Layer ranges on the fewest nodes (at least `min_nodes`) that hold `model_bytes` of weights,
+    besides what instances already placed have `committed` there, `loading` of it not loaded yet
+    (see `committed_bytes`)."""
     _check(model, model_bytes)
+    taken = sum((committed or {}).get(node.node_id, 0) for node in nodes)
+    nodes = _uncommitted(nodes, committed or {}, loading or {})
     if min_nodes < 1:
         raise ValueError(f"min_nodes must be at least 1, got {min_nodes}")
     n = model.n_layers
@@ -92,19 +136,22 @@ def place(
             return placement
     missing = min(_shortfall(ranked[:k], n, model_bytes) for k in range(min_nodes, most + 1))
     capped = f" (a {n}-layer model can use at most {n} node(s))" if len(ranked) > n else ""
+    placed = f" and the {_human(taken)} that instances already placed take" if taken else ""
+    delete = "delete an instance (DELETE /instance/ID), " if taken else ""
     raise PlacementRefused(
         f"{model.id} ({_human(model_bytes)} of weights) does not fit on {most} node(s){capped}: "
-        f"it needs {_human(missing)} more free memory, counting headroom for the KV cache; "
-        "free memory, raise --max-memory, or add a machine"
+        f"it needs {_human(missing)} more free memory, counting headroom for the KV cache{placed}; "
+        f"{delete}free memory, raise --max-memory, or add a machine"
     )
 
 
 def previews(
-    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int
+    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int,
+    committed: Mapping[NodeId, int] | None = None, loading: Mapping[NodeId, int] | None = None,
 ) -> list[tuple[ShardAssignment, ...]]:
     """One placement per node count, from the fewest that fit up to what the model's size allows."""
     _check(model, model_bytes)
-    ranked = _ranked(nodes)
+    ranked = _ranked(_uncommitted(nodes, committed or {}, loading or {}))
     fitting = {
         k: placement
         for k in range(1, min(len(ranked), model.n_layers) + 1)

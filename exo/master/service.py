@@ -10,7 +10,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from exo.master.coordinator import Coordinator, Outgoing
-from exo.master.planner import place
+from exo.master.planner import committed_bytes, place
 from exo.master.replan import eligible_nodes, instances_to_move
 from exo.models.cards import CARDS, ModelCard
 from exo.net.messages import CODEC, Heartbeat
@@ -106,10 +106,16 @@ class ClusterService:
 
     def place_instance(self, card: ModelCard, *, min_nodes: int = 1) -> Instance:
         self._require_master()
-        shards = place(card, eligible_nodes(self.coordinator.state), model_bytes=card.memory_bytes(self.dtype),
-                       min_nodes=min_nodes)
+        state = self.coordinator.state
+        committed, loading = committed_bytes(state, self.model_bytes)
+        shards = place(card, eligible_nodes(state), model_bytes=card.memory_bytes(self.dtype), min_nodes=min_nodes,
+                       committed=committed, loading=loading)
         return self.add_instance(Instance(instance_id=new_instance_id(), model_id=card.id,
                                           n_layers=card.n_layers, shards=shards))
+
+    def model_bytes(self, model_id: str) -> int | None:
+        """What a model's weights take in memory here, if it is in the registry."""
+        return card.memory_bytes(self.dtype) if (card := CARDS.get(model_id)) else None
 
     def add_instance(self, instance: Instance) -> Instance:
         self._require_master()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -10,6 +11,7 @@ from exo.master.planner import (
     HEADROOM_FRACTION,
     RESERVE_BYTES,
     allocate_layers,
+    committed_bytes,
     max_nodes_for,
     place,
     previews,
@@ -17,8 +19,9 @@ from exo.master.planner import (
 )
 from exo.models.cards import ModelCard, PypiWheelSource
 from exo.shared.errors import PlacementRefused
-from exo.shared.state import NodeProfile, ShardAssignment
-from exo.shared.types import NodeId
+from exo.shared.runners import RunnerInfo, RunnerStatus, runner_id
+from exo.shared.state import Instance, NodeProfile, ShardAssignment, State
+from exo.shared.types import InstanceId, NodeId
 
 GB = 1_000_000_000
 
@@ -337,3 +340,84 @@ def test_previews_offer_each_node_count_from_the_fewest_that_fit(
         assert options[0] == place(card(n_layers), cluster, model_bytes=model_bytes)
     for p in options:
         assert p == place(card(n_layers), cluster, model_bytes=model_bytes, min_nodes=len(p))
+
+
+# --- instances already placed ---------------------------------------------------------------------
+
+
+def offered_for(weights: int) -> int:
+    """Offered memory that holds `weights` with their headroom and a runner's reserve."""
+    return math.ceil((weights + RESERVE_BYTES) / (1 - HEADROOM_FRACTION))
+
+
+def placed(*instances: tuple[str, list[tuple[str, int, int]], RunnerStatus | None]) -> State:
+    """A state holding these instances (model, shards as (node, start, end), status of every runner)."""
+    made = [Instance(instance_id=InstanceId(f"i{i}"), model_id=model, n_layers=30,
+                     shards=tuple(ShardAssignment(node_id=NodeId(n), rank=r, start=s, end=e)
+                                  for r, (n, s, e) in enumerate(shards)))
+            for i, (model, shards, _) in enumerate(instances)]
+    runners = {runner_id(inst.instance_id, s.rank): RunnerInfo(
+        instance_id=inst.instance_id, rank=s.rank, node_id=s.node_id, start=s.start, end=s.end, status=status,
+        host="127.0.0.1", port=1) for inst, (_, _, status) in zip(made, instances, strict=True) if status
+        for s in inst.shards}
+    return State(instances={i.instance_id: i for i in made}, runners=runners)
+
+
+@pytest.mark.parametrize(
+    ("state", "committed", "loading"),
+    [
+        pytest.param(placed(), {}, {}, id="nothing_placed"),
+        pytest.param(placed(("m", [("a", 0, 30)], None)), {"a": offered_for(GB)}, {"a": offered_for(GB)},
+                     id="whole_model_not_started"),
+        pytest.param(placed(("m", [("a", 0, 30)], RunnerStatus.LOADING)), {"a": offered_for(GB)},
+                     {"a": offered_for(GB)}, id="whole_model_loading"),
+        pytest.param(placed(("m", [("a", 0, 30)], RunnerStatus.READY)), {"a": offered_for(GB)}, {},
+                     id="whole_model_loaded"),
+        pytest.param(placed(("m", [("a", 0, 15), ("b", 15, 30)], RunnerStatus.RUNNING)),
+                     {"a": offered_for(GB // 2), "b": offered_for(GB // 2)}, {}, id="half_on_each"),
+        pytest.param(placed(("m", [("a", 0, 30)], RunnerStatus.READY), ("m", [("a", 0, 30)], None)),
+                     {"a": 2 * offered_for(GB)}, {"a": offered_for(GB)}, id="two_copies_one_loaded"),
+        pytest.param(placed(("local", [("a", 0, 30)], None)), {"a": offered_for(0)}, {"a": offered_for(0)},
+                     id="unknown_size_only_a_reserve"),
+    ],
+)
+def test_committed_memory_is_each_shards_share_and_loading_what_runners_have_not_loaded(
+    state: State, committed: dict[str, int], loading: dict[str, int]
+) -> None:
+    assert committed_bytes(state, {"m": GB}.get) == (committed, loading)
+
+
+@pytest.mark.parametrize(
+    ("cluster", "copies"),
+    [
+        pytest.param([node("a", 8)], 6, id="available_memory_when_uncapped"),
+        pytest.param([node("a", 64, cap_gb=4)], 3, id="the_cap_bounds_all_copies"),
+        pytest.param([node("a", 2.6, cap_gb=64)], 2, id="available_now_bounds_runners_not_loaded"),
+        pytest.param(nodes(4, 4), 6, id="copies_fill_every_node"),
+    ],
+)
+def test_copies_placed_before_their_runners_load_fill_memory_then_are_refused(
+    cluster: list[NodeProfile], copies: int
+) -> None:
+    """Memory available now does not shrink until a runner loads: the instances placed count instead."""
+    model, state = card(30), State()
+    for i in range(copies):
+        committed, loading = committed_bytes(state, {model.id: GB}.get)
+        shards = place(model, cluster, model_bytes=GB, committed=committed, loading=loading)
+        instance = Instance(instance_id=InstanceId(f"copy{i}"), model_id=model.id, n_layers=30, shards=shards)
+        state = state.model_copy(update={"instances": {**state.instances, instance.instance_id: instance}})
+    committed, loading = committed_bytes(state, {model.id: GB}.get)
+    with pytest.raises(PlacementRefused) as refused:
+        place(model, cluster, model_bytes=GB, committed=committed, loading=loading)
+    assert "that instances already placed take" in refused.value.message
+    assert "DELETE /instance/ID" in refused.value.message
+    assert not previews(model, cluster, model_bytes=GB, committed=committed, loading=loading)
+
+
+def test_a_loaded_copy_is_not_counted_twice_against_the_memory_it_already_took() -> None:
+    """Once its runner holds its weights, memory available now shows a copy: only the total counts it."""
+    model = card(30)
+    state = placed(("test-model", [("a", 0, 30)], RunnerStatus.READY))
+    after_load = node("a", 8 - offered_for(GB) / GB)
+    committed, loading = committed_bytes(state, {model.id: GB}.get)
+    assert place(model, [after_load], model_bytes=GB, committed=committed, loading=loading)

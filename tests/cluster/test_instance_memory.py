@@ -1,0 +1,49 @@
+"""A real node places copies of a model only while the memory of the instances already placed leaves room."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from nodes import answers, start_node, stop_node, wait_for
+
+from exo.models.cards import CARDS, DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_node_serves_on(
+        tmp_path: Path, models_dir: Path) -> None:
+    # Quantized, a copy takes its file's size plus headroom and a runner's reserve (about 260 MB):
+    # two fit in 600 MB.
+    assert CARDS[DEFAULT_MODEL].bytes < 100_000_000
+    node = start_node(tmp_path, models_dir, "--no-discovery", "--no-preload", "--dtype", "quantized",
+                      "--max-memory", "600MB")
+    try:
+        wait_for(lambda: answers(node) and node.state()["master_id"] is not None, 60, "the node to be master")
+        placed = []
+        for _ in range(2):  # at once, before any runner has loaded and memory available shows it
+            answer = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
+            assert answer.status_code == 200, answer.text
+            placed.append(answer.json()["instance_id"])
+
+        refused = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
+
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "placement_refused" and "instances already placed take" in error["message"]
+        assert set(node.state()["instances"]) == set(placed)
+        wait_for(lambda: httpx.get(f"{node.url}/health").json()["runners_ready"] == 2, 120, "both copies to load")
+        again = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
+        assert again.status_code == 409, again.text  # loaded copies still count
+        chat = httpx.post(f"{node.url}/v1/chat/completions", timeout=120, json={
+            "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert chat.status_code == 200, chat.text
+
+        assert httpx.delete(f"{node.url}/instance/{placed[0]}", timeout=10).status_code == 200
+        wait_for(lambda: len(node.state()["instances"]) == 1, 30, "the instance to be deleted")
+        assert httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL},
+                          timeout=10).status_code == 200  # its memory is free again
+    finally:
+        assert stop_node(node) == 0, node.log_tail()
