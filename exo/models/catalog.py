@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from exo.models.cards import CARDS
 from exo.models.store import ModelStore
@@ -11,11 +14,16 @@ from exo.shared.types import FrozenModel
 
 
 class ModelInfo(FrozenModel):
+    """A model this node can serve, as GET /v1/models lists it (OpenAI's model object, and more)."""
+
     id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "exo"
     name: str
     context_length: int | None
-    local_path: str | None = None
     downloaded: bool
+    local_path: str | None = Field(default=None, exclude=True)  # where this node's own file is: not for clients
 
 
 class ModelCatalog:

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from exo.engine.generate import FinishReason
+from exo.models.catalog import ModelInfo
 from exo.shared.types import Utf8Str
 
 
@@ -112,19 +113,9 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "exo"
-    name: str
-    context_length: int | None
-    downloaded: bool
-
-
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelInfo]
 
 
 def completion_id() -> str:

@@ -14,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from exo.api.auth import forward_headers
 from exo.api.errors import error_body
-from exo.api.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from exo.api.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelList
 from exo.api.openai.serving import ChatService, RemoteChat
 from exo.models.catalog import ModelCatalog
 from exo.shared.errors import ServiceUnavailable
@@ -31,7 +31,7 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
 
     @router.get("/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(**info.model_dump(exclude={"local_path"})) for info in catalog.list()])
+        return ModelList(data=catalog.list())
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
