@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
     """The node's settings given as flags; None where a flag is not given, so EXO_<NAME> or the default holds."""
-    return dict(api_host=args.api_host, api_port=args.api_port, verbose=args.verbose or None,
-                preload=() if args.no_preload else args.model and tuple(args.model), dtype=args.dtype,
-                blas=args.blas, cluster=args.cluster, peers=args.peers, discovery=False if args.no_discovery else None,
-                max_memory=args.max_memory, peer_timeout=args.peer_timeout, cluster_secret=args.cluster_secret,
-                api_key=args.api_key)
+    return {"api_host": args.api_host, "api_port": args.api_port, "verbose": args.verbose or None,
+            "preload": () if args.no_preload else args.model and tuple(args.model), "dtype": args.dtype,
+            "blas": args.blas, "cluster": args.cluster, "peers": args.peers,
+            "discovery": False if args.no_discovery else None, "max_memory": args.max_memory,
+            "peer_timeout": args.peer_timeout, "cluster_secret": args.cluster_secret, "api_key": args.api_key}
 
 
 def _serve(config: Config) -> int:

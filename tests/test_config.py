@@ -19,9 +19,10 @@ KEY, SECRET = "sk-config-test-api-key-0123", "config-test-cluster-secret-4567"
 
 
 def test_every_setting_comes_from_its_exo_variable_and_a_flag_wins() -> None:
-    config = Config.from_env({"EXO_HOME": "/x", "EXO_BLAS": "openblas", "EXO_DTYPE": "bfloat16", "EXO_PEERS": "a:1,[::1]:2",
-                              "EXO_MAX_MEMORY": "2GB", "EXO_PRELOAD": "m1,m2", "EXO_QUEUE_LIMIT": "4",
-                              "EXO_DEBUG_COORDINATION": "1", "EXO_API_KEY": KEY, "EXO_LOG_FILE": "/not/a/setting"},
+    config = Config.from_env({"EXO_HOME": "/x", "EXO_BLAS": "openblas", "EXO_DTYPE": "bfloat16",
+                              "EXO_PEERS": "a:1,[::1]:2", "EXO_MAX_MEMORY": "2GB", "EXO_PRELOAD": "m1,m2",
+                              "EXO_QUEUE_LIMIT": "4", "EXO_DEBUG_COORDINATION": "1", "EXO_API_KEY": KEY,
+                              "EXO_LOG_FILE": "/not/a/setting"},
                              blas="bundled", queue_limit=None)
     assert (config.home, config.models_dir) == (Path("/x"), Path("/x/models"))
     assert (config.blas, config.dtype, config.queue_limit, config.max_memory) == ("bundled", "bfloat16", 4, 2 * 10**9)

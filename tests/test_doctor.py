@@ -183,7 +183,8 @@ def test_classify_finds_nodes_runners_and_orphans_by_marker_only(
 
 
 def test_redaction_hides_secret_named_fields_flags_and_values() -> None:
-    config = Config.from_env({"EXO_HOME": "/x", "EXO_API_KEY": "k3y-value-1-long-enough", "EXO_CLUSTER_SECRET": "s3cret-value-long-enough"})
+    config = Config.from_env({"EXO_HOME": "/x", "EXO_API_KEY": "k3y-value-1-long-enough",
+                              "EXO_CLUSTER_SECRET": "s3cret-value-long-enough"})
     data = redact(config)
     assert data["api_key"] == data["cluster_secret"] == "***" and data["home"] == "/x" and data["api_port"] == 52415
     assert redact({"token": None, "nested": [{"password": "p"}]}) == {"token": None, "nested": [{"password": "***"}]}

@@ -50,7 +50,9 @@ def _headroom_left(node: NodeProfile) -> int:
     return int(node.memory_offered * (1 - HEADROOM_FRACTION)) - RESERVE_BYTES
 
 
-def committed_bytes(state: State, model_bytes: Callable[[str], int | None]) -> tuple[dict[NodeId, int], dict[NodeId, int]]:
+def committed_bytes(
+    state: State, model_bytes: Callable[[str], int | None]
+) -> tuple[dict[NodeId, int], dict[NodeId, int]]:
     """Offered memory each node has given to the instances placed in `state`, and the part of it whose
     runners have not loaded yet (so memory available now does not show it). Each shard takes its share
     of the model's weights with that share's headroom, and a runner's reserve (only that where the
@@ -75,7 +77,8 @@ def _uncommitted(nodes: Sequence[NodeProfile], committed: Mapping[NodeId, int],
     out = []
     for node in nodes:
         if taken := committed.get(node.node_id, 0):
-            left = min(node.memory_offered - loading.get(node.node_id, 0), (node.memory_cap or node.memory_total) - taken)
+            budget = node.memory_cap or node.memory_total
+            left = min(node.memory_offered - loading.get(node.node_id, 0), budget - taken)
             node = node.model_copy(update={"memory_available": max(0, left), "memory_cap": None})
         out.append(node)
     return out
