@@ -126,7 +126,7 @@ def test_the_api_key_guards_every_endpoint_but_health(tmp_path: Path, models_dir
         try:
             wait_for(lambda: members(other, "sk-another-api-key-0") == 3, 30, "the third node joins")
             answer = httpx.post(f"{other.url}/place_instance", json={"model_id": DEFAULT_MODEL, "min_nodes": 3},
-                                headers={"Authorization": "Bearer sk-another-key"}, timeout=10)
+                                headers={"Authorization": "Bearer sk-another-api-key-0"}, timeout=10)
             assert answer.status_code == 500 and "same --api-key" in answer.json()["error"]["message"], answer.text
         finally:
             assert stop_node(other) == 0, other.log.read_text()[-3000:]
