@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from exo.api.forward import ask_node
-from exo.master.planner import previews
+from exo.master.planner import committed_bytes, previews
 from exo.master.replan import draining_nodes, eligible_nodes
 from exo.master.service import ClusterService
 from exo.models.cards import CARDS, ModelCard
@@ -155,7 +155,9 @@ def instances_router(cluster: ClusterService) -> APIRouter:
     async def instance_previews(model_id: str) -> dict[str, Any]:
         card = _card(model_id)
         nodes = eligible_nodes(coordinator.state)
-        options = previews(card, nodes, model_bytes=card.memory_bytes(cluster.dtype))
+        committed, loading = committed_bytes(coordinator.state, cluster.model_bytes)  # as place_instance counts
+        options = previews(card, nodes, model_bytes=card.memory_bytes(cluster.dtype), committed=committed,
+                           loading=loading)
         return {"model_id": model_id, "previews": [{"shards": [s.model_dump() for s in p]} for p in options]}
 
     @router.get("/instance/{instance_id}")

@@ -34,6 +34,8 @@ def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_n
         error = refused.json()["error"]
         assert error["type"] == "placement_refused" and "instances already placed take" in error["message"]
         assert set(node.state()["instances"]) == set(placed)
+        previews = httpx.get(f"{node.url}/instance/previews", params={"model_id": DEFAULT_MODEL}, timeout=10)
+        assert previews.status_code == 200 and previews.json()["previews"] == [], previews.text
         wait_for(lambda: httpx.get(f"{node.url}/health").json()["runners_ready"] == 2, 120, "both copies to load")
         again = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
         assert again.status_code == 409, again.text  # loaded copies still count
