@@ -56,7 +56,9 @@ class Node:
             return measure_profile(node_id, address=config.api_host, api_port=config.api_port,
                                    memory_cap=config.max_memory)
 
-        self.transport = PeerTransport(auth=ClusterAuth(config.cluster_secret) if config.cluster_secret else None)
+        frame_key = config.cluster_secret or config.api_key  # peers prove the secret, or else the API key
+        self.transport = PeerTransport(auth=ClusterAuth(frame_key, node_id=node_id, cluster=config.cluster)
+                                       if frame_key else None)
         for host, port in config.peers:
             self.transport.add_seed(host, port)
         coordinator = Coordinator(measure(), cluster=config.cluster, term=terms.load(),
@@ -86,9 +88,13 @@ class Node:
             self.app, host=config.api_host, port=config.api_port, log_config=None,
             access_log=config.verbose, timeout_graceful_shutdown=max(config.channel_drain_timeout, 0.1)))
         log.info("node=%s cluster=%s term=%d", self.node_id, config.cluster, self.cluster.coordinator.term)
-        if not config.cluster_secret:
+        if not config.cluster_secret and not config.api_key:
             log.warning("no cluster secret set: any node on this network can join this cluster; "
                         "set --cluster-secret on every node")
+        elif not config.cluster_secret:
+            log.warning("an API key but no cluster secret: peers must prove the API key, so every client that "
+                        "holds the key (or reads it off unencrypted HTTP) can join this cluster as a node; "
+                        "set --cluster-secret on every node to keep the two apart")
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stop_on_signal, server, tg)
@@ -113,8 +119,8 @@ class Node:
         # Advertise only the address the API listens on, unless it listens on all of them.
         interfaces = InterfaceChoice.All if host in ("0.0.0.0", "::", "") else [host]
         discovery = Discovery(node_id=self.node_id, cluster=self.config.cluster, version=__version__,
-                              api_port=self.config.api_port, on_peer=self.transport.add_seed, interfaces=interfaces,
-                              auth=self.transport.auth)
+                              api_port=self.config.api_port, on_peer=self.transport.announce,
+                              on_peer_gone=self.transport.unannounce, interfaces=interfaces, auth=self.transport.auth)
         await discovery.run(task_status=task_status)
 
     async def _stop_on_signal(self, server: uvicorn.Server, tg: anyio.abc.TaskGroup) -> None:

@@ -2,9 +2,11 @@
 the static files under /dashboard/, which hold no data and must load to ask for the key) asks for
 `Authorization: Bearer <key>`, and answers 401 in OpenAI's error shape without it.
 
-`/cluster/message` is not the API's: peers' frames there prove the cluster secret instead (exo/net/auth.py).
+`/cluster/message` is not the API's: peers' frames there prove the cluster secret instead, or where a node
+has none, the API key, by a MAC keyed with it (exo/net/auth.py); the key itself is never sent there.
 All nodes of a cluster are configured with the same key: a node handing a request to another (a master
-command, a chat to the node that serves it) sends its own key along, through `forward_headers()`.
+command, a chat to the node that serves it) sends its own key along, through `forward_headers()`, and only
+to addresses learned from frames that proved the key or the secret (exo/net/transport.py).
 """
 
 from __future__ import annotations

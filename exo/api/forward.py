@@ -1,6 +1,7 @@
 """Handing an API request to another node (the master, or the node that holds a runner).
 
 It goes with this node's API key, if it has one: the nodes of a cluster share one (see exo/api/auth.py).
+`url` comes from PeerTransport.url, an address learned from a frame that proved the key (or the secret).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from exo.shared.events import (
 )
 from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import NodeProfile, State
-from exo.shared.types import FrozenModel, NodeId
+from exo.shared.types import WIRE_INT_MAX, FrozenModel, NodeId
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class Coordinator:
         return [self.heartbeat(), *(hb for _, hb in self.peers.values())]
 
     def _claim(self) -> list[Outgoing]:
-        term = max(hb.term for hb in self._live_heartbeats()) + 1
+        # Terms off the wire are at most WIRE_INT_MAX; at the ceiling, equal terms settle by node id.
+        term = min(max(hb.term for hb in self._live_heartbeats()) + 1, WIRE_INT_MAX)
         log.info("node=%s becomes master for term %d", self.node_id, term)
         self._set_term(term)
         self.master_id, self.synced_term, self.log = self.node_id, term, []

@@ -13,13 +13,14 @@ from exo.master.coordinator import Coordinator, Outgoing
 from exo.master.planner import committed_bytes, place
 from exo.master.replan import eligible_nodes, instances_to_move
 from exo.models.cards import CARDS, ModelCard
-from exo.net.messages import CODEC, Heartbeat
+from exo.net.auth import AuthError, Proof, Throttle
+from exo.net.messages import CODEC, EventBatch, Heartbeat, Leave, Snapshot
 from exo.net.transport import PeerTransport
 from exo.shared.errors import PlacementRefused, ServiceUnavailable
 from exo.shared.events import InstanceCreated, InstanceDeleted
 from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import Instance, NodeMode, NodeProfile, State
-from exo.shared.types import Dtype, InstanceId, new_instance_id
+from exo.shared.types import Dtype, FrozenModel, InstanceId, NodeId, new_instance_id
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ClusterService:
         self._worker_changed = anyio.Event()
         self._published: State | None = None
         self._sending = 0  # messages taken from the outbox and not yet delivered (or given up)
+        self._bug = Throttle(60.0)  # one traceback a minute per place, should a bug recur every tick
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -50,9 +52,14 @@ class ClusterService:
                     self._refresh_profile()
                     last_profile = self.clock()
                 self.coordinator.queues = self.queues()
-                self._post(self.coordinator.tick(self.clock()))
-                if self.coordinator.is_master:
-                    self._replan()
+                try:
+                    self._post(self.coordinator.tick(self.clock()))
+                    self.transport.keep_only(self.coordinator.peers)  # peers timed out or gone: not sent to
+                    if self.coordinator.is_master:
+                        self._replan()
+                except Exception:  # a bug, maybe fed by a peer's message: the node keeps running
+                    if self._bug("tick"):
+                        log.exception("node=%s coordinator tick failed", self.coordinator.node_id)
                 with anyio.move_on_after(self.heartbeat_interval):
                     await self._worker_changed.wait()
                 self._worker_changed = anyio.Event()
@@ -95,12 +102,22 @@ class ClusterService:
         while self._sending or self._outbox.statistics().current_buffer_used:
             await anyio.sleep(0.01)
 
-    def receive(self, frame: bytes, sender_host: str) -> None:
-        """Handle one frame from a peer. Raises WireError for a frame that is not a valid message."""
+    def receive(self, frame: bytes, sender_host: str, proof: Proof | None = None) -> None:
+        """Handle one frame from a peer (`proof`: its verified proof, where the cluster has a secret).
+        Raises WireError for a frame that is not a valid message, AuthError for one its proof's sender
+        did not write."""
         message = CODEC.decode(frame)
+        if proof is not None and (sender := _sender(message)) is not None and sender != proof.sender:
+            raise AuthError(f"node {proof.sender} sent a message of node {sender}")
         if isinstance(message, Heartbeat):
-            self.transport.learn(message.node_id, sender_host, message.profile.api_port)
-        self._post(self.coordinator.receive(message, self.clock()))
+            self.transport.learn(message.node_id, sender_host, message.profile.api_port,
+                                 addressed=proof is None or proof.addressed)
+        try:
+            self._post(self.coordinator.receive(message, self.clock()))
+        except Exception:  # a bug a peer's message ran into: dropped, and the node keeps running
+            if self._bug(f"receive {type(message).__name__}"):
+                log.exception("node=%s dropped a %s it failed to handle", self.coordinator.node_id,
+                              type(message).__name__)
 
     # -- master commands (the API forwards them to the master) -----------------------------------
 
@@ -183,5 +200,18 @@ class ClusterService:
     async def _send(self, item: Outgoing) -> None:
         try:
             await self.transport.send(item.to, item.message)
+        except Exception:  # a message that cannot be encoded is a bug; it must not end the send loop
+            if self._bug(f"send {type(item.message).__name__}"):
+                log.exception("node=%s could not send a %s", self.coordinator.node_id, type(item.message).__name__)
         finally:
             self._sending -= 1
+
+
+def _sender(message: FrozenModel) -> NodeId | None:
+    """The node a coordinator message speaks for."""
+    match message:
+        case Heartbeat() | Leave():
+            return message.node_id
+        case EventBatch() | Snapshot():
+            return message.master_id
+    return None

@@ -1,17 +1,25 @@
 """Proof of the shared cluster secret, so that only nodes holding it can join a cluster.
 
-Every frame a node POSTs to a peer's `/cluster/message` carries `x-exo-auth: <ms>.<nonce>.<mac>`: an
-HMAC-SHA256, keyed with the secret, over the sender's wall-clock time in milliseconds, a random nonce and
-the frame. A receiver takes a frame only if the MAC matches, the time is within `WINDOW` seconds of its
-own clock, and it has not seen that MAC before (a bounded set of the MACs still inside the window), so a
-recorded frame cannot be played back to it. Zeroconf announcements carry an HMAC of (node id, cluster,
-port) in their TXT record, so strangers' announcements are ignored; the secret itself never travels.
+The key is the cluster secret (`--cluster-secret`), or where a node has none, its API key (`--api-key`):
+either way every node of a cluster holds the same one, and it never travels.
+
+Every frame a node POSTs to a peer's `/cluster/message` carries `x-exo-auth: <ms>.<nonce>.<from>.<to>.<mac>`:
+an HMAC-SHA256, keyed with the secret, over the cluster name, the sender's node id, the receiver's node id,
+the sender's wall-clock time in milliseconds, a random nonce and the frame. A receiver takes a frame only if
+the MAC matches, the frame names it as receiver (or `*`, see below), the time is within `WINDOW` seconds of
+its own clock, it has not seen that MAC before (a bounded set of the MACs still inside the window), and the
+message inside is the named sender's own. So a recorded frame can be played back neither to the node it
+was sent to nor to another one, and cannot be passed off as another node's. Zeroconf announcements carry
+an HMAC of (node id, cluster, port) in their TXT record, so strangers' announcements are ignored.
 
 What this does not do, honestly:
 - It does not encrypt. Anyone on the network can read cluster messages (node profiles, the state); they
-  cannot forge, alter or replay them to the node they were sent to. A frame recorded on its way to one
-  node could be played to another within the window (each node keeps its own seen-set); that node then
-  hears a genuine, slightly old message.
+  cannot forge or alter them. With the API key as the secret, whoever holds the key (every API client, and
+  anyone who reads it off an unencrypted HTTP request) can act as a node of the cluster.
+- A node sends to an address whose node id it has not learned yet (a `--peers` seed, an announced peer,
+  before their first message) with `to` = `*`. Such a frame could be played to a third node within the
+  window; that node then hears a genuine, slightly old message, and takes the player's address for the
+  sender only if it knew no address for it (see PeerTransport.learn).
 - Announcement proofs are static: copying one only makes us POST signed frames to the copier, which it
   cannot answer with frames of its own. Admission rests on the signed frames alone.
 - Pipeline rings: runners learn their ring peers' addresses only from the cluster state, which only
@@ -30,12 +38,14 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 HEADER = "x-exo-auth"
 WINDOW = 60.0  # seconds a frame's timestamp may be off the receiver's clock, either way
 MAX_SEEN = 65_536  # MACs remembered against replay: about a minute of 250 nodes heartbeating at 4 Hz
 
-_PROOF = re.compile(r"(\d{1,15})\.([0-9a-f]{16})\.([0-9a-f]{64})", re.ASCII)
+ANY = "*"  # the receiver of a frame sent to an address whose node id the sender does not know yet
+_PROOF = re.compile(r"(\d{1,15})\.([0-9a-f]{16})\.([\w-]{1,64})\.([\w-]{1,64}|\*)\.([0-9a-f]{64})", re.ASCII)
 
 
 class AuthError(ValueError):
@@ -47,34 +57,65 @@ def _mac(key: bytes, *parts: bytes) -> str:
     return hmac.new(key, b"".join(len(p).to_bytes(8, "big") + p for p in parts), hashlib.sha256).hexdigest()
 
 
+@dataclass(frozen=True)
+class Proof:
+    """A parsed `HEADER` value."""
+
+    ms: str
+    nonce: str
+    sender: str
+    receiver: str  # a node id, or ANY
+    mac: str
+
+    @property
+    def addressed(self) -> bool:
+        """Whether the frame names this receiver (not ANY): only such a frame may re-point a known peer."""
+        return self.receiver != ANY
+
+
 class ClusterAuth:
     """Signs this node's frames and announcements, and checks peers' (each frame is taken once)."""
 
-    def __init__(self, secret: str, *, window: float = WINDOW, max_seen: int = MAX_SEEN,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, secret: str, *, node_id: str, cluster: str, window: float = WINDOW,
+                 max_seen: int = MAX_SEEN, clock: Callable[[], float] = time.time) -> None:
         if not secret:
             raise ValueError("the cluster secret is empty")
         self._key, self.window, self.max_seen, self.clock = secret.encode(), window, max_seen, clock
+        self.node_id, self.cluster = node_id, cluster
         self._seen: OrderedDict[str, float] = OrderedDict()  # MAC -> its frame's time, in arrival order
 
-    def sign(self, frame: bytes) -> str:
-        """The `HEADER` value for `frame`; a new one each call (a fresh nonce)."""
-        ms, nonce = str(int(self.clock() * 1000)), secrets.token_hex(8)
-        return f"{ms}.{nonce}.{_mac(self._key, b'frame', ms.encode(), nonce.encode(), frame)}"
+    def _frame_mac(self, proof: Proof, frame: bytes) -> str:
+        return _mac(self._key, b"frame", self.cluster.encode(), proof.sender.encode(), proof.receiver.encode(),
+                    proof.ms.encode(), proof.nonce.encode(), frame)
 
-    def verify(self, proof: str | None, frame: bytes) -> None:
-        """Accept `frame` once; raises AuthError saying why it is refused."""
-        if not proof:
+    def sign(self, frame: bytes, to: str | None = None) -> str:
+        """The `HEADER` value for `frame` sent to node `to` (None: whichever node is at the address); a new
+        one each call (a fresh nonce)."""
+        ms, nonce, to = str(int(self.clock() * 1000)), secrets.token_hex(8), to or ANY
+        mac = self._frame_mac(Proof(ms, nonce, self.node_id, to, ""), frame)
+        return f"{ms}.{nonce}.{self.node_id}.{to}.{mac}"
+
+    def check(self, header: str | None) -> Proof:
+        """What can be checked before the frame is read: the header's shape, its receiver and its time."""
+        if not header:
             raise AuthError(f"no {HEADER} header: the sender has no cluster secret")
-        if (match := _PROOF.fullmatch(proof)) is None:
+        if (match := _PROOF.fullmatch(header)) is None:
             raise AuthError(f"malformed {HEADER} header")
-        ms, nonce, mac = match.groups()
-        if not hmac.compare_digest(mac, _mac(self._key, b"frame", ms.encode(), nonce.encode(), frame)):
-            raise AuthError("wrong cluster secret (or a frame altered on the way)")
-        now, sent = self.clock(), int(ms) / 1000
+        proof = Proof(*match.groups())
+        if proof.receiver not in (ANY, self.node_id):
+            raise AuthError(f"a frame for node {proof.receiver}, not this one: a replay, or a stale address")
+        now, sent = self.clock(), int(proof.ms) / 1000
         if abs(now - sent) > self.window:
             raise AuthError(f"frame time is {now - sent:+.0f}s off this node's clock, more than {self.window:.0f}s "
                             "allow: a replay, or clocks out of sync (run NTP)")
+        return proof
+
+    def verify(self, header: str | None, frame: bytes) -> Proof:
+        """Accept `frame` once, and say who sent it; raises AuthError saying why it is refused."""
+        proof = self.check(header)
+        if not hmac.compare_digest(mac := proof.mac, self._frame_mac(proof, frame)):
+            raise AuthError("wrong cluster secret (or a frame altered on the way)")
+        now, sent = self.clock(), int(proof.ms) / 1000
         while self._seen and next(iter(self._seen.values())) < now - self.window:
             self._seen.popitem(last=False)  # out of the window: the time check refuses it from now on
         if mac in self._seen:
@@ -82,6 +123,7 @@ class ClusterAuth:
         self._seen[mac] = sent
         if len(self._seen) > self.max_seen:
             self._seen.popitem(last=False)
+        return proof
 
     def announcement(self, node_id: str, cluster: str, port: int) -> str:
         """The proof a zeroconf announcement of this node carries (in its TXT record)."""

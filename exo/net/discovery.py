@@ -78,7 +78,7 @@ async def _zeroconf(interfaces: Interfaces) -> AsyncIterator[AsyncZeroconf]:
 
 
 class Discovery:
-    """Advertise this node and report peers of the same cluster as `on_peer(host, api_port)`.
+    """Advertise this node and report peers of the same cluster as `on_peer(node_id, host, api_port)`.
 
     `on_peer` runs on every resolve of a peer (add and update), so it must be idempotent; it gets one
     IPv4 address per peer (see `pick_address`). `on_peer_gone(node_id)` runs when a reported peer's
@@ -91,7 +91,7 @@ class Discovery:
         cluster: str,
         version: str,
         api_port: int,
-        on_peer: Callable[[str, int], None],
+        on_peer: Callable[[str, str, int], None],
         on_peer_gone: Callable[[str], None] | None = None,
         interfaces: Interfaces = InterfaceChoice.All,
         auth: ClusterAuth | None = None,
@@ -185,7 +185,7 @@ class Discovery:
         version = props.get("version")
         log.debug("discovery: node=%s peer=%s host=%s port=%d version=%s", self.node_id, node_id, host, port, version)
         self._reported[name] = node_id
-        self.on_peer(host, port)
+        self.on_peer(node_id, host, port)
 
     def _gone(self, name: str) -> None:
         node_id = self._reported.pop(name, None)

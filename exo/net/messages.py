@@ -6,7 +6,7 @@ from exo.net.codec import Codec
 from exo.shared.events import EVENT_TYPES, Event
 from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import NodeProfile, State
-from exo.shared.types import FrozenModel, NodeId
+from exo.shared.types import Count, FrozenModel, Index, NodeId
 
 
 class Heartbeat(FrozenModel):
@@ -20,13 +20,13 @@ class Heartbeat(FrozenModel):
     cluster: str
     version: str
     profile: NodeProfile
-    term: int
+    term: Count
     master_id: NodeId | None
-    synced_term: int  # the term whose master's state this node holds; -1 while it holds none
-    last_event_index: int
+    synced_term: Index  # the term whose master's state this node holds; -1 while it holds none
+    last_event_index: Index
     runners: tuple[RunnerInfo, ...] = ()  # this node's runners and latest tasks, as its worker sees them
     tasks: tuple[TaskInfo, ...] = ()
-    queues: dict[str, int] = {}  # requests waiting or running per instance whose rank 0 is here
+    queues: dict[str, Count] = {}  # requests waiting or running per instance whose rank 0 is here
 
     @property
     def node_id(self) -> NodeId:
@@ -47,13 +47,13 @@ class Leave(FrozenModel):
 
     cluster: str
     node_id: NodeId
-    term: int
+    term: Count
 
 
 class EventBatch(FrozenModel):
     """Events from the master of `term`, in index order."""
 
-    term: int
+    term: Count
     master_id: NodeId
     events: list[Event]
 
@@ -61,7 +61,7 @@ class EventBatch(FrozenModel):
 class Snapshot(FrozenModel):
     """The master's whole state, for a follower that is new, far behind, or followed another master."""
 
-    term: int
+    term: Count
     master_id: NodeId
     state: State
 

@@ -12,12 +12,12 @@ from pydantic import Field
 
 from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import Instance, NodeProfile
-from exo.shared.types import FrozenModel, InstanceId, NodeId
+from exo.shared.types import Count, FrozenModel, InstanceId, NodeId
 
 
 class BaseEvent(FrozenModel):
-    index: int
-    term: int
+    index: Count
+    term: Count
 
 
 class MasterElected(BaseEvent):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from enum import StrEnum
 
-from exo.shared.types import FrozenModel, InstanceId, NodeId
+from exo.shared.types import Count, FrozenModel, InstanceId, NodeId, RingPort, Small
 
 
 class RunnerStatus(StrEnum):
@@ -53,16 +53,16 @@ class RunnerInfo(FrozenModel):
     listens, and how it is."""
 
     instance_id: InstanceId
-    rank: int
+    rank: Small
     node_id: NodeId
-    start: int
-    end: int
+    start: Small
+    end: Small
     status: RunnerStatus
     host: str
-    port: int
-    pid: int | None = None
+    port: RingPort
+    pid: Count | None = None
     error: str | None = None
-    restarts: int = 0       # times its node's watchdog restarted it
+    restarts: Count = 0       # times its node's watchdog restarted it
     gave_up: bool = False   # failed past its restarts: only a new placement can bring the instance back
 
     @property
@@ -73,7 +73,7 @@ class RunnerInfo(FrozenModel):
 class TaskInfo(FrozenModel):
     task_id: str
     instance_id: InstanceId
-    rank: int
+    rank: Small
     kind: TaskKind
     status: TaskStatus
     error: str | None = None

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
-
 from exo.shared.runners import RunnerInfo, TaskInfo
-from exo.shared.types import FrozenModel, InstanceId, NodeId
+from exo.shared.types import Count, FrozenModel, Index, InstanceId, NodeId, Port, Small
 
 
 class NodeMode(StrEnum):
@@ -22,11 +20,11 @@ class NodeProfile(FrozenModel):
     hostname: str
     version: str
     address: str
-    api_port: int = Field(ge=1, le=65535)  # peers send to it: a port no socket takes is refused on arrival
-    memory_total: int
-    memory_available: int
-    memory_cap: int | None = None
-    cpu_count: int
+    api_port: Port  # peers send to it: a port no socket takes is refused on arrival
+    memory_total: Count
+    memory_available: Count
+    memory_cap: Count | None = None
+    cpu_count: Small
     accelerator: str
     mlx_device: str
     mode: NodeMode = NodeMode.NORMAL
@@ -41,9 +39,9 @@ class ShardAssignment(FrozenModel):
     """One runner of an instance: which node runs which layers, at which rank of the ring."""
 
     node_id: NodeId
-    rank: int
-    start: int
-    end: int
+    rank: Small
+    start: Small
+    end: Small
 
 
 class Instance(FrozenModel):
@@ -51,7 +49,7 @@ class Instance(FrozenModel):
 
     instance_id: InstanceId
     model_id: str
-    n_layers: int
+    n_layers: Small
     shards: tuple[ShardAssignment, ...]
 
     @property
@@ -60,8 +58,8 @@ class Instance(FrozenModel):
 
 
 class State(FrozenModel):
-    last_event_index: int = -1
-    term: int = 0
+    last_event_index: Index = -1
+    term: Count = 0
     master_id: NodeId | None = None
     nodes: dict[NodeId, NodeProfile] = {}
     instances: dict[InstanceId, Instance] = {}

@@ -5,12 +5,23 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal, NewType
 
+from annotated_types import Interval
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 class FrozenModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+# Every integer that comes off the wire is bounded where it is declared, so a peer's 2**64 is refused at
+# decode and never reaches arithmetic (a term + 1) or an encoder that cannot carry it. 2**53 keeps
+# values exact in JSON (the dashboard) and far below msgpack's limits, with room for `+ 1`.
+WIRE_INT_MAX = 2**53
+Count = Annotated[int, Interval(ge=0, le=WIRE_INT_MAX)]  # terms, sizes in bytes, restarts, queue lengths
+Index = Annotated[int, Interval(ge=-1, le=WIRE_INT_MAX)]  # an event index or a term, -1 where there is none yet
+Port = Annotated[int, Interval(ge=1, le=65535)]
+RingPort = Annotated[int, Interval(ge=0, le=65535)]  # 0 while a runner has not bound its ring socket
+Small = Annotated[int, Interval(ge=0, le=1 << 20)]  # ranks, layers, CPU cores
 
 NodeId = NewType("NodeId", str)
 InstanceId = NewType("InstanceId", str)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -11,7 +12,9 @@ import psutil
 
 from exo import __version__
 from exo.shared.state import NodeProfile
-from exo.shared.types import NodeId
+from exo.shared.types import WIRE_INT_MAX, NodeId
+
+log = logging.getLogger(__name__)
 
 
 def load_node_id(home: Path) -> NodeId:
@@ -34,10 +37,25 @@ class TermStore:
         self.path = home / "term"
 
     def load(self) -> int:
+        """The persisted term; 0 where there is none, or (said in one line) where it cannot be read or is
+        out of range: the cluster's heartbeats then bring the node to the current term."""
         try:
-            return int(self.path.read_text())
-        except (FileNotFoundError, ValueError):
+            text = self.path.read_text()
+        except FileNotFoundError:
             return 0
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("term file %s unreadable (%s): starting from term 0", self.path, e)
+            return 0
+        try:
+            term = int(text.strip())
+        except ValueError:
+            log.warning("term file %s holds %r, not a term: starting from term 0", self.path, text[:40])
+            return 0
+        if not 0 <= term <= WIRE_INT_MAX:
+            log.warning("term file %s holds %.40s, outside 0..%d: starting from term 0", self.path, text.strip(),
+                        WIRE_INT_MAX)
+            return 0
+        return term
 
     def save(self, term: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,10 +23,14 @@ class Clock:
         return self.now
 
 
+def auth(secret: str, node_id: str, clock: Clock, **kwargs: Any) -> ClusterAuth:
+    return ClusterAuth(secret, node_id=node_id, cluster="exo", clock=clock, **kwargs)
+
+
 def pair(secret: str = "s3cret", other: str | None = None) -> tuple[ClusterAuth, ClusterAuth, Clock]:
-    """A sender and a receiver on one clock (the receiver holding `other` if given)."""
+    """A sender ("a") and a receiver ("b") on one clock (the receiver holding `other` if given)."""
     clock = Clock()
-    return ClusterAuth(secret, clock=clock), ClusterAuth(other or secret, clock=clock), clock
+    return auth(secret, "a", clock), auth(other or secret, "b", clock), clock
 
 
 def test_a_signed_frame_is_taken_once() -> None:
@@ -43,8 +48,11 @@ def test_a_signed_frame_is_taken_once() -> None:
         (None, FRAME, "no x-exo-auth header"),
         ("", FRAME, "no x-exo-auth header"),
         ("garbage", FRAME, "malformed"),
-        ("1700000000000.0123456789abcdef." + "0" * 64, FRAME, "wrong cluster secret"),
-        ("1700000000000.0123456789abcdef." + "é" * 64, FRAME, "malformed"),
+        ("1700000000000.0123456789abcdef.a.b." + "0" * 64, FRAME, "wrong cluster secret"),
+        ("1700000000000.0123456789abcdef.a.*." + "0" * 64, FRAME, "wrong cluster secret"),
+        ("1700000000000.0123456789abcdef." + "0" * 64, FRAME, "malformed"),  # no sender and receiver
+        ("1700000000000.0123456789abcdef.a.b." + "é" * 64, FRAME, "malformed"),
+        ("1700000000000.0123456789abcdef.a b.b." + "0" * 64, FRAME, "malformed"),
         ("sign", FRAME + b"\x00", "altered"),  # a valid proof over another frame
     ],
 )
@@ -94,14 +102,14 @@ def test_the_seen_set_forgets_only_what_the_window_refuses_anyway() -> None:
 
 def test_the_seen_set_is_bounded() -> None:
     clock = Clock()
-    sender, receiver = ClusterAuth("s", clock=clock), ClusterAuth("s", clock=clock, max_seen=10)
+    sender, receiver = auth("s", "a", clock), auth("s", "b", clock, max_seen=10)
     for _ in range(25):
         receiver.verify(sender.sign(FRAME), FRAME)
     assert len(receiver._seen) == 10
 
 
 def test_announcements_prove_the_secret_for_their_node_cluster_and_port() -> None:
-    ours, theirs = ClusterAuth("s3cret"), ClusterAuth("other")
+    ours, theirs = ClusterAuth("s3cret", node_id="a", cluster="exo"), ClusterAuth("other", node_id="a", cluster="exo")
     proof = ours.announcement("node-a", "exo", 52415)
     assert "s3cret" not in proof
     assert ours.announced(proof, "node-a", "exo", 52415)
@@ -115,7 +123,48 @@ def test_announcements_prove_the_secret_for_their_node_cluster_and_port() -> Non
 
 def test_an_empty_secret_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
-        ClusterAuth("")
+        ClusterAuth("", node_id="a", cluster="exo")
+
+
+def test_a_frame_replayed_to_a_third_node_is_refused() -> None:
+    # Regression (issue 12, item 10): the MAC covered only time, nonce and frame, so a heartbeat sniffed on
+    # its way to one node could be played to another, which then took the player's address for the sender.
+    sender, receiver, clock = pair()
+    third = auth("s3cret", "c", clock)
+    proof = sender.sign(FRAME, "b")
+    with pytest.raises(AuthError, match="a frame for node b, not this one"):
+        third.verify(proof, FRAME)
+    assert receiver.verify(proof, FRAME).sender == "a"
+
+
+def test_a_frame_with_its_receiver_rewritten_is_refused() -> None:
+    sender, _, clock = pair()
+    third = auth("s3cret", "c", clock)
+    ms, nonce, frm, _, mac = sender.sign(FRAME, "b").split(".")
+    for to in ("c", "*"):
+        with pytest.raises(AuthError, match="wrong cluster secret"):
+            third.verify(".".join((ms, nonce, frm, to, mac)), FRAME)
+
+
+def test_a_frame_with_its_sender_changed_is_refused() -> None:
+    sender, receiver, _ = pair()
+    ms, nonce, _, to, mac = sender.sign(FRAME, "b").split(".")
+    with pytest.raises(AuthError, match="wrong cluster secret"):
+        receiver.verify(".".join((ms, nonce, "c", to, mac)), FRAME)
+
+
+def test_a_frame_of_another_cluster_is_refused() -> None:
+    clock = Clock()
+    sender = ClusterAuth("s3cret", node_id="a", cluster="other", clock=clock)
+    with pytest.raises(AuthError, match="wrong cluster secret"):
+        auth("s3cret", "b", clock).verify(sender.sign(FRAME, "b"), FRAME)
+
+
+def test_a_frame_to_an_unknown_receiver_is_taken_by_any_node_and_says_so() -> None:
+    sender, receiver, clock = pair()
+    proof = receiver.verify(sender.sign(FRAME), FRAME)
+    assert (proof.sender, proof.receiver, proof.addressed) == ("a", "*", False)
+    assert auth("s3cret", "c", clock).verify(sender.sign(FRAME, None), FRAME).addressed is False
 
 
 def test_throttle_lets_one_through_per_key_and_period() -> None:

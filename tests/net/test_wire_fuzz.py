@@ -30,9 +30,9 @@ from exo import __version__
 from exo.master.coordinator import Coordinator
 from exo.net.codec import WIRE_VERSION, Codec, WireError
 from exo.net.messages import CODEC, Heartbeat
-from exo.net.transport import MESSAGE_PATH, PeerTransport
+from exo.net.transport import MAX_FRAME_BYTES, MESSAGE_PATH, PeerTransport
 from exo.shared.state import NodeProfile
-from exo.shared.types import FrozenModel, NodeId
+from exo.shared.types import WIRE_INT_MAX, FrozenModel, NodeId
 from exo.worker.runner.messages import HEADER_SIZE, PIPE_CODEC, pack_frame, read_frame
 
 # Hypothesis caches what it learns (unicode tables, constants of the code under test) in ./.hypothesis as
@@ -82,7 +82,8 @@ def packed(value: Any) -> bytes:
 
 
 def _clamped(value: Any) -> Any:
-    """`value` with every integer brought into msgpack's range (models allow any int; the wire does not)."""
+    """`value` with every integer brought into msgpack's range (hypothesis may draw any int for a model
+    whose field's bound it does not see; the wire carries none past 64 bits)."""
     if isinstance(value, bool) or not isinstance(value, (int, list, dict)):
         return value
     if isinstance(value, int):
@@ -220,6 +221,62 @@ def test_pipe_frames_read_back_as_written(data: st.DataObject) -> None:
     assert read_frame(reader) is None
 
 
+# -- every integer off the wire is bounded ----------------------------------------------------------
+
+# Out of every wire integer's bounds (exo.shared.types): negative below -1, or past WIRE_INT_MAX.
+OUT_OF_BOUNDS = st.integers(INT64[0], -2) | st.integers(WIRE_INT_MAX + 1, INT64[1])
+
+
+def _int_paths(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """Where `value` holds an integer (not a bool)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _int_paths(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _int_paths(v, (*path, i))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield path
+
+
+@st.composite
+def out_of_bounds_frames(draw: st.DrawFn) -> bytes:
+    """A real cluster message with one of its integers (whichever) swapped for one past every bound."""
+    tag, body = draw(bodies(CODEC).filter(lambda tb: any(_int_paths(tb[1]))))
+    path = draw(st.sampled_from(list(_int_paths(body))))
+    inner = body
+    for step in path[:-1]:
+        inner = inner[step]
+    inner[path[-1]] = draw(OUT_OF_BOUNDS)
+    return packed({"v": WIRE_VERSION, "t": tag, "d": body})
+
+
+@FUZZ
+@given(frame=out_of_bounds_frames())
+def test_a_message_with_any_integer_out_of_bounds_is_refused_at_decode(frame: bytes) -> None:
+    # Regression (issue 12, item 1): a heartbeat's term of 2**64-1 decoded, and the node's claim of
+    # 2**64 could not be encoded: the node died, then died again at every restart.
+    with pytest.raises(WireError, match="invalid"):
+        CODEC.decode(frame)
+
+
+def _unbounded_ints(schema: Any, path: str = "") -> Iterator[str]:
+    """Where a JSON schema allows an integer without both a minimum and a maximum."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer" and not {"minimum", "maximum"} <= schema.keys():
+            yield path
+        for key, value in schema.items():
+            yield from _unbounded_ints(value, f"{path}.{key}")
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            yield from _unbounded_ints(value, f"{path}[{i}]")
+
+
+def test_every_integer_a_cluster_message_holds_is_bounded() -> None:
+    unbounded = [t.__name__ + path for t in CODEC.types.values() for path in _unbounded_ints(t.model_json_schema())]
+    assert not unbounded, unbounded
+
+
 # -- a coordinator fed whatever decodes -----------------------------------------------------------
 
 CLUSTER = "exo"
@@ -347,8 +404,38 @@ def test_a_live_node_answers_every_malformed_frame_with_a_4xx_in_the_error_shape
     assert isinstance(error["message"], str) and error["message"] and error["type"]
 
 
+@settings(FUZZ, max_examples=50)
+@given(frame=out_of_bounds_frames())
+def test_a_live_node_refuses_messages_with_integers_out_of_bounds_with_a_400(peer: httpx.Client,
+                                                                            frame: bytes) -> None:
+    response = peer.post(MESSAGE_PATH, content=frame, headers={"Content-Type": "application/msgpack"})
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    assert "invalid" in response.json()["error"]["message"]
+
+
+@settings(FUZZ, max_examples=20)
+@given(content_type=st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain",
+                                     "multipart/form-data; boundary=x", ""]) | st.text(max_size=30),
+       frame=real_frames(CODEC))
+def test_a_live_node_refuses_cluster_messages_of_another_content_type(peer: httpx.Client, content_type: str,
+                                                                      frame: bytes) -> None:
+    assume(content_type.partition(";")[0].strip().lower() != "application/msgpack")
+    assume(content_type.isascii() and content_type.isprintable())
+    response = peer.post(MESSAGE_PATH, content=frame, headers={"Content-Type": content_type})
+    assert response.status_code == 415, (response.status_code, response.text[:300])
+    assert response.json()["error"]["message"]
+
+
+@settings(FUZZ, max_examples=10)
+@given(size=st.integers(MAX_FRAME_BYTES + 1, MAX_FRAME_BYTES + (1 << 20)))
+def test_a_live_node_refuses_frames_over_the_cap_with_a_413(peer: httpx.Client, size: int) -> None:
+    response = peer.post(MESSAGE_PATH, content=b"\x91" * size, headers={"Content-Type": "application/msgpack"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "frame_too_large"
+
+
 def test_a_live_node_is_healthy_after_the_malformed_frames(peer: httpx.Client) -> None:
     for content in (b"", b"\xc1", b"\x00" * 10_000, b"\x91" * 100_000, packed({"v": 1, "t": "Heartbeat", "d": {}})):
-        assert peer.post(MESSAGE_PATH, content=content).status_code in (400, 401)
+        assert peer.post(MESSAGE_PATH, content=content, headers={"Content-Type": "application/msgpack"}).status_code \
+            in (400, 401)
     health = peer.get("/health")
     assert health.status_code == 200 and health.json()["runners_ready"] == 1

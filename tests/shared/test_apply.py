@@ -105,7 +105,7 @@ def test_apply_all_is_apply_in_sequence() -> None:
     assert apply_all(BUILT, []) is BUILT
 
 
-@pytest.mark.parametrize("index", [6, 7, 4, 0, -1])
+@pytest.mark.parametrize("index", [6, 7, 4, 0])  # a negative index is refused at decode
 def test_an_event_that_is_not_the_next_one_is_refused(index: int) -> None:
     with pytest.raises(EventOutOfOrder, match=f"event {index} does not follow 4"):
         apply(BUILT, NodeLeft(index=index, term=1, node_id=NodeId("a")))
