@@ -26,7 +26,6 @@ from exo.shared.runners import SERVING, RunnerStatus
 from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers
 
-STALL_SECONDS = 120.0
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard" / "index.html"
 
 
@@ -56,19 +55,21 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        # Healthy means making progress: a runner with requests that produced nothing for a while is not.
+        # Healthy means making progress: a runner with requests that produced nothing past the watchdog's
+        # deadline is not, until it is replaced.
         now = time.monotonic()
         busy = [h for h in supervisor.runners.values() if h.chats or h.status == RunnerStatus.RUNNING]
         idle_for = max((now - h.last_progress for h in busy), default=0.0)
-        stalled = idle_for > STALL_SECONDS
-        status = "stalled" if stalled else "stopping" if admission.stopping else "draining" if admission.draining \
+        stall = supervisor.stall(now)
+        status = "stalled" if stall else "stopping" if admission.stopping else "draining" if admission.draining \
             else "ok"
         body = {"status": status, "version": __version__, "mode": cluster.mode,
                 "node_id": cluster.coordinator.node_id, "master_id": cluster.coordinator.master_id,
                 "runners": {rid: h.status for rid, h in supervisor.runners.items()},
                 "runners_ready": sum(h.status in SERVING for h in supervisor.runners.values()),
                 "queue_depth": supervisor.queue_depth(), "busy": bool(busy),
-                "in_flight": admission.in_flight, "seconds_since_progress": round(idle_for, 3)}
+                "in_flight": admission.in_flight, "seconds_since_progress": round(idle_for, 3),
+                **({"reason": stall} if stall else {})}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/", include_in_schema=False)

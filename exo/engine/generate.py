@@ -11,6 +11,7 @@ import mlx.core as mx
 from exo.engine.cache import KVCache
 from exo.engine.sample import Sampler, make_sampler
 from exo.engine.tokenizer import Tokenizer
+from exo.shared.generation import GenerationParams
 
 Model = Callable[[mx.array, list[KVCache]], mx.array]
 FinishReason = Literal["stop", "length"]
@@ -42,15 +43,6 @@ def generate_step(prompt: Sequence[int], model: Model, cache: list[KVCache], *,
         mx.async_eval(following)
         yield int(token.item())
         token = following
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ import mlx.core as mx
 import psutil
 
 from exo.engine.cache import KVCache
-from exo.engine.generate import PREFILL_CHUNK, GenerationParams
+from exo.engine.generate import PREFILL_CHUNK
+from exo.shared.generation import GenerationParams
 from exo.engine.llama import LlamaShard
 from exo.engine.sample import make_sampler
 

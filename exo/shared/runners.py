@@ -35,6 +35,7 @@ class TaskStatus(StrEnum):
     RUNNING = "Running"
     COMPLETE = "Complete"
     FAILED = "Failed"
+    CANCELLED = "Cancelled"  # its client went away, or its runner was stopped, before it finished
 
 
 SERVING = (RunnerStatus.READY, RunnerStatus.RUNNING)  # a runner that takes requests

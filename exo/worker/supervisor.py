@@ -11,23 +11,25 @@ runner is reported as given up and the master places its instance again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 from anyio.abc import Process
 from anyio.abc import TaskStatus as AnyioTaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
-from anyio.streams.memory import MemoryObjectSendStream
 
-from exo.engine.generate import Delta, GenerationParams
+from exo.engine.generate import Delta
 from exo.models.catalog import ModelCatalog
 from exo.net.codec import WireError
 from exo.shared.errors import ExoError, ModelError, Overloaded, ServiceUnavailable
+from exo.shared.generation import GenerationParams
 from exo.shared.runners import (
     SERVING,
     RunnerInfo,
@@ -40,7 +42,10 @@ from exo.shared.runners import (
 )
 from exo.shared.state import Instance, ShardAssignment, State
 from exo.shared.types import Dtype, InstanceId, NodeId
-from exo.worker.plan import LocalRunner, Restart, Send, Spawn, Stop, plan
+from exo.worker.handle import CHATTING, GONE, RUNNING, RunnerHandle
+from exo.worker.handle import HandleEvent as E
+from exo.worker.handle import HandleState as S
+from exo.worker.plan import Restart, Send, Spawn, Stop, plan
 from exo.worker.profile import free_ports
 from exo.worker.runner.messages import (
     HEADER_SIZE,
@@ -48,12 +53,10 @@ from exo.worker.runner.messages import (
     Cancel,
     Generated,
     RunnerSpec,
-    SamplingParams,
     StatusChanged,
     Task,
     TaskChanged,
     frame_size,
-    pack_frame,
 )
 from exo.worker.runner.process import command, runner_env
 
@@ -62,6 +65,7 @@ log = logging.getLogger(__name__)
 TASKS_REPORTED = 8       # the latest task records of each runner shown in the cluster state
 STOP_GRACE_SECONDS = 5.0  # from asking a runner to stop to SIGTERM, and again to SIGKILL
 WATCHDOG_PERIOD = 1.0
+DONE = (TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -70,53 +74,7 @@ class Limits:
     watchdog_timeout: float = 60.0   # seconds without progress on a request before a restart
     max_restarts: int = 3
     restart_backoff: float = 1.0     # before the first restart; doubles with each
-
-
-@dataclass
-class RunnerHandle:
-    spec: RunnerSpec
-    node_id: NodeId
-    host: str
-    port: int
-    status: RunnerStatus = RunnerStatus.IDLE
-    error: str | None = None
-    process: Process | None = None
-    started: bool = False           # the runner reported its first status
-    stopping: bool = False
-    replace: bool = False           # stopping to be started again (restarts count when `counted`)
-    counted: bool = True
-    restarts: int = 0
-    gave_up: bool = False
-    hosts: tuple[str, ...] | None = None  # the ring it was asked to join
-    lifecycle: str | None = None    # the lifecycle task in flight
-    last_progress: float = field(default_factory=time.monotonic)
-    tasks: dict[str, TaskInfo] = field(default_factory=dict)
-    chats: dict[str, MemoryObjectSendStream[Generated | TaskChanged]] = field(default_factory=dict)
-    exited: anyio.Event = field(default_factory=anyio.Event)
-    _write_lock: anyio.Lock = field(default_factory=anyio.Lock)
-
-    @property
-    def runner_id(self) -> str:
-        return runner_id(self.spec.instance_id, self.spec.rank)
-
-    @property
-    def info(self) -> RunnerInfo:
-        return RunnerInfo(instance_id=self.spec.instance_id, rank=self.spec.rank, node_id=self.node_id,
-                          start=self.spec.start, end=self.spec.end, status=self.status, host=self.host, port=self.port,
-                          pid=self.process.pid if self.process else None, error=self.error,
-                          restarts=self.restarts, gave_up=self.gave_up)
-
-    @property
-    def local(self) -> LocalRunner:
-        dead = self.exited.is_set()
-        return LocalRunner(self.status, busy=dead or self.stopping or not self.started or self.lifecycle is not None,
-                           hosts=self.hosts)
-
-    async def send(self, message: Task | Cancel) -> None:
-        if self.process is None or self.process.stdin is None or self.exited.is_set():
-            raise ServiceUnavailable(f"Runner {self.runner_id} is not running.")
-        async with self._write_lock:
-            await self.process.stdin.send(pack_frame(message))
+    stream_buffer: int = 256         # a chat's pieces left unread by its client before its stream ends
 
 
 class Supervisor:
@@ -162,9 +120,10 @@ class Supervisor:
                 case Stop(runner_id=rid):
                     self._stop(self.runners[rid])
                 case Restart(runner_id=rid):
-                    self._restart(self.runners[rid], "its ring changed", counted=False)
+                    self._leave(self.runners[rid], E.REJOIN, "its ring changed")
                 case Send(runner_id=rid, kind=kind, hosts=hosts):
                     handle = self.runners[rid]
+                    handle.move(E.TASK_SENT)
                     handle.lifecycle = new_task_id()
                     if kind == TaskKind.CONNECT:
                         handle.hosts = hosts
@@ -179,6 +138,7 @@ class Supervisor:
             await handle.send(task)
         except (ServiceUnavailable, anyio.BrokenResourceError, anyio.ClosedResourceError):
             handle.lifecycle = None
+            handle.move(E.TASK_DONE)
             self._wake.set()
 
     def _spawn(self, instance: Instance, shard: ShardAssignment) -> None:
@@ -193,22 +153,26 @@ class Supervisor:
                  instance.model_id)
         self._start(self._supervise, handle, instance.model_id)
 
-    def _stop(self, handle: RunnerHandle) -> None:
-        handle.replace = False  # its instance is gone: nothing to restart
-        if handle.exited.is_set():
-            del self.runners[handle.runner_id]
-            self._restarts.pop(handle.runner_id, None)
-            self._publish()
-        elif not handle.stopping:
-            self._shut_down(handle)
+    def _stop(self, handle: RunnerHandle, why: str = "its instance is gone") -> None:
+        """Stop a runner for good; one that has exited already is forgotten."""
+        handle.move(E.STOP, why)
+        if handle.state == S.STOPPED:
+            self._forget(handle)
 
-    def _shut_down(self, handle: RunnerHandle) -> None:
-        """Ask a runner to exit. Its requests end now, with an error: a runner blocked in a ring whose
-        peer is cut off exits only after its MLX thread's grace, and Shutdown cancels them anyway."""
-        handle.stopping = True
-        for chat in handle.chats.values():
-            chat.close()
-        self._start(self._send_lifecycle, handle, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
+    def _leave(self, handle: RunnerHandle, event: E, reason: str) -> None:
+        """Stop a runner so that it starts again (see `_reap`); its requests end now, with the reason."""
+        if handle.move(event, reason):
+            log.warning("runner=%s restarting: %s", handle.runner_id, reason)
+            self._publish()
+
+    def _forget(self, handle: RunnerHandle) -> None:
+        rid = handle.runner_id
+        if self.runners.get(rid) is handle:
+            del self.runners[rid]
+        if handle.state == S.STOPPED:
+            self._restarts.pop(rid, None)
+        self._publish()
+        self._wake.set()
 
     # -- the watchdog --------------------------------------------------------------------------
 
@@ -217,53 +181,66 @@ class Supervisor:
             await anyio.sleep(WATCHDOG_PERIOD)
             now = time.monotonic()
             for handle in list(self.runners.values()):
-                if handle.stopping or handle.exited.is_set():
+                if handle.state not in RUNNING:  # a runner asked to stop has its deadlines in `_end_process`
                     continue
                 if handle.status == RunnerStatus.FAILED:
-                    self._restart(handle, f"it failed ({handle.error})")
-                elif (handle.chats or handle.status == RunnerStatus.RUNNING) and \
-                        now - handle.last_progress > self.limits.watchdog_timeout:
-                    self._restart(handle, f"no progress for {now - handle.last_progress:.0f}s")
+                    self._leave(handle, E.RESTART, f"it failed ({handle.error})")
+                elif (stalled := self._stalled(handle, now)) is not None:
+                    self._leave(handle, E.RESTART, f"no progress for {stalled:.0f}s")
 
-    def _restart(self, handle: RunnerHandle, reason: str, *, counted: bool = True) -> None:
-        """Stop a runner so that it starts again; its exit (see `_reap`) schedules the new one."""
-        if handle.stopping:
-            return
-        log.warning("runner=%s restarting: %s", handle.runner_id, reason)
-        handle.replace, handle.counted = True, counted
-        self._shut_down(handle)
+    def _stalled(self, handle: RunnerHandle, now: float) -> float | None:
+        """Seconds without progress, if the runner owes some (it has requests, or says it is running or
+        stopping) and made none for `watchdog_timeout`."""
+        owes = handle.chats or handle.status in (RunnerStatus.RUNNING, RunnerStatus.SHUTTING_DOWN)
+        idle = now - handle.last_progress
+        return idle if owes and idle > self.limits.watchdog_timeout else None
+
+    def stall(self, now: float) -> str | None:
+        """Why this node is not healthy, if a runner with work made no progress past the watchdog's
+        deadline (it is being restarted, or cannot be)."""
+        for handle in self.runners.values():
+            if (handle.chats or handle.status == RunnerStatus.RUNNING) and \
+                    (idle := now - handle.last_progress) > self.limits.watchdog_timeout:
+                return (f"runner {handle.runner_id} made no progress on a request for {idle:.0f}s, past the "
+                        f"watchdog's {self.limits.watchdog_timeout:g}s (its handle is {handle.state})")
+        return None
 
     async def _respawn(self, handle: RunnerHandle) -> None:
-        """After a runner that should run again has exited: wait out its backoff, then let the next
+        """After a runner that failed or hung has exited: wait out its backoff, then let the next
         reconcile start it anew; or, past its restarts, give up on it."""
         rid = handle.runner_id
-        if handle.counted:
-            attempt = self._restarts.get(rid, 0)
-            if attempt >= self.limits.max_restarts:
-                handle.gave_up = True
-                log.error("runner=%s gave up after %d restarts: %s", rid, attempt, handle.error)
-                self._publish()
-                return
-            await anyio.sleep(self.limits.restart_backoff * 2**attempt)
-            self._restarts[rid] = attempt + 1
-        if self.runners.get(rid) is handle:
-            self.restarts += handle.counted  # a ring re-forming around a restarted neighbour is not a fault here
-            del self.runners[rid]
-            self._wake.set()
+        attempt = self._restarts.get(rid, 0)
+        if attempt >= self.limits.max_restarts:
+            handle.move(E.GIVE_UP)
+            log.error("runner=%s gave up after %d restarts: %s", rid, attempt, handle.error)
+            self._publish()
+            return
+        await anyio.sleep(self.limits.restart_backoff * 2**attempt)
+        self._restarts[rid] = attempt + 1
+        if handle.move(E.BACKED_OFF):  # not stopped meanwhile
+            self.restarts += 1
+            self._forget(handle)
+
+    # -- one runner process --------------------------------------------------------------------
 
     async def _supervise(self, handle: RunnerHandle, model_id: str) -> None:
         """Run one runner process from start to exit, whatever ends it."""
         try:
             path = await anyio.to_thread.run_sync(self.catalog.path, model_id)
             handle.spec = handle.spec.model_copy(update={"model_path": str(path)})
+            if handle.leaving.is_set():
+                return  # stopped before it started
             handle.process = await anyio.open_process(
                 command(handle.spec.model_dump_json(), os.getpid()),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=runner_env(os.environ),
                 start_new_session=True)  # a terminal's Ctrl-C is for the node, which stops its runners in order
             log.info("runner=%s pid=%d", handle.runner_id, handle.process.pid)
-            await self._read(handle)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._end_when_leaving, handle, handle.process)
+                await self._read(handle)
+                tg.cancel_scope.cancel()  # its stdout closed: `_reap` sees the process out
         except anyio.get_cancelled_exc_class():
-            handle.stopping, handle.replace = True, False  # the node is stopping
+            handle.move(E.STOP, "the node is stopping")
             raise
         except ExoError as e:
             handle.status, handle.error = RunnerStatus.FAILED, e.message
@@ -272,13 +249,38 @@ class Supervisor:
             with anyio.CancelScope(shield=True):
                 await self._reap(handle)
 
+    async def _end_when_leaving(self, handle: RunnerHandle, process: Process) -> None:
+        await handle.leaving.wait()
+        await self._end_process(handle, process, Task(task_id=new_task_id(), kind=TaskKind.SHUTDOWN))
+
+    async def _end_process(self, handle: RunnerHandle, process: Process, ask: Task | None = None) -> None:
+        """Ask the runner to exit (`ask`, then the end of its stdin), then terminate it, then kill it:
+        each step follows when the one before has not ended the process within the grace, whatever the
+        runner says or does not say (a runner stopped with SIGSTOP reads nothing)."""
+        with anyio.move_on_after(self._grace):
+            with contextlib.suppress(ExoError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if ask is not None:
+                    await handle.send(ask)
+                if process.stdin is not None:
+                    await process.stdin.aclose()
+            await process.wait()
+            return
+        for escalate in (process.terminate, process.kill):
+            log.warning("runner=%s pid=%d did not exit within %.1fs: %s", handle.runner_id, process.pid, self._grace,
+                        escalate.__name__)
+            with contextlib.suppress(ProcessLookupError):
+                escalate()
+            with anyio.move_on_after(self._grace if escalate == process.terminate else math.inf):
+                await process.wait()
+                return
+
     async def _read(self, handle: RunnerHandle) -> None:
         assert handle.process is not None and handle.process.stdout is not None
         stream = BufferedByteReceiveStream(handle.process.stdout)
         while True:
             try:
                 frame = await stream.receive_exactly(frame_size(await stream.receive_exactly(HEADER_SIZE)))
-            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError):
+            except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
                 return
             try:
                 message = PIPE_CODEC.decode(frame)
@@ -291,7 +293,8 @@ class Supervisor:
     def _on_message(self, handle: RunnerHandle, message: object) -> None:
         match message:
             case StatusChanged(status=status, error=error):
-                handle.started, handle.status, handle.error = True, status, error
+                handle.status, handle.error = status, error
+                handle.move(E.REPORTED)
                 self._publish()
                 self._wake.set()  # its next lifecycle task may be due
             case TaskChanged(task_id=task_id, kind=kind, status=status, error=error):
@@ -301,47 +304,58 @@ class Supervisor:
                                                  kind=kind, status=status, error=error)
                 while len(handle.tasks) > TASKS_REPORTED:
                     del handle.tasks[next(iter(handle.tasks))]
-                if status in (TaskStatus.COMPLETE, TaskStatus.FAILED) and task_id == handle.lifecycle:
+                if status in DONE and task_id == handle.lifecycle:
                     handle.lifecycle = None
+                    handle.move(E.TASK_DONE)
                     self._wake.set()
-                if (chat := handle.chats.get(task_id)) is not None:
-                    chat.send_nowait(message)
+                self._deliver(handle, message)
                 self._publish()
-            case Generated(task_id=task_id):
-                if (chat := handle.chats.get(task_id)) is not None:
-                    chat.send_nowait(message)
+            case Generated():
+                self._deliver(handle, message)
+
+    def _deliver(self, handle: RunnerHandle, frame: Generated | TaskChanged) -> None:
+        """Pass a frame to its chat; a chat that ended already (its client left, its runner is stopping)
+        drops it, and one whose client left `stream_buffer` frames unread is ended."""
+        if (chat := handle.chats.get(frame.task_id)) is None:
+            log.debug("runner=%s task=%s %s for no open chat: dropped", handle.runner_id, frame.task_id,
+                      type(frame).__name__)
+            return
+        if not chat.put(frame):
+            log.warning("runner=%s task=%s the client left %d pieces unread: ending its stream", handle.runner_id,
+                        frame.task_id, chat.size)
+            handle.close_chat(frame.task_id, ServiceUnavailable(
+                f"The client read the stream too slowly: {chat.size} pieces were waiting unread, so the request "
+                "was cancelled. Read the stream as it comes, or ask without streaming."))
+            self._start(self._cancel, handle, frame.task_id)
+
+    async def _cancel(self, handle: RunnerHandle, task_id: str) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            with contextlib.suppress(ExoError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await handle.send(Cancel(task_id=task_id))
 
     async def _reap(self, handle: RunnerHandle) -> None:
-        """Make sure the process is gone: ask by closing its stdin, then SIGTERM, then SIGKILL."""
+        """Make sure the process is gone, then move the handle on: forgotten, replaced, or restarted."""
         process = handle.process
         if process is not None:
-            if process.stdin is not None:
-                await process.stdin.aclose()
-            for escalate in (process.terminate, process.kill):
-                with anyio.move_on_after(self._grace):
-                    await process.wait()
-                    break
-                log.warning("runner=%s pid=%d did not exit: %s", handle.runner_id, process.pid, escalate.__name__)
-                escalate()
-            else:
-                await process.wait()
+            if process.returncode is None:
+                await self._end_process(handle, process)
             if process.stdout is not None:
-                await process.stdout.aclose()
+                with anyio.move_on_after(self._grace):
+                    await process.stdout.aclose()
             code = process.returncode
-            if not handle.stopping and handle.status not in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN):
+            if handle.state in RUNNING and handle.status not in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN):
                 handle.status, handle.error = RunnerStatus.FAILED, f"runner process exited with code {code}"
                 log.error("runner=%s %s", handle.runner_id, handle.error)
-            elif handle.stopping and not handle.replace:
+            elif handle.state == S.STOPPING:
                 handle.status = RunnerStatus.SHUTDOWN
-        if not handle.stopping:  # it died on its own
-            handle.replace = True
-        handle.exited.set()
-        for chat in handle.chats.values():
-            chat.close()
-        self._publish()
-        self._wake.set()
-        if handle.replace and self._tg is not None:
-            self._tg.start_soon(self._respawn, handle)
+        handle.move(E.EXITED, "its process exited")
+        if handle.state in (S.STOPPED, S.REPLACED):
+            self._forget(handle)
+        else:
+            self._publish()
+            self._wake.set()
+            if handle.state == S.BACKING_OFF and self._tg is not None:
+                self._tg.start_soon(self._respawn, handle)
 
     def _publish(self) -> None:
         runners = tuple(h.info for h in self.runners.values())
@@ -364,17 +378,18 @@ class Supervisor:
         """Ask every runner to stop and give them a third of `timeout` to do it; the rest of it goes
         to SIGTERM and then SIGKILL when the supervisor's task group is cancelled after this."""
         self._grace = timeout / 3
-        live = [h for h in self.runners.values() if not h.exited.is_set()]
-        for handle in live:
-            self._stop(handle)
+        live = [h for h in self.runners.values() if h.state not in GONE]
+        for handle in list(self.runners.values()):
+            self._stop(handle, "the node is stopping")
         with anyio.move_on_after(self._grace):
             for handle in live:
                 await handle.exited.wait()
 
     def admit(self, instance_id: InstanceId) -> RunnerHandle:
-        """The instance's rank-0 runner, if it takes one more request now; else the reason it does not."""
+        """The instance's rank-0 runner, if it takes one more request now; else the reason it does not.
+        This node's own handle decides, not the cluster state (a runner's status reaches that later)."""
         handle = self.head(instance_id)
-        if handle is None or handle.status not in SERVING or handle.stopping:
+        if handle is None or handle.state not in CHATTING or handle.status not in SERVING:
             raise ServiceUnavailable(f"Instance {instance_id} is not ready on this node; retry shortly.")
         if len(handle.chats) >= self.limits.queue:
             raise Overloaded(f"Instance {instance_id} has {len(handle.chats)} requests waiting, its limit; "
@@ -384,16 +399,16 @@ class Supervisor:
     async def chat(self, instance_id: InstanceId, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
         """Stream a chat's text from the instance's rank-0 runner, which must be on this node."""
         handle = self.admit(instance_id)
-        task = Task(task_id=new_task_id(), kind=TaskKind.CHAT, prompt=tuple(prompt),
-                    params=SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                                          top_p=params.top_p, seed=params.seed, stop=params.stop))
-        send, receive = anyio.create_memory_object_stream[Generated | TaskChanged](max_buffer_size=1 << 16)
-        handle.chats[task.task_id] = send
+        task = Task(task_id=new_task_id(), kind=TaskKind.CHAT, prompt=tuple(prompt), params=params)
+        chat = handle.open_chat(task.task_id, self.limits.stream_buffer)
         finished = False
         try:
-            await handle.send(task)
-            async with receive:
-                async for item in receive:
+            try:
+                await handle.send(task)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                raise ServiceUnavailable(f"Runner {handle.runner_id} stopped; retry shortly.") from None
+            async with chat.receive:
+                async for item in chat.receive:
                     if isinstance(item, Generated):
                         yield Delta(item.text, item.n_tokens, item.finish_reason)
                         finished = item.finish_reason is not None
@@ -403,19 +418,19 @@ class Supervisor:
                             raise ServiceUnavailable(f"Runner {handle.runner_id} is {handle.status} and could not "
                                                      f"finish the request ({item.error}); retry shortly.")
                         raise ModelError(f"The request failed in runner {handle.runner_id}: {item.error}")
+                    elif item.status == TaskStatus.CANCELLED:
+                        finished = True
+                        raise ServiceUnavailable(f"Runner {handle.runner_id} cancelled the request (it is "
+                                                 f"{handle.status}); retry shortly.")
                     elif item.status == TaskStatus.COMPLETE:
                         finished = True
                     if finished:
                         return
-            raise ServiceUnavailable(f"Runner {handle.runner_id} stopped during the request; retry shortly.")
+            raise chat.error or ServiceUnavailable(f"Runner {handle.runner_id} stopped during the request; "
+                                                   "retry shortly.")
         finally:
-            handle.chats.pop(task.task_id, None)
-            if not finished and not handle.exited.is_set():
-                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                    try:
-                        await handle.send(Cancel(task_id=task.task_id))
-                    except (ExoError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        pass
+            if handle.close_chat(task.task_id) and not finished:  # still open: its client left
+                await self._cancel(handle, task.task_id)
 
     async def run_task(self, rid: str, kind: TaskKind) -> str:
         """Give a runner a task as an operator asks; the runner checks it like any other."""

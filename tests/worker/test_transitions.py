@@ -8,7 +8,7 @@ import pytest
 
 from exo.shared.runners import RunnerStatus as S
 from exo.shared.runners import TaskKind as K
-from exo.worker.runner.transitions import TRANSITIONS, InvalidTransition, Transition, transition
+from exo.worker.runner.transitions import TRANSITIONS, InvalidTransition, Transition, may_become, transition
 
 ALLOWED = {
     (S.IDLE, K.CONNECT): Transition(S.CONNECTING, S.CONNECTED, S.FAILED),
@@ -78,3 +78,16 @@ def test_a_failed_task_leaves_the_runner_in_its_error_status(status: S, kind: K,
 
 def test_a_failed_runner_only_shuts_down() -> None:
     assert {kind for status, kind in TRANSITIONS if status == S.FAILED} == {K.SHUTDOWN}
+
+
+@pytest.mark.parametrize(("status", "new", "allowed"), [
+    (S.SHUTTING_DOWN, S.READY, False),  # the MLX thread finishing a chat while the reader thread stops it
+    (S.SHUTTING_DOWN, S.FAILED, False),
+    (S.SHUTTING_DOWN, S.SHUTDOWN, True),
+    (S.SHUTDOWN, S.READY, False),
+    (S.READY, S.SHUTTING_DOWN, True),
+    (S.RUNNING, S.READY, True),
+    (S.FAILED, S.SHUTTING_DOWN, True),
+])
+def test_a_stop_in_progress_is_replaced_only_by_its_end(status: S, new: S, allowed: bool) -> None:
+    assert may_become(status, new) is allowed

@@ -24,8 +24,8 @@ from exo.api.openai.protocol import (
     completion_id,
     now,
 )
-from exo.engine.generate import GenerationParams
 from exo.shared.errors import ContextTooLong, ExoError
+from exo.shared.generation import GenerationParams
 from exo.shared.state import Instance
 from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers

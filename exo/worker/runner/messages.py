@@ -11,6 +11,7 @@ from typing import BinaryIO
 
 from exo.engine.generate import FinishReason
 from exo.net.codec import Codec
+from exo.shared.generation import GenerationParams
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
 from exo.shared.types import Dtype, FrozenModel, InstanceId
 
@@ -32,14 +33,6 @@ class RunnerSpec(FrozenModel):
     dtype: Dtype
 
 
-class SamplingParams(FrozenModel):
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
 # -- node to runner ------------------------------------------------------------------------------
 
 class Task(FrozenModel):
@@ -47,7 +40,7 @@ class Task(FrozenModel):
     kind: TaskKind
     hosts: tuple[str, ...] = ()        # Connect: "host:port" of every rank, in rank order
     prompt: tuple[int, ...] = ()       # Chat
-    params: SamplingParams | None = None
+    params: GenerationParams | None = None
 
 
 class Cancel(FrozenModel):

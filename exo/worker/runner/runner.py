@@ -17,10 +17,11 @@ from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
-from exo.engine.generate import GenerationParams, detokenize, generate_step
+from exo.engine.generate import detokenize, generate_step
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import PipelineHead, Ring, leave, serve, write_hostfile
 from exo.engine.sample import make_sampler
+from exo.shared.generation import GenerationParams
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
 from exo.worker.runner.messages import (
     Cancel,
@@ -32,7 +33,7 @@ from exo.worker.runner.messages import (
     read_frame,
     write_frame,
 )
-from exo.worker.runner.transitions import InvalidTransition, transition
+from exo.worker.runner.transitions import InvalidTransition, may_become, transition
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Runner:
         self._active: str | None = None
         self._ring_closed = False
         self._write_lock = threading.Lock()
+        self._status_lock = threading.Lock()  # the reader thread and the MLX thread both set the status
 
     @property
     def is_head(self) -> bool:
@@ -130,7 +132,7 @@ class Runner:
     def _run(self, task: Task) -> None:
         if task.task_id in self._cancelled:
             self._cancelled.discard(task.task_id)
-            self._report(task, TaskStatus.FAILED, "cancelled before it started")
+            self._report(task, TaskStatus.CANCELLED, "cancelled before it started")
             return
         try:
             step = transition(self.status, task.kind)
@@ -142,7 +144,7 @@ class Runner:
         self._set_status(step.during)
         self._active = task.task_id
         try:
-            self._perform(task)
+            outcome = self._perform(task)
         except Exception as e:  # the task fails; the runner reports it and lives on
             reason = f"{type(e).__name__}: {e}"
             expected = isinstance(e, (ValueError, RuntimeError))  # a bad request or a broken ring, not a bug
@@ -155,12 +157,13 @@ class Runner:
             self._report(task, TaskStatus.FAILED, reason)
         else:
             self._set_status(step.after)
-            self._report(task, TaskStatus.COMPLETE)
+            self._report(task, outcome, "cancelled" if outcome == TaskStatus.CANCELLED else None)
         finally:
             self._active = None
             self._cancelled.discard(task.task_id)
 
-    def _perform(self, task: Task) -> None:
+    def _perform(self, task: Task) -> TaskStatus:
+        """Do the task; Complete, or Cancelled for a chat cancelled on the way."""
         spec = self.spec
         match task.kind:
             case TaskKind.CONNECT:
@@ -179,21 +182,23 @@ class Runner:
                     for _ in islice(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2)), 2):
                         pass
             case TaskKind.CHAT:
-                self._chat(task)
+                return self._chat(task)
+        return TaskStatus.COMPLETE
 
-    def _chat(self, task: Task) -> None:
+    def _chat(self, task: Task) -> TaskStatus:
         if not self.is_head:
             raise ValueError(f"rank {self.spec.rank} takes no chat tasks; rank 0 of the instance does")
         if task.params is None or not task.prompt:
             raise ValueError("a chat task needs a prompt and sampling parameters")
         assert self.loaded is not None
-        params = GenerationParams(**task.params.model_dump())
+        params = task.params
         for delta in detokenize(self._tokens(task.prompt, params), self.loaded.tokenizer, params):
             if task.task_id in self._cancelled:
                 log.info("runner=%s task=%s cancelled after %d tokens", self.name, task.task_id, delta.n_tokens)
-                return
+                return TaskStatus.CANCELLED
             self._send(Generated(task_id=task.task_id, text=delta.text, n_tokens=delta.n_tokens,
                                  finish_reason=delta.finish_reason))
+        return TaskStatus.COMPLETE
 
     def _tokens(self, prompt: tuple[int, ...], params: GenerationParams) -> Iterator[int]:
         assert self.loaded is not None
@@ -211,11 +216,12 @@ class Runner:
         return [*queued, *([self._active] if self._active else [])]
 
     def _set_status(self, status: RunnerStatus, error: str | None = None) -> None:
-        if status == self.status and not error:
-            return
-        log.info("runner=%s %s -> %s%s", self.name, self.status, status, f" ({error})" if error else "")
-        self.status = status
-        self._send(StatusChanged(status=status, error=error))
+        with self._status_lock:
+            if (status == self.status and not error) or not may_become(self.status, status):
+                return
+            log.info("runner=%s %s -> %s%s", self.name, self.status, status, f" ({error})" if error else "")
+            self.status = status
+            self._send(StatusChanged(status=status, error=error))
 
     def _report(self, task: Task, status: TaskStatus, error: str | None = None) -> None:
         self._send(TaskChanged(task_id=task.task_id, kind=task.kind, status=status, error=error))

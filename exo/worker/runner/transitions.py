@@ -2,7 +2,9 @@
 
 This table is the runner's whole lifecycle; nothing else moves a runner's status, except a
 failure of the runner itself (its ring broke, its process died). A task the table does not allow
-fails with `InvalidTransition` and leaves the runner as it was.
+fails with `InvalidTransition` and leaves the runner as it was. Once a runner is stopping, no
+status but the end of the stop replaces that (`may_become`): the thread that reads the node's
+Shutdown and the MLX thread finishing a task both set the status.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ TRANSITIONS: dict[tuple[S, K], Transition] = {
     **{(status, K.SHUTDOWN): Transition(S.SHUTTING_DOWN, S.SHUTDOWN, S.SHUTDOWN)
        for status in S if status not in (S.SHUTTING_DOWN, S.SHUTDOWN)},
 }
+
+
+# Statuses only some statuses may follow; any other may follow any status.
+ONLY_FOLLOWED_BY: dict[S, tuple[S, ...]] = {
+    S.SHUTTING_DOWN: (S.SHUTDOWN,),
+    S.SHUTDOWN: (),
+}
+
+
+def may_become(status: S, new: S) -> bool:
+    return new in ONLY_FOLLOWED_BY.get(status, (new,))
 
 
 def transition(status: S, kind: K) -> Transition:
