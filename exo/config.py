@@ -37,6 +37,9 @@ class Config:
     queue_limit: int = 16             # requests waiting or running per instance before 503s
     watchdog_timeout: float = 60.0    # seconds without progress on a request before its runner restarts
     max_restarts: int = 3
+    max_body_bytes: int = 4 * 2**20   # the largest request body the API reads; larger ones get 413
+    max_connections: int = 512        # open API connections; more are refused with 503 at once
+    request_timeout: float = 30.0     # seconds a client has to send a whole request (line, headers, body)
     cluster_secret: str | None = field(default=None, repr=False)  # None: any node on the network may join
     api_key: str | None = field(default=None, repr=False)  # None: the API answers anyone who reaches it
 
@@ -80,6 +83,7 @@ _FROM_ENV: dict[str, Callable[[str], object]] = {
     "blas": str, "dtype": str, "cluster": str, "peers": parse_peers, "heartbeat_interval": float,
     "peer_timeout": float, "shutdown_timeout": float, "channel_drain_timeout": float,
     "resource_cleanup_timeout": float, "queue_limit": int, "watchdog_timeout": float, "max_restarts": int,
+    "max_body_bytes": lambda text: parse_bytes(text), "max_connections": int, "request_timeout": float,
     "cluster_secret": str, "api_key": str}
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
