@@ -20,12 +20,17 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from exo.api.errors import RETRY_AFTER_SECONDS
 
-REQUEST_TOO_BIG = "The request line or its headers are malformed, or longer than 16 KiB."
+BAD_REQUEST = "Invalid HTTP request: its request line or headers are malformed, or longer than 16 KiB."
 
 
 class GuardedH11Protocol(H11Protocol):
     max_connections = 512
     request_timeout = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None  # for the request now arriving
+        self._since = 0.0  # when that request's time began
 
     @classmethod
     def with_limits(cls, max_connections: int, request_timeout: float) -> type[GuardedH11Protocol]:
@@ -33,7 +38,6 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._deadline: asyncio.TimerHandle | None = None
         self._arm()
         if len(self.connections) > self.max_connections and not self._evict_one():
             self._answer(503, "service_unavailable", "This node has too many open connections; retry shortly.",
@@ -54,7 +58,7 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm_once_received()
 
     def send_400_response(self, msg: str) -> None:
-        self._answer(400, "invalid_request_error", f"Invalid HTTP request: {REQUEST_TOO_BIG}", "invalid_http_request")
+        self._answer(400, "invalid_request_error", BAD_REQUEST, "invalid_http_request")
 
     def _waiting(self) -> bool:
         """Whether this connection holds no request being served: idle, or one not yet whole."""
@@ -75,8 +79,8 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline = self.loop.call_later(self.request_timeout, self._timed_out)
 
     def _disarm(self) -> None:
-        if getattr(self, "_deadline", None) is not None:
-            self._deadline.cancel()  # type: ignore[union-attr]
+        if self._deadline is not None:
+            self._deadline.cancel()
             self._deadline = None
 
     def _disarm_once_received(self) -> None:
