@@ -167,9 +167,9 @@ def _params(request: ChatCompletionRequest, prompt: list[int], context: int) -> 
                              "tokens. Shorten the messages.", param="messages")
     limit = request.token_limit
     if limit is not None and limit > room:
-        field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        raise ContextTooLong(f"{field} is {limit}, but only {room} tokens are left in the model's context of "
-                             f"{context} after the {len(prompt)}-token prompt. Lower {field}.", param=field)
+        name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise ContextTooLong(f"{name} is {limit}, but only {room} tokens are left in the model's context of "
+                             f"{context} after the {len(prompt)}-token prompt. Lower {name}.", param=name)
     return GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
                             seed=request.seed, stop=request.stop_list)
 
