@@ -54,6 +54,9 @@ class Config(BaseSettings):
     queue_limit: int = Field(default=16, ge=1)  # requests waiting or running per instance before 503s
     watchdog_timeout: float = Field(default=60.0, gt=0)  # seconds without progress before a runner restarts
     max_restarts: int = Field(default=3, ge=0)
+    max_body_bytes: int = Field(default=4 * 2**20, gt=0)  # the largest request body the API reads; else 413
+    max_connections: int = Field(default=512, ge=1)  # open API connections; more are refused with 503 at once
+    request_timeout: float = Field(default=30.0, gt=0)  # seconds a client has to send a whole request
     cluster_secret: str | None = Field(default=None, repr=False)  # None: any node on the network may join
     api_key: str | None = Field(default=None, repr=False)  # None: the API answers anyone who reaches it
 
@@ -101,7 +104,7 @@ class Config(BaseSettings):
     def _parse_peers(cls, value: object) -> object:
         return parse_peers(value) if isinstance(value, str) else value
 
-    @field_validator("max_memory", mode="before")
+    @field_validator("max_memory", "max_body_bytes", mode="before")
     @classmethod
     def _parse_size(cls, value: object) -> object:
         try:

@@ -24,6 +24,7 @@ from exo import __version__
 from exo.api.app import create_app
 from exo.api.auth import sending_api_key
 from exo.api.control import Admission
+from exo.api.server import GuardedH11Protocol
 from exo.api.instances import ensure_instance
 from exo.config import Config
 from exo.master.coordinator import Coordinator
@@ -73,7 +74,7 @@ class Node:
                                       on_state=self.supervisor.update)
         self.admission = Admission(self.cluster)
         self.app = create_app(self.cluster, self.supervisor, self.tokenizers, api_key=config.api_key,
-                              admission=self.admission)
+                              admission=self.admission, max_body_bytes=config.max_body_bytes)
         self._phase = log.info if config.debug_coordination else log.debug
         self._forced = anyio.Event()
 
@@ -86,7 +87,8 @@ class Node:
         # Phase 2 closes the API: responses still open then get this long to finish.
         server = _Server(uvicorn.Config(
             self.app, host=config.api_host, port=config.api_port, log_config=None,
-            access_log=config.verbose, timeout_graceful_shutdown=max(config.channel_drain_timeout, 0.1)))
+            access_log=config.verbose, timeout_graceful_shutdown=max(config.channel_drain_timeout, 0.1),
+            http=GuardedH11Protocol.with_limits(config.max_connections, config.request_timeout)))
         log.info("node=%s cluster=%s term=%d", self.node_id, config.cluster, self.cluster.coordinator.term)
         if not config.cluster_secret and not config.api_key:
             log.warning("no cluster secret set: any node on this network can join this cluster; "

@@ -17,15 +17,18 @@ from exo.api.cluster import cluster_router
 from exo.api.control import Admission, AdmissionMiddleware, control_router
 from exo.api.errors import install_error_handlers
 from exo.api.instances import instances_router, route
+from exo.api.limits import BodyLimitMiddleware
 from exo.api.metrics import Metrics, metrics_router
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
 from exo.api.runners import runners_router
+from exo.config import Config
 from exo.master.service import ClusterService
 from exo.shared.runners import SERVING, RunnerStatus
 from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers
 
+MAX_BODY_BYTES: int = Config.model_fields["max_body_bytes"].default
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard" / "index.html"
 
 
@@ -37,14 +40,16 @@ class _Revalidated(StaticFiles):
 
 
 def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Tokenizers,
-               api_key: str | None = None, admission: Admission | None = None) -> FastAPI:
+               api_key: str | None = None, admission: Admission | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="exo", version=__version__)
     install_error_handlers(app)
     admission = admission or Admission(cluster)
-    app.add_middleware(AdmissionMiddleware, admission=admission)
+    metrics = Metrics(cluster.coordinator, supervisor, cluster.clock)
+    app.add_middleware(AdmissionMiddleware, admission=admission, metrics=metrics)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    metrics = Metrics(cluster.coordinator, supervisor, cluster.clock)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)  # outermost: before anything reads a body
     chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers), metrics)
     app.include_router(openai_router(chat, tokenizers.catalog))
     app.include_router(cluster_router(cluster))
@@ -53,7 +58,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
     app.include_router(runners_router(cluster, supervisor))
     app.include_router(metrics_router(metrics))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         # Healthy means making progress: a runner with requests that produced nothing past the watchdog's
         # deadline is not, until it is replaced.

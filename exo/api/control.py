@@ -10,17 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from exo.api.errors import error_body
+from exo.api.errors import RETRY_AFTER_SECONDS, error_response
+from exo.api.metrics import Metrics
+from exo.api.openai.router import FORWARDED
 from exo.master.service import ClusterService
 from exo.shared.errors import InvalidRequest, ServiceUnavailable
 from exo.shared.state import NodeMode
 
 WORK_PATHS = ("/v1/chat/completions",)  # what a draining node refuses, and counts while it runs
-RETRY_AFTER_SECONDS = 5
 
 
 class Admission:
@@ -44,17 +44,20 @@ class Admission:
 class AdmissionMiddleware:
     """Counts requests for work while they run, streams included, and refuses them while draining."""
 
-    def __init__(self, app: ASGIApp, admission: Admission) -> None:
-        self.app, self.admission = app, admission
+    def __init__(self, app: ASGIApp, admission: Admission, metrics: Metrics | None = None) -> None:
+        self.app, self.admission, self.metrics = app, admission, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in WORK_PATHS:
             await self.app(scope, receive, send)
             return
         if self.admission.draining:
-            refusal = JSONResponse(error_body(self.admission.refusal()), status_code=503,
-                                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-            await refusal(scope, receive, send)
+            refusal = self.admission.refusal()
+            if self.metrics is not None:  # counted like any refused chat, for no model yet
+                record = self.metrics.chat(forwarded=any(k.decode() == FORWARDED for k, _ in scope["headers"]))
+                record.fail(refusal)
+                record.end()
+            await error_response(refusal)(scope, receive, send)
             return
         self.admission.in_flight += 1
         try:

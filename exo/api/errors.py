@@ -12,10 +12,18 @@ from starlette.exceptions import HTTPException
 
 from exo.shared.errors import ExoError, ServiceUnavailable
 
+RETRY_AFTER_SECONDS = 5  # what a 503 asks the client to wait
+
 
 def error_body(error: ExoError) -> dict[str, Any]:
     return {"error": {"message": error.message, "type": error.error_type, "param": error.param,
                       "code": type(error).__name__}}
+
+
+def error_response(error: ExoError) -> JSONResponse:
+    """An ExoError as OpenAI's error body with its status; a 503 says when to retry."""
+    retry = {"Retry-After": str(RETRY_AFTER_SECONDS)} if isinstance(error, ServiceUnavailable) else None
+    return JSONResponse(error_body(error), status_code=error.status_code, headers=retry)
 
 
 def _json(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None,
@@ -47,8 +55,7 @@ def _param(error: Mapping[str, Any], body: Any) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ExoError)
     async def _exo_error(_: Request, e: ExoError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if isinstance(e, ServiceUnavailable) else None
-        return JSONResponse(error_body(e), status_code=e.status_code, headers=headers)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

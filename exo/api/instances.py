@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import httpx
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from exo.api.forward import ask_node
+from exo.api.limits import MAX_ID_CHARS, MAX_SHARDS, ModelIdStr
 from exo.master.planner import committed_bytes, previews
 from exo.master.replan import draining_nodes, eligible_nodes
 from exo.master.service import ClusterService
@@ -17,23 +18,24 @@ from exo.models.cards import CARDS, ModelCard
 from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
 from exo.shared.runners import SERVING, RunnerStatus, runner_id
 from exo.shared.state import Instance, ShardAssignment, State
-from exo.shared.types import InstanceId, Utf8Str, new_instance_id
+from exo.shared.types import InstanceId, new_instance_id
 from exo.worker.tokenizers import Tokenizers
 
 READY_TIMEOUT = 120.0  # how long a chat waits for its instance's runners to load
+InstanceIdPath = Annotated[InstanceId, Path(max_length=MAX_ID_CHARS)]
 MAX_LAYERS = 10_000  # far more than any model has; keeps an explicit placement's ints small enough for the wire
 
 
 class PlaceInstance(BaseModel):
-    model_id: str
-    min_nodes: int = Field(default=1, ge=1)
+    model_id: ModelIdStr
+    min_nodes: int = Field(default=1, ge=1, le=MAX_SHARDS)
     sharding: Literal["pipeline"] = "pipeline"
     if_absent: bool = False  # answer with an existing instance of the model instead of placing another
 
 
 class CreateInstance(BaseModel):
-    model_id: Utf8Str
-    shards: list[ShardAssignment] = Field(min_length=1)
+    model_id: ModelIdStr
+    shards: list[ShardAssignment] = Field(min_length=1, max_length=MAX_SHARDS)
     n_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)  # for a model outside the registry
 
 
@@ -152,7 +154,7 @@ def instances_router(cluster: ClusterService) -> APIRouter:
         return cluster.add_instance(instance)
 
     @router.get("/instance/previews")
-    async def instance_previews(model_id: str) -> dict[str, Any]:
+    async def instance_previews(model_id: Annotated[ModelIdStr, Query()]) -> dict[str, Any]:
         card = _card(model_id)
         nodes = eligible_nodes(coordinator.state)
         committed, loading = committed_bytes(coordinator.state, cluster.model_bytes)  # as place_instance counts
@@ -161,13 +163,13 @@ def instances_router(cluster: ClusterService) -> APIRouter:
         return {"model_id": model_id, "previews": [{"shards": [s.model_dump() for s in p]} for p in options]}
 
     @router.get("/instance/{instance_id}")
-    async def get_instance(instance_id: InstanceId) -> Instance:
+    async def get_instance(instance_id: InstanceIdPath) -> Instance:
         if (instance := coordinator.state.instances.get(instance_id)) is None:
             raise ModelNotFound(f"No instance {instance_id!r}; GET /state lists the instances.", param="instance_id")
         return instance
 
     @router.delete("/instance/{instance_id}", response_model=None)
-    async def delete_instance(instance_id: InstanceId, request: Request) -> dict[str, str] | Response:
+    async def delete_instance(instance_id: InstanceIdPath, request: Request) -> dict[str, str] | Response:
         if not coordinator.is_master:
             return await forward(request)
         await get_instance(instance_id)

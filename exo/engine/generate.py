@@ -59,6 +59,7 @@ class TextAssembler:
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self._borders = [_borders(s) for s in self.stop]
         self.ids: list[int] = []
         self.prefix = 0     # ids[prefix:committed] are decoded again as context for the next ones
         self.committed = 0  # ids before this index are part of `text`
@@ -85,17 +86,33 @@ class TextAssembler:
         return self._emit(len(self.text))
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that could still grow into a stop string."""
-        for n in range(max((len(s) for s in self.stop), default=1) - 1, 0, -1):
-            tail = self.text[-n:]
-            if any(s.startswith(tail) for s in self.stop):
-                return n
-        return 0
+        """Length of the longest tail of the text that could still grow into a stop string: for each
+        stop string, a Knuth-Morris-Pratt scan of as much of the tail as could match, O(its length)."""
+        held = 0
+        for stop, borders in zip(self.stop, self._borders, strict=True):
+            matched = 0  # the longest prefix of `stop` that ends the text scanned so far; never all of it
+            for char in self.text[max(0, len(self.text) - len(stop) + 1):]:
+                while matched and stop[matched] != char:
+                    matched = borders[matched - 1]
+                matched += stop[matched] == char
+            held = max(held, matched)
+        return held
 
     def _emit(self, end: int) -> str:
         end = max(end, self.emitted)
         out, self.emitted = self.text[self.emitted:end], end
         return out
+
+
+def _borders(stop: str) -> list[int]:
+    """KMP's failure table: for each prefix of `stop`, the longest proper prefix that is also its suffix."""
+    table, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        k += stop[i] == stop[k]
+        table[i] = k
+    return table
 
 
 def generate_text(prompt: Sequence[int], model: Model, tokenizer: Tokenizer, params: GenerationParams,

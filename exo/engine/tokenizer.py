@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, *, chat_template: str | None, bos_id: int | None,
                  eos_ids: Sequence[int], add_bos: bool) -> None:
         self.backend = backend
+        # A twin that reads special tokens' text as plain text: what message contents are encoded with.
+        self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
+        self._specials = tuple(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
         self.bos_id, self.add_bos = bos_id, add_bos
         self.eos_ids = tuple(dict.fromkeys(eos_ids))
         self.chat_template = chat_template
@@ -85,7 +91,43 @@ class Tokenizer:
                    add_bos=bool(config.get("add_bos_token", False)))
 
     def encode(self, text: str) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The prompt for `messages`. Only the chat template's own markup becomes special tokens; the
+        messages' text never does, so `<|im_end|>` typed by a user cannot forge a turn."""
+        prompt = self.apply_chat_template(messages)
+        nonce = uuid.uuid4().hex
+        markers = [f"\ue000{nonce}{i}\ue000" for i in range(len(messages))]
+        skeleton = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, markers, strict=True)])
+        contents = [str(m["content"]) for m in messages]
+        markup, rest = [], skeleton
+        for mark in markers:
+            before, found, rest = rest.partition(mark)
+            if not found:
+                break
+            markup.append(before)
+        if len(markup) == len(messages) and _interleave(markup, contents) + rest == prompt:
+            # batches, because the tokenizer lets go of the GIL only for those
+            markup_ids = self.backend.encode_batch([*markup, rest], add_special_tokens=False)
+            content_ids = self._plain.encode_batch(contents, add_special_tokens=False)
+            ids = [i for pair in zip(markup_ids, content_ids, strict=False) for part in pair for i in part.ids]
+            return self._with_bos(ids + markup_ids[-1].ids)
+        # The template changes the contents (trims them, say): where none holds a special token's text,
+        # the whole prompt may be encoded as it is.
+        if any(s in text for text in contents for s in self._specials):
+            raise ChatTemplateError("a message holds the text of one of the model's control tokens, which this "
+                                    "model's chat template alters; remove it", param="messages")
+        return self._with_bos(self.backend.encode_batch([prompt], add_special_tokens=False)[0].ids)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for: a text of n bytes is at least n / this tokens."""
+        vocab = self._plain.get_vocab_size(with_added_tokens=True)
+        pieces = self._plain.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+        return max(1, *(len(piece.encode()) for piece in pieces))
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         if self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         return ids
@@ -103,6 +145,10 @@ class Tokenizer:
                                          bos_token=bos, eos_token=eos)
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", param="messages") from e
+
+
+def _interleave(markup: list[str], contents: list[str]) -> str:
+    return "".join(part for pair in zip(markup, contents, strict=True) for part in pair)
 
 
 def _raise_template_error(message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from itertools import islice
 from typing import cast
@@ -149,3 +150,26 @@ def test_multi_byte_character_completes_a_stop_string() -> None:
     raw = "ok 日本".encode()
     out, stopped = assemble([raw[:4], raw[4:-1], raw[-1:]], stop=["日本"])
     assert stopped and "".join(out) == "ok " and all("\ufffd" not in piece for piece in out)
+
+
+def held_back_by_definition(text: str, stops: list[str]) -> int:
+    """The longest tail of `text` (none of it a whole stop string) that some stop string begins with."""
+    return max((n for n in range(1, len(text) + 1) for s in stops if len(s) > n and s.startswith(text[-n:])),
+               default=0)
+
+
+def test_held_back_text_is_the_longest_tail_that_could_grow_into_a_stop_string() -> None:
+    rng = random.Random(12)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 7))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        if any(s in text for s in stops):
+            continue
+        assembler = TextAssembler(cast(Tokenizer, ByteTokenizer([])), stops)
+        assembler.text = text
+        assert assembler._held_back() == held_back_by_definition(text, stops), (text, stops)
+
+
+def test_stop_string_that_repeats_its_own_start_is_cut_where_it_begins() -> None:
+    out, stopped = assemble([b"x a", b"a", b"a", b"b tail"], stop=["aab"])
+    assert stopped and "".join(out) == "x a"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from exo.api.limits import MAX_MESSAGES, MAX_PARTS, MAX_STOP_CHARS, MAX_STOPS, ModelIdStr, Text
 from exo.engine.generate import FinishReason
 from exo.models.catalog import ModelInfo
 from exo.shared.types import Utf8Str
@@ -20,12 +21,12 @@ class _Request(BaseModel):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: Utf8Str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Utf8Str | list[TextPart] | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)] | None = None
 
     @property
     def text(self) -> str:
@@ -39,10 +40,10 @@ class StreamOptions(_Request):
 
 
 class ChatCompletionRequest(_Request):
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: ModelIdStr
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, lt=2**31)
+    max_completion_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**64)  # the sampler's key is an unsigned 64-bit int
@@ -54,8 +55,10 @@ class ChatCompletionRequest(_Request):
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if isinstance(stop, list) and len(stop) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in ([stop] if isinstance(stop, str) else stop or ())):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
         return stop
 
     @property

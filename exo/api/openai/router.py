@@ -5,24 +5,25 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from exo.api.auth import forward_headers
 from exo.api.errors import error_body
+from exo.api.metrics import CLIENT_CLOSED_REQUEST
 from exo.api.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelList
-from exo.api.openai.serving import ChatService, RemoteChat
+from exo.api.openai.serving import ChatService, RemoteChat, Slot
 from exo.models.catalog import ModelCatalog
 from exo.shared.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-CLIENT_CLOSED_REQUEST = 499  # nobody reads it: the client is gone
 FORWARDED = "x-exo-forwarded"  # set on a request one node hands to another, which must then serve it itself
 
 
@@ -42,12 +43,29 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
             return await _forward(request, prepared.url)
         if body.stream:
             # StreamingResponse cancels the body's iterator when the client disconnects.
-            return StreamingResponse(chat.stream(prepared), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completion = await _unless_disconnected(request, chat.complete(prepared))
+            return _SlotStream(prepared.slot, chat.stream(prepared), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            completion = await _unless_disconnected(request, chat.complete(prepared))
+        finally:
+            prepared.slot.release()  # the chat gave it up as it started, unless it never did
         return Response(status_code=CLIENT_CLOSED_REQUEST) if completion is None else completion
 
     return router
+
+
+class _SlotStream(StreamingResponse):
+    """A chat's stream, whose queue slot is given back however the response ends, even unstarted."""
+
+    def __init__(self, slot: Slot, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 async def _forward(request: Request, url: str) -> Response:

@@ -7,8 +7,11 @@ any other node hands the request to that node as it came (see `router.py`).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import anyio
 
 from exo.api.errors import error_body
 from exo.api.metrics import ChatRecord, Metrics
@@ -24,11 +27,30 @@ from exo.api.openai.protocol import (
     completion_id,
     now,
 )
-from exo.shared.errors import ContextTooLong, ExoError
+from exo.shared.errors import ContextTooLong, ExoError, Overloaded
 from exo.shared.generation import GenerationParams
 from exo.shared.state import Instance
+from exo.shared.types import InstanceId
 from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers
+
+
+@dataclass
+class Slot:
+    """A place in an instance's queue, held from admission until the chat is in the queue itself, so
+    that requests admitted together cannot overfill it (and get their 503 only inside a 200 stream)."""
+
+    reserved: Counter[InstanceId]
+    instance_id: InstanceId
+    held: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        self.reserved[self.instance_id] += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.reserved[self.instance_id] -= 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,7 @@ class PreparedChat:
     prompt: list[int]
     params: GenerationParams
     record: ChatRecord
+    slot: Slot
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,7 @@ class ChatService:
     def __init__(self, supervisor: Supervisor, tokenizers: Tokenizers,
                  route: Callable[[str, bool], Awaitable[tuple[Instance, str | None]]], metrics: Metrics) -> None:
         self.supervisor, self.tokenizers, self.route, self.metrics = supervisor, tokenizers, route, metrics
+        self.reserved: Counter[InstanceId] = Counter()  # slots admitted chats hold until they are queued
 
     async def prepare(self, request: ChatCompletionRequest, *, forwarded: bool = False) -> PreparedChat | RemoteChat:
         """Find a ready instance; if its rank 0 is here, render and tokenize the conversation and
@@ -70,28 +94,40 @@ class ChatService:
         instance, remote_url = await self.route(request.model, forwarded)
         if remote_url is not None:
             return RemoteChat(remote_url)  # counted by the node that serves it
-        self.supervisor.admit(instance.instance_id)  # a full queue is a 503 before any stream begins
+        slot = self._admit(instance.instance_id)  # a full queue is a 503 before any stream begins
+        try:
+            prompt, context = await self._tokenize(request)
+            return PreparedChat(request, instance, prompt, _params(request, prompt, context), record, slot)
+        except BaseException:
+            slot.release()
+            raise
+
+    def _admit(self, instance_id: InstanceId) -> Slot:
+        handle = self.supervisor.admit(instance_id)
+        waiting = len(handle.chats) + self.reserved[instance_id]
+        if waiting >= self.supervisor.limits.queue:
+            raise Overloaded(f"Instance {instance_id} has {waiting} requests waiting, its limit; retry shortly.")
+        return Slot(self.reserved, instance_id)
+
+    async def _tokenize(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
+        """The prompt's tokens and the model's context, off the event loop; a conversation too long for
+        the context by its length alone is refused before it is rendered."""
         tokenizer, args = await self.tokenizers.get(request.model)
+        context = args.max_position_embeddings
+        chars = sum(len(m.text) for m in request.messages)
+        per_token = await anyio.to_thread.run_sync(lambda: tokenizer.max_token_bytes)
+        if chars > context * per_token:
+            raise ContextTooLong(f"The messages are {chars} characters long, at least {chars // per_token} tokens, "
+                                 f"but the model's context is {context} tokens. Shorten the messages.",
+                                 param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                     for m in request.messages]
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
-        context = args.max_position_embeddings
-        room = context - len(prompt)
-        if room <= 0:
-            raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
-                                 "tokens. Shorten the messages.", param="messages")
-        limit = request.token_limit
-        if limit is not None and limit > room:
-            field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-            raise ContextTooLong(f"{field} is {limit}, but only {room} tokens are left in the model's context of "
-                                 f"{context} after the {len(prompt)}-token prompt. Lower {field}.", param=field)
-        params = GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
-                                  seed=request.seed, stop=request.stop_list)
-        return PreparedChat(request, instance, prompt, params, record)
+        return await anyio.to_thread.run_sync(tokenizer.encode_chat, messages), context
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion:
         text, n, finish = [], 0, "length"
         with chat.record:
+            chat.slot.release()  # the chat takes its place in the queue as it starts, with no wait between
             async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
                 chat.record.generated(delta.n_tokens)
                 text.append(delta.text)
@@ -108,6 +144,7 @@ class ChatService:
         with chat.record:  # counts the request when the stream ends, or is cancelled as its client goes away
             yield _event(chunk)
             try:
+                chat.slot.release()  # as in `complete`
                 async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
                     chat.record.generated(delta.n_tokens)
                     usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
@@ -121,6 +158,20 @@ class ChatService:
                 chat.record.fail(e)
                 yield f"data: {json.dumps(error_body(e))}\n\n"
             yield "data: [DONE]\n\n"
+
+
+def _params(request: ChatCompletionRequest, prompt: list[int], context: int) -> GenerationParams:
+    room = context - len(prompt)
+    if room <= 0:
+        raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
+                             "tokens. Shorten the messages.", param="messages")
+    limit = request.token_limit
+    if limit is not None and limit > room:
+        name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise ContextTooLong(f"{name} is {limit}, but only {room} tokens are left in the model's context of "
+                             f"{context} after the {len(prompt)}-token prompt. Lower {name}.", param=name)
+    return GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
+                            seed=request.seed, stop=request.stop_list)
 
 
 def _usage(chat: PreparedChat, completion_tokens: int) -> Usage:
