@@ -27,7 +27,7 @@ from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers
 
 STALL_SECONDS = 120.0
-DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard" / "index.html"
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboard" / "index.html"  # package data: exo/dashboard/
 
 
 class _Revalidated(StaticFiles):
