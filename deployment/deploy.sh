@@ -69,10 +69,9 @@ if [ -n "$env_file" ]; then
   cat "$env_file" >"$ENV_FILE"  # over the old file, so its owner and mode stay
   say "replaced the settings with $env_file"
 fi
-started=$(date +%s)
 say "restarting $EXO_SERVICE with $(installed_version)"
 run_systemctl restart "$EXO_SERVICE"
-validate "@$started" || die 1 "the new version failed validation"
+validate || die 1 "the new version failed validation"
 
 phase=finished
 prune_backups "${EXO_KEEP_BACKUPS:-5}"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Install exo as a systemd service: a system user, its directories, a virtual environment holding exo,
-# the settings file and the unit; then daemon-reload and enable. Running it again upgrades in place
-# and keeps the settings file.
+# Install exo as a systemd service: a system user, a fast BLAS (BLIS, with apt), its directories, a
+# virtual environment holding exo, the settings file and the unit; then daemon-reload and enable.
+# Running it again upgrades in place and keeps the settings file.
 #
 #   install.sh [--root DIR] [--user NAME] [--no-systemctl] [--start] [--from-dir DIR | SPEC]
 #
@@ -53,6 +53,19 @@ else
   say "creating system user $user"
   useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
     --shell "$(command -v nologin || echo /usr/sbin/nologin)" --comment "exo node" "$user"
+fi
+
+# A fast BLAS for MLX's CPU backend, as setup.sh installs it; the node picks the fastest one installed.
+if [ -n "$ROOT" ]; then
+  :  # a trial under a root changes nothing on the host
+elif ldconfig -p 2>/dev/null | grep -q 'libblis\.so'; then
+  say "BLIS (fast BLAS) is installed"
+elif command -v apt-get >/dev/null; then
+  say "installing libblis4-pthread (fast BLAS for MLX)"
+  { apt-get update -qq && apt-get install -y -qq libblis4-pthread; } >/dev/null 2>&1 ||
+    say "could not install libblis4-pthread; exo will use MLX's slower bundled BLAS"
+else
+  say "no apt-get: install BLIS (libblis) yourself, or exo uses MLX's slower bundled BLAS"
 fi
 
 install -d -m 0755 "$OPT_DIR" "$(dirname "$UNIT_FILE")"

@@ -131,7 +131,7 @@ installed_version() {
 
 # One deploy or rollback at a time (the lock is released when the script exits).
 take_lock() {
-  mkdir -p "$BACKUP_DIR"
+  install -d -m 0700 "$BACKUP_DIR"  # backups hold the settings, secrets among them
   exec 9>"$BACKUP_DIR/.lock"
   flock -n 9 || die 1 "another deploy or rollback is running (lock $BACKUP_DIR/.lock)"
 }
@@ -146,7 +146,7 @@ make_backup() {
     n=$((n + 1))
     dir=$BACKUP_DIR/$stamp-$n
   done
-  mkdir -p "$dir.partial"
+  install -d -m 0700 "$dir.partial"
   cp -a "$OPT_DIR" "$dir.partial/opt-exo"
   if [ -d "$ETC_DIR" ]; then cp -a "$ETC_DIR" "$dir.partial/etc-exo"; fi
   if [ -f "$UNIT_FILE" ]; then cp -a "$UNIT_FILE" "$dir.partial/$EXO_SERVICE.service"; fi
@@ -213,8 +213,9 @@ restore_backup() {
   run_systemctl daemon-reload
 }
 
-# validate SINCE: run validate-deployment.sh against this root, for the log since SINCE.
+# validate: run validate-deployment.sh against this root, judging the unit's current run only (its
+# own log lines, by invocation id: the previous run's shutdown lines are not the new version's).
 validate() {
   EXO_ROOT=$ROOT EXO_SERVICE=$EXO_SERVICE SYSTEMCTL=$SYSTEMCTL \
-    "$DEPLOYMENT_DIR/validate-deployment.sh" --since "$1" --wait "${EXO_VALIDATE_WAIT:-90}"
+    "$DEPLOYMENT_DIR/validate-deployment.sh" --wait "${EXO_VALIDATE_WAIT:-90}"
 }

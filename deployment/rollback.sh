@@ -45,10 +45,9 @@ backup=$(resolve_backup "$name")
 
 take_lock
 restore_backup "$backup"
-started=$(date +%s)
 say "restarting $EXO_SERVICE with $(installed_version)"
 run_systemctl restart "$EXO_SERVICE"
 if [ "$check" = yes ]; then
-  validate "@$started" || die 1 "restored $backup, but the service is not healthy"
+  validate || die 1 "restored $backup, but the service is not healthy"
 fi
 say "rolled back to $backup"

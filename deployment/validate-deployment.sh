@@ -1,34 +1,41 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# Is the exo service healthy? Each check is reported: the service is active, GET /health answers
-# "status": "ok", GET /state answers with a master elected, the log since WHEN holds no traceback or
-# race-condition error (Traceback, Queue is closed, ClosedResourceError), and `exo doctor` finds no
-# issues, orphaned runners among them (an install without `exo doctor`: no runner outlived its node).
+# Is the exo service healthy? Each check is reported: the service is active; GET /health answers
+# "status": "ok" from this unit's node (its node id is the one in the unit's EXO_HOME, not another exo
+# on the port) with its runners Ready; GET /state answers with a master elected; the log of the unit's
+# current run holds no traceback or race-condition error (Traceback, Queue is closed,
+# ClosedResourceError); and `exo doctor` finds no issues, orphaned runners among them (an install
+# without `exo doctor`: no runner outlived its node).
 #
-#   validate-deployment.sh [--root DIR] [--since WHEN] [--wait SECONDS] [--url URL]
+#   validate-deployment.sh [--root DIR] [--since WHEN] [--wait SECONDS] [--url URL] [--runners N]
 #
 #   --root DIR      the install lives under DIR (default: /; also EXO_ROOT)
-#   --since WHEN    read the log from WHEN, a systemd time such as -10min or @1700000000 (default -10min)
-#   --wait SECONDS  first wait up to this long for /health and a master (default 0); a bad log line
-#                   ends the wait
+#   --since WHEN    read the log from WHEN, a systemd time such as -10min or @1700000000 (default: the
+#                   unit's current run, by its invocation id, so an earlier run's lines never count)
+#   --wait SECONDS  first wait up to this long for the node to answer, be ready and have a master
+#                   (default 0); a bad line in its log ends the wait
 #   --url URL       the node's API (default: from EXO_API_HOST and EXO_API_PORT in ROOT/etc/exo/exo.env)
+#   --runners N     how many runners must be Ready (default 1, or 0 when EXO_ARGS has --no-preload);
+#                   every runner the node has must be Ready in any case
 #
 # The log is EXO_LOG_FILE if set (the current run's log), else the output of EXO_LOG_COMMAND, else
-# journalctl -u exo --since WHEN. EXO_API_KEY (or the settings file's) is sent to /state.
-# Exit status: 0 all checks pass, 1 some failed, 2 bad usage.
+# journalctl -u exo for the current invocation (or --since WHEN). EXO_API_KEY (or the settings file's)
+# is sent to /state. Exit status: 0 all checks pass, 1 some failed, 2 bad usage.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
-since=-10min
+since=""
 wait_s=0
 url=${EXO_API_URL:-}
+runners=""
 while [ $# -gt 0 ]; do
   case $1 in
     --root) EXO_ROOT=$(value "$@"); shift ;;
     --since) since=$(value "$@"); shift ;;
     --wait) wait_s=$(value "$@"); shift ;;
     --url) url=$(value "$@"); shift ;;
+    --runners) runners=$(value "$@"); shift ;;
     -h | --help) usage && exit 0 ;;
     *) die 2 "unknown argument $1 (see --help)" ;;
   esac
@@ -36,6 +43,12 @@ while [ $# -gt 0 ]; do
 done
 set_paths
 case $wait_s in '' | *[!0-9]*) die 2 "--wait takes whole seconds, not '$wait_s'" ;; esac
+if [ -z "$runners" ]; then
+  case " $(env_value EXO_ARGS) " in *" --no-preload "*) runners=0 ;; *) runners=1 ;; esac
+fi
+case $runners in '' | *[!0-9]*) die 2 "--runners takes a count, not '$runners'" ;; esac
+# The node id of the unit's node: the one its EXO_HOME holds (written at its first start).
+node_id_file=$(env_value EXO_HOME "$STATE_DIR")/node_id
 
 BAD_LOG='Traceback|Queue is closed|ClosedResourceError'
 
@@ -48,7 +61,7 @@ EXO_API_KEY=${EXO_API_KEY:-$(env_value EXO_API_KEY)}
 export EXO_API_KEY
 
 # http_check URL [KEY [VALUE]]: URL answers 200 with a JSON object (whose KEY is VALUE, or is set);
-# else say why, on stderr.
+# else say why, on stderr. KEY "runners" checks /health's runners: all Ready, and at least VALUE.
 http_check() {
   "$PYTHON" - "$@" <<'PY'
 import json, os, sys, urllib.request
@@ -63,20 +76,43 @@ except Exception as e:  # refused, timed out, an error status, not JSON: all say
     sys.exit(f"{url}: {e}")
 if not isinstance(body, dict):
     sys.exit(f"{url}: answered {body!r}, not a JSON object")
-if want and (body.get(want[0]) != want[1] if len(want) > 1 else not body.get(want[0])):
+if want[:1] == ["runners"]:
+    ready, runners = body.get("runners_ready", 0), body.get("runners") or {}
+    if ready < int(want[1]) or ready < len(runners):
+        sys.exit(f"{url}: {ready} runner(s) Ready of {max(len(runners), int(want[1]))} ({runners or 'none yet'})")
+elif want and (body.get(want[0]) != want[1] if len(want) > 1 else not body.get(want[0])):
     sys.exit(f"{url}: {want[0]} is {body.get(want[0])!r}" + (f", not {want[1]!r}" if len(want) > 1 else ""))
 PY
 }
 
+# The unit's node id, or nothing before its first start.
+unit_node_id() { cat "$node_id_file" 2>/dev/null || true; }
+
+# Ready: the unit's own node answers /health with "ok", its runners are Ready, and it has found its
+# cluster's master (a lone node elects itself in a few seconds).
+ready() {
+  local id
+  id=$(unit_node_id)
+  [ -n "$id" ] && http_check "$url/health" status ok && http_check "$url/health" node_id "$id" &&
+    http_check "$url/health" runners "$runners" && http_check "$url/state" master_id
+}
+
+# The log of the unit's current run (its invocation id changes at every start), or since --since.
 recent_log() {
   if [ -n "${EXO_LOG_FILE:-}" ]; then
     tail -n "${EXO_LOG_LINES:-5000}" "$EXO_LOG_FILE"
   elif [ -n "${EXO_LOG_COMMAND:-}" ]; then
     bash -c "$EXO_LOG_COMMAND"
-  else
+  elif [ -n "$since" ]; then
     journalctl -u "$EXO_SERVICE" --since "$since" --no-pager -o cat
+  else
+    local invocation
+    invocation=$(run_systemctl show -p InvocationID --value "$EXO_SERVICE")
+    [ -n "$invocation" ] || { echo "the unit $EXO_SERVICE has not run" >&2; return 1; }
+    journalctl "_SYSTEMD_INVOCATION_ID=$invocation" --no-pager -o cat
   fi
 }
+log_scope() { if [ -n "$since" ]; then echo "since $since"; else echo "of the unit's current run"; fi; }
 
 # pids of runners started from this install whose node is gone (runners are
 # `PYTHON -m exo.worker.runner SPEC NODE_PID`: the command line names their node).
@@ -99,10 +135,8 @@ fail() {
   failures=$((failures + 1))
 }
 
-# Ready: /health says ok and the node has found its cluster's master (a lone node elects itself in
-# a few seconds).
 deadline=$((SECONDS + wait_s))
-until http_check "$url/health" status ok 2>/dev/null && http_check "$url/state" master_id 2>/dev/null; do
+until ready 2>/dev/null; do
   log=$(recent_log 2>/dev/null) || log=""
   if [ $SECONDS -ge "$deadline" ] || grep -qE "$BAD_LOG" <<<"$log"; then break; fi
   sleep 1
@@ -116,14 +150,23 @@ else
 fi
 
 if why=$(http_check "$url/health" status ok 2>&1); then ok "$url/health says ok"; else fail "$why"; fi
+id=$(unit_node_id)
+if [ -z "$id" ]; then
+  fail "no node id in $node_id_file: the unit's node has never started"
+elif why=$(http_check "$url/health" node_id "$id" 2>&1); then
+  ok "the node answering is this unit's (node $id)"
+else
+  fail "$why: another process answers on $url, not this unit's node"
+fi
+if why=$(http_check "$url/health" runners "$runners" 2>&1); then ok "runners Ready (at least $runners)"; else fail "$why"; fi
 if why=$(http_check "$url/state" master_id 2>&1); then ok "$url/state answers, with a master"; else fail "$why"; fi
 
 if log=$(recent_log 2>&1); then
   bad=$(grep -E "$BAD_LOG" <<<"$log") || true
   if [ -z "$bad" ]; then
-    ok "no tracebacks or race-condition errors in the log since $since"
+    ok "no tracebacks or race-condition errors in the log $(log_scope)"
   else
-    fail "the log since $since has $(wc -l <<<"$bad") bad line(s), the first:"
+    fail "the log $(log_scope) has $(wc -l <<<"$bad") bad line(s), the first:"
     head -n 5 <<<"$bad" | indent >&2
   fi
 else

@@ -132,7 +132,8 @@ class Node:
                 if self.admission.stopping:
                     log.warning("node=%s second %s: stopping at once", self.node_id, name)
                     self._forced.set()
-                    server.should_exit = server.force_exit = True
+                    self._end_chats()  # not force_exit: uvicorn would leave its lifespan to be cancelled
+                    server.should_exit = True
                 else:
                     log.info("node=%s %s: stopping", self.node_id, name)
                     tg.start_soon(self._stop, server)
@@ -150,14 +151,23 @@ class Node:
         if waited.cancelled_caught:
             log.warning("node=%s %d requests still in flight after %.0fs: stopping anyway", self.node_id,
                         self._in_flight(), config.shutdown_timeout)
+        self._end_chats()
         self._phase("node=%s stop phase 2: leaving the cluster, draining channels (up to %.0fs)", self.node_id,
                     config.channel_drain_timeout)
         await self.cluster.leave(0 if self._forced.is_set() else config.channel_drain_timeout)
         server.should_exit = True
 
+    def _end_chats(self) -> None:
+        """Chats still running when phase 1 ends fail now (a stream with an error event and [DONE]), so
+        the API closes with every response finished instead of uvicorn cancelling them mid-write."""
+        for handle in self.supervisor.runners.values():
+            for chat in handle.chats.values():
+                chat.close()
+
     def _in_flight(self) -> int:
         """Requests this node is serving, plus those on instances it holds a rank of for another head."""
-        count = self.admission.in_flight + self.supervisor.queue_depth()
+        # A chat served here is one request at the API and one in its runner's queue: count it once.
+        count = max(self.admission.in_flight, self.supervisor.queue_depth())
         state, queues = self.cluster.coordinator.state, self.cluster.all_queues()
         for handle in self.supervisor.runners.values():
             if handle.spec.rank == 0 or handle.exited.is_set():

@@ -29,7 +29,7 @@ from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers
 
 MAX_BODY_BYTES: int = Config.model_fields["max_body_bytes"].default
-DASHBOARD = Path(__file__).resolve().parents[2] / "dashboard" / "index.html"
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboard" / "index.html"  # package data: exo/dashboard/
 
 
 class _Revalidated(StaticFiles):

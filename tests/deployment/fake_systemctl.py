@@ -2,7 +2,9 @@
 
 It records each call and runs a unit's ExecStart for real, with its Environment= and EnvironmentFile=
 applied and its variables expanded as systemd does, in WorkingDirectory=, logging to a fresh file per
-start (what `journalctl _SYSTEMD_INVOCATION_ID=` would show). It ignores User= and the sandboxing.
+start, journal/INVOCATION_ID.log, which `journalctl` (this file run as `journalctl`) prints: one run's
+with `_SYSTEMD_INVOCATION_ID=ID`, every run's with `-u NAME` (times are not kept: `--since` is ignored).
+`show -p InvocationID|MainPID --value` answers as systemd does. It ignores User= and the sandboxing.
 Stopping follows KillMode=mixed: SIGTERM to the main process, SIGKILL to what is left after
 TimeoutStopSec. Its state lives in $FAKE_SYSTEMCTL_DIR; units are read from $FAKE_SYSTEMCTL_UNITS.
 """
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -77,11 +80,36 @@ def start(name: str) -> None:
         return
     settings = _unit(name)
     env = _environment(settings)
-    with (STATE / f"{name}.log").open("wb") as log:
+    invocation = uuid.uuid4().hex
+    (STATE / "journal").mkdir(exist_ok=True)
+    with (STATE / "journal" / f"{invocation}.log").open("ab") as log:  # O_APPEND, as a journal
         process = subprocess.Popen(_command(settings["ExecStart"][-1], env), env=env, stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    cwd=settings.get("WorkingDirectory", [str(STATE)])[-1])
     (STATE / f"{name}.pid").write_text(str(process.pid))
+    (STATE / f"{name}.invocation").write_text(invocation)
+    with (STATE / "journal" / "order").open("a") as order:
+        order.write(invocation + "\n")
+
+
+def show(name: str, prop: str) -> str:
+    if prop == "InvocationID":
+        path = STATE / f"{name}.invocation"
+        return path.read_text() if path.exists() else ""  # the last run's, also once it has exited
+    if prop == "MainPID":
+        return str(process.pid) if (process := _main_process(name)) else "0"
+    raise SystemExit(f"fake systemctl: show -p {prop} is not faked")
+
+
+def journalctl(argv: list[str]) -> int:
+    journal = STATE / "journal"
+    runs = (journal / "order").read_text().split() if (journal / "order").exists() else []
+    if match := [a for a in argv if a.startswith("_SYSTEMD_INVOCATION_ID=")]:
+        runs = [match[0].split("=", 1)[1]]
+    for run in runs:
+        if (journal / f"{run}.log").exists():
+            sys.stdout.write((journal / f"{run}.log").read_text(errors="replace"))
+    return 0
 
 
 def stop(name: str) -> None:
@@ -110,6 +138,8 @@ def is_active(name: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get("FAKE_SYSTEMCTL_AS") == "journalctl":  # the test bin directory's journalctl
+        return journalctl(argv)
     with (STATE / "calls").open("a") as calls:
         calls.write(" ".join(argv) + "\n")
     args = [a for a in argv if not a.startswith("-")]
@@ -123,6 +153,8 @@ def main(argv: list[str]) -> int:
     elif verb == "enable" and "--now" in argv:
         for name in names:
             start(name)
+    elif verb == "show":
+        print(show(names[-1], argv[argv.index("-p") + 1]))
     elif verb == "is-active":
         return max(is_active(name) for name in names)
     elif verb not in ("daemon-reload", "enable", "disable"):

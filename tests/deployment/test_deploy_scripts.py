@@ -1,10 +1,12 @@
 """install.sh, deploy.sh, rollback.sh and validate-deployment.sh, run for real in a temporary root.
 
 The stand-in for systemd is `systemctl` (fake_systemctl.py: no systemd runs this machine), and it
-starts the installed unit's ExecStart for real: validation talks to a real exo node on loopback. The
-releases deployed are venvs copied into place with `--from-dir` (pip-installing exo would take minutes):
-the test venv's interpreter and packages behind symlinks, with a RELEASE file naming them. The default
-path, pip, is tested on a tiny wheel.
+starts the installed unit's ExecStart for real: validation talks to a real exo node on loopback and
+reads its log through a stand-in `journalctl`. install.sh installs exo's wheel with pip, for real, into
+a venv that already holds exo's dependencies (releases.py), as a machine image would; deploy.sh does the
+same. Releases that must differ (a broken one, one without `exo doctor`) are venvs copied into place
+with `--from-dir`: the test venv's interpreter and packages behind symlinks, with a RELEASE file naming
+them. The default path, pip into a new venv, is tested on a tiny wheel.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
-from nodes import free_ports
+from nodes import answers, free_ports, start_node, stop_node, wait_for
+from releases import install_env, venv_with_dependencies
 
 DEPLOYMENT = Path(__file__).resolve().parents[2] / "deployment"
 Run = subprocess.CompletedProcess[str]
@@ -100,7 +104,9 @@ class Host:
 
     @property
     def release(self) -> str:
-        return (self.root / "opt/exo/venv/RELEASE").read_text()
+        """The RELEASE of a `--from-dir` release; "wheel" for exo pip-installed from its wheel."""
+        path = self.root / "opt/exo/venv/RELEASE"
+        return path.read_text() if path.exists() else "wheel"
 
     @property
     def settings(self) -> Path:
@@ -108,7 +114,8 @@ class Host:
 
     @property
     def log(self) -> Path:
-        return self.systemd / "exo.log"
+        """The log of the unit's current run."""
+        return self.systemd / "journal" / f"{(self.systemd / 'exo.invocation').read_text()}.log"
 
     def calls(self) -> list[str]:
         return (self.systemd / "calls").read_text().splitlines()
@@ -123,30 +130,41 @@ class Host:
             return None
 
 
-@pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
+def make_host(tmp_path: Path, wheel: Path, dependencies: Path, settings: str) -> Host:
+    """exo's wheel installed by install.sh under tmp_path/root, with `settings` added to its settings file."""
     bin_dir, systemd = tmp_path / "bin", tmp_path / "systemd"
     bin_dir.mkdir()
     systemd.mkdir()
-    (bin_dir / "systemctl").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_SYSTEMCTL}" "$@"\n')
-    (bin_dir / "systemctl").chmod(0o755)
+    for name, env in (("systemctl", ""), ("journalctl", "FAKE_SYSTEMCTL_AS=journalctl ")):
+        (bin_dir / name).write_text(f'#!/bin/sh\n{env}exec "{sys.executable}" "{FAKE_SYSTEMCTL}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
     root = tmp_path / "root"
-    env = {k: v for k, v in os.environ.items() if k not in ("SYSTEMCTL", "EXO_API_URL", "EXO_LOG_COMMAND")}
-    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", EXO_ROOT=str(root), EXO_LOG_FILE=str(systemd / "exo.log"),
-               FAKE_SYSTEMCTL_DIR=str(systemd), FAKE_SYSTEMCTL_UNITS=str(root / "etc/systemd/system"),
-               EXO_VALIDATE_WAIT="30")
+    env = install_env(PATH=f"{bin_dir}:{os.environ['PATH']}", EXO_ROOT=str(root), FAKE_SYSTEMCTL_DIR=str(systemd),
+                      FAKE_SYSTEMCTL_UNITS=str(root / "etc/systemd/system"), EXO_VALIDATE_WAIT="30")
+    env.pop("EXO_LOG_COMMAND", None)
     [port] = free_ports(1)
     host = Host(root, env, systemd, port)
-    installed = host.run("install.sh", "--from-dir", make_release(tmp_path / "v1", "v1"))
+    venv_with_dependencies(root / "opt/exo/venv", dependencies)  # the image's venv, dependencies installed
+    installed = host.run("install.sh", wheel)
     assert installed.returncode == 0, installed.stdout
-    with host.settings.open("a") as settings:
-        settings.write(f"EXO_API_HOST=127.0.0.1\nEXO_API_PORT={port}\nEXO_ARGS=--no-preload --no-discovery\n")
+    with host.settings.open("a") as file:
+        file.write(f"EXO_API_HOST=127.0.0.1\nEXO_API_PORT={port}\n{settings}")
+    return host
+
+
+def stop_host(host: Host) -> None:
+    node = host.node()
+    host.systemctl("stop", "exo")
+    assert node is None or not node.is_running() or node.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.fixture
+def host(tmp_path: Path, wheel: Path, dependencies: Path) -> Iterator[Host]:
+    host = make_host(tmp_path, wheel, dependencies, "EXO_ARGS=--no-preload --no-discovery\n")
     try:
         yield host
     finally:
-        node = host.node()
-        host.systemctl("stop", "exo")
-        assert node is None or not node.is_running() or node.status() == psutil.STATUS_ZOMBIE
+        stop_host(host)
 
 
 def test_install_creates_dirs_settings_and_unit_then_enables_it(host: Host) -> None:
@@ -157,6 +175,7 @@ def test_install_creates_dirs_settings_and_unit_then_enables_it(host: Host) -> N
     assert host.calls() == ["daemon-reload", "enable exo"]
     assert f"EXO_HOME={root}/var/lib/exo" in (root / "etc/systemd/system/exo.service").read_text()
     assert (root / "etc/exo/exo.env").stat().st_mode & 0o777 == 0o640
+    assert (root / "var/backups/exo").stat().st_mode & 0o777 == 0o700
 
     # again: an upgrade in place that keeps the settings a person wrote
     again = host.run("install.sh", "--from-dir", make_release(root.parent / "v1b", "v1b"))
@@ -179,7 +198,8 @@ def test_deploy_backs_up_installs_and_validates_and_rollback_restores_the_backup
     assert "restart exo" in host.calls() and host.node() and host.node() != old_node
     [backup] = host.backups()
     assert re.fullmatch(r"\d{8}-\d{6}", backup.name), backup.name
-    assert (backup / "opt-exo/venv/RELEASE").read_text() == "v1"
+    assert backup.stat().st_mode & 0o777 == 0o700 and backup.parent.stat().st_mode & 0o777 == 0o700
+    assert list(backup.glob("opt-exo/venv/lib/python*/site-packages/exo/dashboard/index.html"))  # the wheel's
     assert (backup / "etc-exo/exo.env").read_text() == old_settings
     assert (backup / "exo.service").read_text() == (host.root / "etc/systemd/system/exo.service").read_text()
     assert "version=exo 0.1.0" in (backup / "manifest").read_text()
@@ -188,7 +208,7 @@ def test_deploy_backs_up_installs_and_validates_and_rollback_restores_the_backup
     rolled_back = host.run("rollback.sh", backup.name)
 
     assert rolled_back.returncode == 0, rolled_back.stdout
-    assert host.release == "v1" and host.settings.read_text() == old_settings
+    assert host.release == "wheel" and host.settings.read_text() == old_settings
     assert "deployment is healthy" in rolled_back.stdout
     assert host.run("rollback.sh", "19990101-000000").returncode == 2
 
@@ -201,10 +221,10 @@ def test_deploy_of_a_release_that_fails_validation_rolls_back_by_itself(host: Ho
     assert deployed.returncode == 3, deployed.stdout
     assert "FAIL" in deployed.stdout and "Traceback" in deployed.stdout  # why, in the deploy's own output
     assert "rolling back" in deployed.stdout and "previous version is back and healthy" in deployed.stdout
-    assert host.release == "v1"
+    assert host.release == "wheel"
     assert host.systemctl("is-active", "exo").stdout.strip() == "active"
     [backup] = host.backups()  # kept: it is the way back should the restored version fail later
-    assert (backup / "opt-exo/venv/RELEASE").read_text() == "v1"
+    assert list(backup.glob("opt-exo/venv/lib/python*/site-packages/exo/dashboard/index.html"))  # the wheel's
 
 
 def test_validate_passes_on_a_clean_log_and_fails_on_each_bad_line(host: Host, tmp_path: Path) -> None:
@@ -253,3 +273,76 @@ def test_validate_finds_a_runner_whose_node_is_gone(host: Host, tmp_path: Path, 
     assert ("exo doctor finds issues" in result.stdout) == doctor
     assert (f"orphaned runners found: pids {orphan.pid}" in result.stdout) != doctor
     assert "orphaned runners" in result.stdout and str(orphan.pid) in result.stdout
+
+
+def test_deploy_judges_the_new_version_by_its_own_log_lines(host: Host, tmp_path: Path) -> None:
+    """A traceback the previous run logged (as it stopped, say) is not the new version's: deploy keeps it.
+    Validating the whole unit's log (--since) still sees the old line."""
+    assert host.systemctl("start", "exo").returncode == 0
+    assert host.run("validate-deployment.sh", "--wait", "30").returncode == 0
+    with host.log.open("a") as old_run:
+        old_run.write("Traceback (most recent call last):\nRuntimeError: the old run's last words\n")
+
+    deployed = host.run("deploy.sh", "--from-dir", make_release(tmp_path / "v2", "v2"))
+
+    assert deployed.returncode == 0, deployed.stdout
+    assert host.release == "v2" and "no tracebacks or race-condition errors in the log of the unit's current run" \
+        in deployed.stdout
+    whole = host.run("validate-deployment.sh", "--since", "-1h")
+    assert whole.returncode == 1 and "the log since -1h has 1 bad line(s)" in whole.stdout, whole.stdout
+
+
+def test_validate_fails_when_another_node_holds_the_port(host: Host, tmp_path: Path, models_dir: Path) -> None:
+    """The unit crash-loops (its release is broken) while another exo answers on its port: /health says
+    ok, but from a node that is not the unit's."""
+    assert host.systemctl("start", "exo").returncode == 0  # the unit's node id is written at its first start
+    assert host.run("validate-deployment.sh", "--wait", "30").returncode == 0
+    assert host.run("install.sh", "--from-dir", make_release(tmp_path / "bad", "bad", broken=True)).returncode == 0
+    host.systemctl("restart", "exo")
+    other = start_node(tmp_path / "other", models_dir, "--no-preload", "--no-discovery", port=host.port)
+    try:
+        wait_for(lambda: answers(other), 30, "the other node to answer")
+        result = host.run("validate-deployment.sh")
+    finally:
+        assert stop_node(other) == 0
+    assert result.returncode == 1, result.stdout
+    assert "/health says ok" in result.stdout  # what fooled the old check
+    assert "another process answers" in result.stdout and "node_id is" in result.stdout
+
+
+def test_validate_fails_until_the_runners_asked_for_are_ready(host: Host) -> None:
+    assert host.systemctl("start", "exo").returncode == 0
+    assert host.run("validate-deployment.sh", "--wait", "30").returncode == 0  # --no-preload: none asked for
+    result = host.run("validate-deployment.sh", "--runners", "1")
+    assert result.returncode == 1 and "0 runner(s) Ready of 1" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_deploy_with_a_streamed_chat_in_flight_keeps_the_new_version(tmp_path: Path, wheel: Path,
+                                                                     dependencies: Path, models_dir: Path) -> None:
+    """The documented upgrade under load: a node serving the default model streams a chat while deploy.sh
+    pip-installs the wheel, restarts and validates. The stream ends whole ([DONE]), the old run's stop
+    does not count against the new one, and validation waits for the new node's runner to be Ready."""
+    host = make_host(tmp_path, wheel, dependencies, f"EXO_ARGS=--no-discovery\nEXO_MODELS_DIR={models_dir}\n")
+    try:
+        assert host.systemctl("start", "exo").returncode == 0
+        ready = host.run("validate-deployment.sh", "--wait", "120")
+        assert ready.returncode == 0 and "runners Ready (at least 1)" in ready.stdout, ready.stdout
+        url = f"http://127.0.0.1:{host.port}"
+        body = {"model": httpx.get(url + "/v1/models").json()["data"][0]["id"], "stream": True, "max_tokens": 300,
+                "messages": [{"role": "user", "content": "Tell a long story."}]}
+        events: list[str] = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            events.append(next(lines))  # the stream has begun
+            deploy = subprocess.Popen([DEPLOYMENT / "deploy.sh", wheel], env={**host.env, "EXO_VALIDATE_WAIT": "120"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            events.extend(lines)
+        output, _ = deploy.communicate(timeout=300)
+        assert deploy.returncode == 0, output
+        assert "deployment is healthy" in output and "rolling back" not in output
+        assert [e for e in events if e][-1] == "data: [DONE]", events[-3:]
+        assert host.release == "wheel" and len(host.backups()) == 1
+        assert host.calls().count("restart exo") == 1
+    finally:
+        stop_host(host)
