@@ -67,7 +67,8 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "flo
             weights, args, group_size, tokenizer = _read_directory(path)
         else:
             raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
-        model = LlamaShard(args, start, end)
+    model = LlamaShard(args, start, end)  # a range outside the model is the caller's bug: ValueError
+    with _reading(path):
         weights = _fuse(_select_range(weights, model))
         if dtype == "quantized":
             nn.quantize(model, class_predicate=lambda p, _: _quantization_of(weights, p, group_size))
