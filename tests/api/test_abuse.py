@@ -41,7 +41,7 @@ def guarded(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                       env={"EXO_MAX_BODY_BYTES": str(GUARDED_BODY_LIMIT), "EXO_REQUEST_TIMEOUT": str(GUARDED_TIMEOUT),
                            "EXO_MAX_CONNECTIONS": str(GUARDED_CONNECTIONS)})
     try:
-        wait_for(lambda: answers(node), 60, "the guarded node to answer")
+        wait_for(lambda: answers(node), 120, "the guarded node to answer")
         yield node
     finally:
         assert stop_node(node) == 0, node.log.read_text()[-3000:]
