@@ -385,6 +385,11 @@ class Supervisor:
             for handle in live:
                 await handle.exited.wait()
 
+    def serving(self) -> dict[str, RunnerStatus]:
+        """The statuses of this node's runners that take chats now: ahead of the cluster state, which
+        hears of them through the master; one stopping or not yet started is left out."""
+        return {rid: h.status for rid, h in self.runners.items() if h.state in CHATTING}
+
     def admit(self, instance_id: InstanceId) -> RunnerHandle:
         """The instance's rank-0 runner, if it takes one more request now; else the reason it does not.
         This node's own handle decides, not the cluster state (a runner's status reaches that later)."""
