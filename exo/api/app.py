@@ -50,7 +50,8 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)  # outermost: before anything reads a body
-    chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers), metrics)
+    chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers, local=supervisor.serving),
+                       metrics)
     app.include_router(openai_router(chat, tokenizers.catalog))
     app.include_router(cluster_router(cluster))
     app.include_router(control_router(cluster, admission))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -76,10 +77,11 @@ async def ensure_instance(cluster: ClusterService, tokenizers: Tokenizers, model
         raise PlacementRefused(error.get("message", f"The master refused to place {model_id}."), param="model")
 
 
-async def route(cluster: ClusterService, tokenizers: Tokenizers, model_id: str,
-                forwarded: bool) -> tuple[Instance, str | None]:
+async def route(cluster: ClusterService, tokenizers: Tokenizers, model_id: str, forwarded: bool, *,
+                local: Callable[[], Mapping[str, RunnerStatus]]) -> tuple[Instance, str | None]:
     """A ready instance of `model_id` and, unless its rank 0 is on this node, the API of the node
-    where it is. Places an instance if there is none and waits for its runners to load."""
+    where it is. Places an instance if there is none and waits for its runners to load. The runners
+    on this node are as `local` says now, not as the cluster state will hear of them later."""
     coordinator = cluster.coordinator
     if not forwarded:
         await ensure_instance(cluster, tokenizers, model_id)
@@ -87,7 +89,9 @@ async def route(cluster: ClusterService, tokenizers: Tokenizers, model_id: str,
         while True:
             state = coordinator.state
             instances = [i for i in state.instances.values() if i.model_id == model_id]
-            ready = [i for i in instances if _all_runners(state, i, SERVING) and not draining_nodes(state, i)]
+            here_now = local()
+            ready = [i for i in instances if _all_runners(state, i, SERVING, here_now, coordinator.node_id)
+                     and not draining_nodes(state, i)]
             here = [i for i in ready if i.shards[0].node_id == coordinator.node_id]
             if here:
                 return here[0], None
@@ -119,9 +123,14 @@ def _broken(state: State, instance: Instance) -> str | None:
     return None
 
 
-def _all_runners(state: State, instance: Instance, statuses: tuple[RunnerStatus, ...]) -> bool:
-    runners = [state.runners.get(runner_id(instance.instance_id, s.rank)) for s in instance.shards]
-    return all(r is not None and r.status in statuses for r in runners)
+def _all_runners(state: State, instance: Instance, statuses: tuple[RunnerStatus, ...],
+                 local: Mapping[str, RunnerStatus], node_id: str) -> bool:
+    def status(shard: ShardAssignment) -> RunnerStatus | None:
+        rid = runner_id(instance.instance_id, shard.rank)
+        if shard.node_id == node_id:
+            return local.get(rid)
+        return runner.status if (runner := state.runners.get(rid)) is not None else None
+    return all(status(s) in statuses for s in instance.shards)
 
 
 def instances_router(cluster: ClusterService) -> APIRouter:

@@ -1,8 +1,10 @@
 """The node's runner supervisor: starts, feeds, watches and stops one process per local shard.
 
 It reconciles the cluster state with its runners through `plan`, relays their statuses and task
-records to the cluster, and streams a chat's text from the instance's rank-0 runner. A runner
-ends by escalation: its node asks (Shutdown, or the end of its stdin), then terminates, then kills.
+records to the cluster, and streams a chat's text from the instance's rank-0 runner. Each runner's
+lifecycle is its handle's transition table (exo/worker/handle.py). A runner ends by escalation: its
+node asks (Shutdown, then the end of its stdin), then terminates, then kills, each step when the one
+before has not ended it within the grace, whether the runner answers or not.
 
 Its watchdog restarts a runner that died, failed, or made no progress on a request for
 `watchdog_timeout`, with a backoff that doubles, up to `max_restarts` times; after that the
@@ -216,8 +218,8 @@ class Supervisor:
             self._publish()
             return
         await anyio.sleep(self.limits.restart_backoff * 2**attempt)
-        self._restarts[rid] = attempt + 1
         if handle.move(E.BACKED_OFF):  # not stopped meanwhile
+            self._restarts[rid] = attempt + 1
             self.restarts += 1
             self._forget(handle)
 
@@ -343,11 +345,12 @@ class Supervisor:
                 with anyio.move_on_after(self._grace):
                     await process.stdout.aclose()
             code = process.returncode
-            if handle.state in RUNNING and handle.status not in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN):
-                handle.status, handle.error = RunnerStatus.FAILED, f"runner process exited with code {code}"
-                log.error("runner=%s %s", handle.runner_id, handle.error)
-            elif handle.state == S.STOPPING:
+            if handle.state == S.STOPPING:
                 handle.status = RunnerStatus.SHUTDOWN
+            elif handle.status not in (RunnerStatus.FAILED, RunnerStatus.SHUTDOWN):  # not the Running it last said
+                handle.status, handle.error = RunnerStatus.FAILED, f"runner process exited with code {code}"
+                if handle.state in RUNNING:  # it died on its own
+                    log.error("runner=%s %s", handle.runner_id, handle.error)
         handle.move(E.EXITED, "its process exited")
         if handle.state in (S.STOPPED, S.REPLACED):
             self._forget(handle)
@@ -384,6 +387,11 @@ class Supervisor:
         with anyio.move_on_after(self._grace):
             for handle in live:
                 await handle.exited.wait()
+
+    def serving(self) -> dict[str, RunnerStatus]:
+        """The statuses of this node's runners that take chats now: ahead of the cluster state, which
+        hears of them through the master; one stopping or not yet started is left out."""
+        return {rid: h.status for rid, h in self.runners.items() if h.state in CHATTING}
 
     def admit(self, instance_id: InstanceId) -> RunnerHandle:
         """The instance's rank-0 runner, if it takes one more request now; else the reason it does not.
