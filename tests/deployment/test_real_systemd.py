@@ -3,7 +3,7 @@ Debian booted in a container (debootstrap, then `systemd-nspawn -b`), driven wit
 PID 1 need not be systemd). It installs exo's wheel with pip (its dependencies from the host's index),
 starts the unit, chats, stops it idle and with a stream in flight, SIGKILLs it, deploys, rolls back and
 validates; then powers the container off. Nothing of it outlives the test: the container runs on a
-throw-away copy (--ephemeral) of a root file system cached in ~/.cache/exo-test-rootfs.
+throw-away copy of a root file system cached in ~/.cache/exo-test-rootfs, removed at the end.
 
 Needs root, debootstrap and systemd-nspawn (deployment/setup.sh --dev installs them); skipped, with the
 reason, where they are missing or the container does not boot.
@@ -60,8 +60,8 @@ class Container:
     def sh(self, script: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """`bash -c script` inside the container, as root, with the host's PIP_* settings."""
         pip_env = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("PIP_")]
-        return subprocess.run(["nsenter", "-t", str(self.leader), "-a", "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                               "HOME=/root", "LANG=C.UTF-8", *pip_env, "bash", "-c", script],
+        env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8", *pip_env]
+        return subprocess.run(["nsenter", "-t", str(self.leader), "-a", "env", "-i", *env, "bash", "-c", script],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
     def ok(self, script: str, timeout: float = 600) -> str:
@@ -76,12 +76,14 @@ def boot(tmp_path: Path) -> Container:
             pytest.skip(f"{tool} is not installed (deployment/setup.sh --dev installs it)")
     if os.geteuid() != 0:
         pytest.skip("booting a container needs root")
-    base = rootfs()
+    # A throw-away copy, removed with the container (nspawn's --ephemeral copy outlived a failed boot).
+    base = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", "--reflink=auto", rootfs(), base], check=True, timeout=600)
     binds = [f"--bind-ro={REPO}:/src", f"--bind-ro={tmp_path / 'dist'}:/dist"]
     binds += [f"--bind-ro={path}" for path in (os.environ.get("PIP_FIND_LINKS", ""),) if path and Path(path).is_dir()]
     log = tmp_path / "nspawn.log"
     with log.open("wb") as out:
-        nspawn = subprocess.Popen(["systemd-nspawn", "-q", "-b", "--ephemeral", "-D", base, "--register=no",
+        nspawn = subprocess.Popen(["systemd-nspawn", "-q", "-b", "-D", base, "--register=no",
                                    "--keep-unit", "--resolv-conf=copy-host", "-M", f"exo-{uuid.uuid4().hex[:8]}",
                                    *binds], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -102,6 +104,7 @@ def boot(tmp_path: Path) -> Container:
         return container
     except BaseException:
         power_off_nspawn(nspawn)
+        shutil.rmtree(base, ignore_errors=True)
         raise
 
 
@@ -131,6 +134,7 @@ def container(tmp_path: Path, wheel: Path) -> Iterator[Container]:
         yield container
     finally:
         power_off_nspawn(container.nspawn)
+        shutil.rmtree(tmp_path / "rootfs", ignore_errors=True)
 
 
 def stream_chat(url: str, max_tokens: int) -> Iterator[str]:
