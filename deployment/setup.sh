@@ -16,11 +16,14 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null; then
     { $sudo apt-get update -qq && $sudo apt-get install -y -qq libblis4-pthread; } >/dev/null 2>&1 ||
       echo "setup: could not install libblis4-pthread; exo will use MLX's slower bundled BLAS" >&2
   fi
-  if [ -n "$extras" ]; then  # --dev: tools the tests use (tests/deployment: shellcheck, systemd-analyze)
+  if [ -n "$extras" ]; then  # --dev: tools the tests use (tests/deployment: shellcheck, systemd-analyze, ...)
     dev_packages=""
     command -v shellcheck >/dev/null || dev_packages="$dev_packages shellcheck"
     command -v systemd-analyze >/dev/null || dev_packages="$dev_packages systemd"
     command -v ip >/dev/null || dev_packages="$dev_packages iproute2"  # tests/cluster/test_netns_faults.py
+    # tests/deployment/test_real_systemd.py boots a Debian with systemd in a container
+    command -v debootstrap >/dev/null || dev_packages="$dev_packages debootstrap"
+    command -v systemd-nspawn >/dev/null || dev_packages="$dev_packages systemd-container"
     # tests/dashboard: headless Debian Chromium, driven through its chromedriver
     command -v chromium >/dev/null || dev_packages="$dev_packages chromium"
     command -v chromedriver >/dev/null || dev_packages="$dev_packages chromium-driver"

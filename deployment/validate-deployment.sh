@@ -156,9 +156,14 @@ if [ -z "$id" ]; then
 elif why=$(http_check "$url/health" node_id "$id" 2>&1); then
   ok "the node answering is this unit's (node $id)"
 else
-  fail "$why: another process answers on $url, not this unit's node"
+  case $why in *"node_id is"*) why="$why: another process answers on $url, not this unit's node" ;; esac
+  fail "$why"
 fi
-if why=$(http_check "$url/health" runners "$runners" 2>&1); then ok "runners Ready (at least $runners)"; else fail "$why"; fi
+if why=$(http_check "$url/health" runners "$runners" 2>&1); then
+  ok "runners Ready (at least $runners)"
+else
+  fail "$why"
+fi
 if why=$(http_check "$url/state" master_id 2>&1); then ok "$url/state answers, with a master"; else fail "$why"; fi
 
 if log=$(recent_log 2>&1); then
