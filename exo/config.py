@@ -37,6 +37,7 @@ class Config:
     queue_limit: int = 16             # requests waiting or running per instance before 503s
     watchdog_timeout: float = 60.0    # seconds without progress on a request before its runner restarts
     max_restarts: int = 3
+    stream_buffer: int = 256          # pieces of a chat its client may leave unread before its stream ends
     cluster_secret: str | None = field(default=None, repr=False)  # None: any node on the network may join
     api_key: str | None = field(default=None, repr=False)  # None: the API answers anyone who reaches it
 
@@ -80,6 +81,7 @@ _FROM_ENV: dict[str, Callable[[str], object]] = {
     "blas": str, "dtype": str, "cluster": str, "peers": parse_peers, "heartbeat_interval": float,
     "peer_timeout": float, "shutdown_timeout": float, "channel_drain_timeout": float,
     "resource_cleanup_timeout": float, "queue_limit": int, "watchdog_timeout": float, "max_restarts": int,
+    "stream_buffer": int,
     "cluster_secret": str, "api_key": str}
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
