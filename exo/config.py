@@ -57,6 +57,7 @@ class Config(BaseSettings):
     max_body_bytes: int = Field(default=4 * 2**20, gt=0)  # the largest request body the API reads; else 413
     max_connections: int = Field(default=512, ge=1)  # open API connections; more are refused with 503 at once
     request_timeout: float = Field(default=30.0, gt=0)  # seconds a client has to send a whole request
+    stream_buffer: int = Field(default=256, ge=1)  # pieces of a chat its client may leave unread before it ends
     cluster_secret: str | None = Field(default=None, repr=False)  # None: any node on the network may join
     api_key: str | None = Field(default=None, repr=False)  # None: the API answers anyone who reaches it
 

@@ -67,7 +67,8 @@ class Node:
         self.supervisor = Supervisor(node_id, self.catalog, host=ring_host(config.api_host, config.peers),
                                      dtype=config.dtype, report=lambda *worker: self.cluster.report_worker(*worker),
                                      limits=Limits(queue=config.queue_limit, watchdog_timeout=config.watchdog_timeout,
-                                                   max_restarts=config.max_restarts))
+                                                   max_restarts=config.max_restarts,
+                                                   stream_buffer=config.stream_buffer))
         self.cluster = ClusterService(coordinator, self.transport, measure=measure,
                                       heartbeat_interval=config.heartbeat_interval, dtype=config.dtype,
                                       queues=self.supervisor.queues,
