@@ -44,7 +44,8 @@ class Peers:
 
 def node(name: str, port: int, peers: Peers, cluster: str = CLUSTER, secret: str | None = None) -> Discovery:
     return Discovery(f"{name}-{RUN}", cluster, "0.1.0", port, peers.on_peer, peers.on_peer_gone,
-                     interfaces=["127.0.0.1"], auth=ClusterAuth(secret, node_id=name, cluster=cluster) if secret else None)
+                     interfaces=["127.0.0.1"],
+                     auth=ClusterAuth(secret, node_id=f"{name}-{RUN}", cluster=cluster) if secret else None)
 
 
 async def start_all(tg: TaskGroup, *nodes: Discovery) -> None:
@@ -182,5 +183,6 @@ async def test_with_a_cluster_secret_announcements_without_a_valid_proof_are_ign
     assert a.ports == {2002} and b.ports == {2001} and wrong.ports == set()
     for by in ("a", "b"):
         assert sorted(line.split("peer=")[1].split(":")[0] for line in refusals(by)) == [f"none-{RUN}", f"wrong-{RUN}"]
-    assert announced["auth"] == ClusterAuth(secret, node_id="a", cluster=cluster).announcement(f"a-{RUN}", cluster, 2001)
+    ours = ClusterAuth(secret, node_id=f"a-{RUN}", cluster=cluster)
+    assert announced["auth"] == ours.announcement(f"a-{RUN}", cluster, 2001)
     assert not any(secret in str(value) for value in announced.values())

@@ -10,8 +10,10 @@ from exo.shared.types import NodeId
 A, B = NodeId("a"), NodeId("b")
 
 
-@pytest.mark.parametrize(("host", "url"), [("127.0.0.1", "http://127.0.0.1:80"), ("::1", "http://[::1]:80"),
-                                           ("fe80::1%eth0", "http://[fe80::1%eth0]:80"), ("node-a", "http://node-a:80")])
+@pytest.mark.parametrize(("host", "url"), [
+    ("127.0.0.1", "http://127.0.0.1:80"), ("::1", "http://[::1]:80"), ("fe80::1%eth0", "http://[fe80::1%eth0]:80"),
+    ("node-a", "http://node-a:80"),
+])
 def test_urls_bracket_ipv6_hosts(host: str, url: str) -> None:
     assert http_url(host, 80) == url
 
