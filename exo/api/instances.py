@@ -7,7 +7,8 @@ from typing import Any, Literal
 import anyio
 import httpx
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from exo.api.forward import ask_node
 from exo.master.planner import previews
@@ -24,14 +25,18 @@ READY_TIMEOUT = 120.0  # how long a chat waits for its instance's runners to loa
 MAX_LAYERS = 10_000  # far more than any model has; keeps an explicit placement's ints small enough for the wire
 
 
-class PlaceInstance(BaseModel):
+class _Body(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)  # either spelling, as /state's
+
+
+class PlaceInstance(_Body):
     model_id: str
     min_nodes: int = Field(default=1, ge=1)
     sharding: Literal["pipeline"] = "pipeline"
     if_absent: bool = False  # answer with an existing instance of the model instead of placing another
 
 
-class CreateInstance(BaseModel):
+class CreateInstance(_Body):
     model_id: Utf8Str
     shards: list[ShardAssignment] = Field(min_length=1)
     n_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)  # for a model outside the registry
@@ -156,7 +161,10 @@ def instances_router(cluster: ClusterService) -> APIRouter:
         card = _card(model_id)
         nodes = eligible_nodes(coordinator.state)
         options = previews(card, nodes, model_bytes=card.memory_bytes(cluster.dtype))
-        return {"model_id": model_id, "previews": [{"shards": [s.model_dump() for s in p]} for p in options]}
+        layer_bytes = card.memory_bytes(cluster.dtype) / card.n_layers
+        return {"modelId": model_id, "nLayers": card.n_layers,
+                "previews": [{"shards": [{**s.model_dump(mode="json"), "memoryBytes": round(layer_bytes * (s.end - s.start))}
+                                         for s in p]} for p in options]}
 
     @router.get("/instance/{instance_id}")
     async def get_instance(instance_id: InstanceId) -> Instance:

@@ -6,10 +6,13 @@ import uuid
 from typing import Annotated, Literal, NewType
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
 
 
 class FrozenModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # camelCase out, as exo's upstream serializes its state; either spelling in
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True,
+                              serialize_by_alias=True)
 
 
 NodeId = NewType("NodeId", str)

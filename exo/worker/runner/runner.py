@@ -187,7 +187,7 @@ class Runner:
         if task.params is None or not task.prompt:
             raise ValueError("a chat task needs a prompt and sampling parameters")
         assert self.loaded is not None
-        params = GenerationParams(**task.params.model_dump())
+        params = GenerationParams(**task.params.model_dump(by_alias=False))
         for delta in detokenize(self._tokens(task.prompt, params), self.loaded.tokenizer, params):
             if task.task_id in self._cancelled:
                 log.info("runner=%s task=%s cancelled after %d tokens", self.name, task.task_id, delta.n_tokens)
