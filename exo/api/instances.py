@@ -160,11 +160,14 @@ def instances_router(cluster: ClusterService) -> APIRouter:
     async def instance_previews(model_id: str) -> dict[str, Any]:
         card = _card(model_id)
         nodes = eligible_nodes(coordinator.state)
-        options = previews(card, nodes, model_bytes=card.memory_bytes(cluster.dtype))
-        layer_bytes = card.memory_bytes(cluster.dtype) / card.n_layers
+        model_bytes = card.memory_bytes(cluster.dtype)
+        options = previews(card, nodes, model_bytes=model_bytes)
+
+        def shard(s: ShardAssignment) -> dict[str, Any]:  # with the memory its layers take on its node
+            return {**s.model_dump(mode="json"), "memoryBytes": model_bytes * (s.end - s.start) // card.n_layers}
+
         return {"modelId": model_id, "nLayers": card.n_layers,
-                "previews": [{"shards": [{**s.model_dump(mode="json"), "memoryBytes": round(layer_bytes * (s.end - s.start))}
-                                         for s in p]} for p in options]}
+                "previews": [{"shards": [shard(s) for s in p]} for p in options]}
 
     @router.get("/instance/{instance_id}")
     async def get_instance(instance_id: InstanceId) -> Instance:

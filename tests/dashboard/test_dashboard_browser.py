@@ -41,7 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Itera
     root = tmp_path_factory.mktemp("dashboard")
     with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", per_node=static_peers) as nodes:
         wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
-        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["master_id"] for n in nodes), 30,
+        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
                  "both nodes agree on a master")
         yield nodes
 
@@ -112,8 +112,8 @@ new MutationObserver(() => {
 def test_the_dashboard_shows_the_cluster_live_and_streams_a_chat_answer(
         cluster: list[RunningNode], browser: WebDriver, screenshot: Callable[[str], Path]) -> None:
     state = cluster[0].state()
-    master_id = state["master_id"]
-    node_ids = [n.state()["node_id"] for n in cluster]
+    master_id = state["masterId"]
+    node_ids = [n.state()["nodeId"] for n in cluster]
     [follower] = [n for node_id, n in zip(node_ids, cluster, strict=True) if node_id != master_id]
     wait = WebDriverWait(browser, 30, poll_frequency=0.1)
 
