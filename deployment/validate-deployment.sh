@@ -63,8 +63,10 @@ except Exception as e:  # refused, timed out, an error status, not JSON: all say
     sys.exit(f"{url}: {e}")
 if not isinstance(body, dict):
     sys.exit(f"{url}: answered {body!r}, not a JSON object")
-if want and (body.get(want[0]) != want[1] if len(want) > 1 else not body.get(want[0])):
-    sys.exit(f"{url}: {want[0]} is {body.get(want[0])!r}" + (f", not {want[1]!r}" if len(want) > 1 else ""))
+if want:  # a key, or alternatives: "masterId|master_id" (/state before its camelCase)
+    key = next((k for k in want[0].split("|") if k in body), want[0].split("|")[0])
+    if body.get(key) != want[1] if len(want) > 1 else not body.get(key):
+        sys.exit(f"{url}: {key} is {body.get(key)!r}" + (f", not {want[1]!r}" if len(want) > 1 else ""))
 PY
 }
 
@@ -102,7 +104,7 @@ fail() {
 # Ready: /health says ok and the node has found its cluster's master (a lone node elects itself in
 # a few seconds).
 deadline=$((SECONDS + wait_s))
-until http_check "$url/health" status ok 2>/dev/null && http_check "$url/state" master_id 2>/dev/null; do
+until http_check "$url/health" status ok 2>/dev/null && http_check "$url/state" "masterId|master_id" 2>/dev/null; do
   log=$(recent_log 2>/dev/null) || log=""
   if [ $SECONDS -ge "$deadline" ] || grep -qE "$BAD_LOG" <<<"$log"; then break; fi
   sleep 1
@@ -116,7 +118,7 @@ else
 fi
 
 if why=$(http_check "$url/health" status ok 2>&1); then ok "$url/health says ok"; else fail "$why"; fi
-if why=$(http_check "$url/state" master_id 2>&1); then ok "$url/state answers, with a master"; else fail "$why"; fi
+if why=$(http_check "$url/state" "masterId|master_id" 2>&1); then ok "$url/state answers, with a master"; else fail "$why"; fi
 
 if log=$(recent_log 2>&1); then
   bad=$(grep -E "$BAD_LOG" <<<"$log") || true

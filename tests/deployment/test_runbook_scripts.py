@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from nodes import free_ports
@@ -37,6 +38,7 @@ class Checkout:
     root: Path
     env: dict[str, str]
     systemd: Path
+    port: int
 
     def run(self, script: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run([f"./{script}", *map(str, args)], cwd=self.path, env=self.env, stdout=subprocess.PIPE,
@@ -67,12 +69,13 @@ def checkout(tmp_path: Path) -> Iterator[Checkout]:
     env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", EXO_ROOT=str(root), EXO_LOG_FILE=str(systemd / "exo.log"),
                FAKE_SYSTEMCTL_DIR=str(systemd), FAKE_SYSTEMCTL_UNITS=str(root / "etc/systemd/system"),
                EXO_VALIDATE_WAIT="30")
-    checkout = Checkout(path, root, env, systemd)
+    [port] = free_ports(1)
+    checkout = Checkout(path, root, env, systemd, port)
     installed = checkout.run("deployment/install.sh", "--from-dir", make_release(tmp_path / "v1", "v1"))
     assert installed.returncode == 0, installed.stdout
-    [port] = free_ports(1)
     with (root / "etc/exo/exo.env").open("a") as settings:
-        settings.write(f"EXO_API_HOST=127.0.0.1\nEXO_API_PORT={port}\nEXO_ARGS=--no-preload --no-discovery\n")
+        settings.write(f"EXO_API_HOST=127.0.0.1\nEXO_API_PORT={port}\nEXO_ARGS=--no-preload --no-discovery\n"
+                       f"PYTHONPATH={DEPLOYMENT.parent}\n")  # the node runs this checkout's exo, as the tests do
     try:
         yield checkout
     finally:
@@ -89,6 +92,7 @@ def test_the_runbooks_deploy_logs_and_backs_up_in_the_checkout_and_its_rollback_
     assert started.returncode == 0, started.stderr
     up = checkout.run("deployment/monitoring/validate-deployment.sh", "--wait", "30")
     assert up.returncode == 0, up.stdout
+    assert httpx.get(f"http://127.0.0.1:{checkout.port}/state").json()["masterId"]  # validated in upstream's shape
 
     release = make_release(tmp_path / "v2", "v2")
     deployed = checkout.run("deployment/deploy-race-condition-fix.sh", "--from-dir", release)
