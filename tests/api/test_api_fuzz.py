@@ -252,8 +252,8 @@ def test_every_other_endpoint_answers_fuzzed_requests_on_a_spare_node_without_a_
     assert ("POST", "/place_instance") in others and ("POST", "/instance") in others
 
     def real_model(case: Any, data: st.DataObject) -> None:  # now and then a placement it has no memory for: 409
-        if isinstance(case.body, dict) and "model_id" in case.body and data.draw(st.booleans(), label="real model"):
-            case.body = {**case.body, "model_id": DEFAULT_MODEL}
+        if isinstance(case.body, dict) and "modelId" in case.body and data.draw(st.booleans(), label="real model"):
+            case.body = {**case.body, "modelId": DEFAULT_MODEL}  # the schema spells the body as /state does
 
     for key, op in sorted(others.items()):
         fuzz(op, mode, spare, adjust=real_model if key == ("POST", "/place_instance") else lambda case, data: None)
