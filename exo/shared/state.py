@@ -61,6 +61,9 @@ class InstanceKind(StrEnum):
         return cls.MLX_RING if devices and all("gpu" in d for d in devices) else cls.CPU_RING
 
 
+_KINDS = frozenset(InstanceKind)
+
+
 class RunnerShard(FrozenModel):
     """One runner's part of an instance, as `shardAssignments.runnerToShard` shows it."""
 
@@ -107,7 +110,7 @@ class Instance(FrozenModel):
     @model_validator(mode="wrap")
     @classmethod
     def _untag(cls, data: Any, handler: ModelWrapValidatorHandler[Instance]) -> Instance:
-        if isinstance(data, dict) and len(data) == 1 and (kind := next(iter(data))) in InstanceKind._value2member_map_:
+        if isinstance(data, dict) and len(data) == 1 and (kind := next(iter(data))) in _KINDS:
             body = data[kind]
             if isinstance(body, dict):
                 data = {k: v for k, v in body.items() if k not in ("shardAssignments", "shard_assignments")}

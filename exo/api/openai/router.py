@@ -31,7 +31,8 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
 
     @router.get("/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(**info.model_dump(exclude={"local_path"}, by_alias=False)) for info in catalog.list()])
+        return ModelList(data=[ModelCard(**info.model_dump(exclude={"local_path"}, by_alias=False))
+                               for info in catalog.list()])
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
