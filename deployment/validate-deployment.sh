@@ -80,8 +80,10 @@ if want[:1] == ["runners"]:
     ready, runners = body.get("runners_ready", 0), body.get("runners") or {}
     if ready < int(want[1]) or ready < len(runners):
         sys.exit(f"{url}: {ready} runner(s) Ready of {max(len(runners), int(want[1]))} ({runners or 'none yet'})")
-elif want and (body.get(want[0]) != want[1] if len(want) > 1 else not body.get(want[0])):
-    sys.exit(f"{url}: {want[0]} is {body.get(want[0])!r}" + (f", not {want[1]!r}" if len(want) > 1 else ""))
+elif want:  # a key, or alternatives: "masterId|master_id" (/state before its camelCase)
+    key = next((k for k in want[0].split("|") if k in body), want[0].split("|")[0])
+    if body.get(key) != want[1] if len(want) > 1 else not body.get(key):
+        sys.exit(f"{url}: {key} is {body.get(key)!r}" + (f", not {want[1]!r}" if len(want) > 1 else ""))
 PY
 }
 
@@ -94,7 +96,7 @@ ready() {
   local id
   id=$(unit_node_id)
   [ -n "$id" ] && http_check "$url/health" status ok && http_check "$url/health" node_id "$id" &&
-    http_check "$url/health" runners "$runners" && http_check "$url/state" master_id
+    http_check "$url/health" runners "$runners" && http_check "$url/state" "masterId|master_id"
 }
 
 # The log of the unit's current run (its invocation id changes at every start), or since --since.
@@ -164,7 +166,7 @@ if why=$(http_check "$url/health" runners "$runners" 2>&1); then
 else
   fail "$why"
 fi
-if why=$(http_check "$url/state" master_id 2>&1); then ok "$url/state answers, with a master"; else fail "$why"; fi
+if why=$(http_check "$url/state" "masterId|master_id" 2>&1); then ok "$url/state answers, with a master"; else fail "$why"; fi
 
 if log=$(recent_log 2>&1); then
   bad=$(grep -E "$BAD_LOG" <<<"$log") || true

@@ -93,8 +93,8 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
     ratio = _compare(mlx, cpp) if cpp else None
     if args.json:
         hidden = {"prompt", "tokens"}
-        print(json.dumps({"mlx": mlx.model_dump(exclude=hidden),
-                          "llama_cpp": cpp.model_dump(exclude=hidden) if cpp else None,
+        print(json.dumps({"mlx": mlx.model_dump(exclude=hidden, by_alias=False),
+                          "llama_cpp": cpp.model_dump(exclude=hidden, by_alias=False) if cpp else None,
                           "mlx_over_llama_cpp": ratio}, indent=2))
     else:
         print(_table([mlx, *([cpp] if cpp else [])], ratio))

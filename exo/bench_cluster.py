@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
             print("exo bench-cluster: interrupted; every node was stopped", file=sys.stderr)
             return 130
     if args.json:
-        print(json.dumps({"results": [r.model_dump(exclude={"text"}) for r in results],
+        print(json.dumps({"results": [r.model_dump(exclude={"text"}, by_alias=False) for r in results],
                           "vs_one_node": compare(results)}, indent=2))
     else:
         print(table(results))
@@ -301,8 +301,8 @@ def _agreed(nodes: list[LocalNode]) -> bool:
         states = [node.state() for node in nodes]
     except (httpx.HTTPError, ValueError):
         return False
-    views = {(s["master_id"], s["term"], tuple(sorted(s["nodes"]))) for s in states}
-    return len(views) == 1 and states[0]["master_id"] is not None and len(states[0]["nodes"]) == len(nodes)
+    views = {(s["masterId"], s["term"], tuple(sorted(s["nodes"]))) for s in states}
+    return len(views) == 1 and states[0]["masterId"] is not None and len(states[0]["nodes"]) == len(nodes)
 
 
 def remove(nodes: list[LocalNode], instance_id: str) -> None:

@@ -80,23 +80,29 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def untag(instance: Mapping[str, Any]) -> dict[str, Any]:
+    """The body of an instance as /state and /instance show it, tagged by its kind: `{"CpuRingInstance": {...}}`."""
+    [body] = instance.values()
+    return dict(body)
+
+
 def place(cluster: Sequence[LocalNode], nodes: Sequence[LocalNode], model_id: str,
           layers: Sequence[tuple[int, int]], timeout: float = 240.0) -> str:
     """Place `model_id` with rank i on `nodes[i]` holding `layers[i]`, and wait until every node of
     `cluster` sees every runner Ready; the instance's id. Raises RuntimeError if a runner fails."""
-    node_ids = [node.state()["node_id"] for node in nodes]
-    shards = [{"node_id": node_id, "rank": rank, "start": start, "end": end}
+    node_ids = [node.state()["nodeId"] for node in nodes]
+    shards = [{"nodeId": node_id, "rank": rank, "start": start, "end": end}
               for rank, (node_id, (start, end)) in enumerate(zip(node_ids, layers, strict=True))]
     # through the cluster's last node, which may hold no shard: any node hands it to the master
-    answer = httpx.post(f"{cluster[-1].url}/instance", json={"model_id": model_id, "shards": shards}, timeout=15)
+    answer = httpx.post(f"{cluster[-1].url}/instance", json={"modelId": model_id, "shards": shards}, timeout=15)
     if answer.status_code != 200:
         raise RuntimeError(f"POST /instance answered {answer.status_code}: {answer.text[:500]}")
-    instance_id: str = answer.json()["instance_id"]
+    instance_id: str = untag(answer.json())["instanceId"]
 
     def ready(node: LocalNode) -> bool:
         runners = node.state()["runners"]
         if failed := [r for r in runners.values()
-                      if r["instance_id"] == instance_id and r["status"] == RunnerStatus.FAILED]:
+                      if r["instanceId"] == instance_id and r["status"] == RunnerStatus.FAILED]:
             raise RuntimeError(f"runner {instance_id}.{failed[0]['rank']} failed: {failed[0].get('error')}")
         return all(runners.get(f"{instance_id}.{rank}", {}).get("status") == RunnerStatus.READY
                    for rank in range(len(nodes)))

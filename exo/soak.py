@@ -42,7 +42,7 @@ import anyio
 import httpx
 import psutil
 
-from exo.local_cluster import LocalNode, place, start_node, static_peers, wait_for
+from exo.local_cluster import LocalNode, place, start_node, static_peers, untag, wait_for
 from exo.models.cards import CARDS, DEFAULT_MODEL
 from exo.models.store import ModelStore
 from exo.shared.runners import RunnerStatus
@@ -264,8 +264,8 @@ class _Cluster:
             states = [node.state() for node in self.nodes]
         except (httpx.HTTPError, ValueError):
             return False
-        views = {(s["master_id"], s["term"], tuple(sorted(s["nodes"]))) for s in states}
-        return len(views) == 1 and states[0]["master_id"] is not None and len(states[0]["nodes"]) == self.n
+        views = {(s["masterId"], s["term"], tuple(sorted(s["nodes"]))) for s in states}
+        return len(views) == 1 and states[0]["masterId"] is not None and len(states[0]["nodes"]) == self.n
 
     def restart(self, i: int, kill: bool) -> list[str]:
         """Stop node i (SIGTERM, or SIGKILL), check it and its runners went, start it again with the
@@ -539,7 +539,7 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
     except KeyboardInterrupt:
         print("exo soak: interrupted; every node was stopped", file=sys.stderr)
         return 130
-    print(json.dumps(report.model_dump(), indent=2) if args.json else table(report))
+    print(json.dumps(report.model_dump(by_alias=False), indent=2) if args.json else table(report))
     return 0 if report.ok else 1
 
 
@@ -605,8 +605,7 @@ def _place(cluster: _Cluster, model_id: str, split: bool) -> None:
     answer = httpx.post(f"{nodes[-1].url}/place_instance", json={"model_id": model_id}, timeout=15)
     if answer.status_code != 200:
         raise RuntimeError(f"POST /place_instance answered {answer.status_code}: {answer.text[:500]}")
-    instance = answer.json()
-    ids = [f"{instance['instance_id']}.{s['rank']}" for s in instance["shards"]]
+    ids = list(untag(answer.json())["shardAssignments"]["runnerToShard"])
 
     def ready() -> bool:
         return all(all(node.state()["runners"].get(rid, {}).get("status") == RunnerStatus.READY for rid in ids)

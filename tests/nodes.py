@@ -14,12 +14,12 @@ from typing import Any
 import httpx
 import psutil
 
-from exo.local_cluster import LocalNode, start_node, static_peers, wait_for
+from exo.local_cluster import LocalNode, start_node, static_peers, untag, wait_for
 from exo.worker.profile import free_ports
 from exo.worker.runner.process import runner_pids
 
 __all__ = ["RunningNode", "answers", "free_ports", "idle_health", "orphaned_runner_pids", "runner_pids",
-           "running_nodes", "start_node", "static_peers", "stop_node", "wait_for"]
+           "running_nodes", "start_node", "static_peers", "stop_node", "untag", "wait_for"]
 
 
 RunningNode = LocalNode

@@ -90,7 +90,7 @@ def test_doctor_reports_an_orphaned_runner_and_cleanup_stops_it(orphan: subproce
 
 @pytest.mark.slow
 def test_doctor_finds_the_node_and_its_runner_and_no_issues(node: RunningNode) -> None:
-    runners = {r["pid"]: r for r in node.state()["runners"].values() if r["node_id"] == node.state()["node_id"]}
+    runners = {r["pid"]: r for r in node.state()["runners"].values() if r["nodeId"] == node.state()["nodeId"]}
     assert runners and None not in runners
 
     start = time.monotonic()
@@ -100,7 +100,7 @@ def test_doctor_finds_the_node_and_its_runner_and_no_issues(node: RunningNode) -
     [line] = [line for line in text.stdout.splitlines() if line.startswith(f"  node pid={node.process.pid} ")]
     assert f"ports={node.port}" in line and "discovery=off" in line  # the fixture's node runs --no-discovery
     for pid, runner in runners.items():
-        assert f"    runner pid={pid} runner={runner['instance_id']}.{runner['rank']} status=" in text.stdout
+        assert f"    runner pid={pid} runner={runner['instanceId']}.{runner['rank']} status=" in text.stdout
     assert " browse saw " in text.stdout or " browse failed " in text.stdout  # no multicast: reported, not fatal
     assert took < 10
 
@@ -113,7 +113,7 @@ def test_doctor_finds_the_node_and_its_runner_and_no_issues(node: RunningNode) -
     assert report["rss_total"] >= me["rss"] + sum(r["rss"] for r in me["runners"])
     assert report["api"]["answering"] and report["api"]["health"]["status"] == "ok"
     state = httpx.get(f"{node.url}/state").json()
-    assert report["cluster"]["master_id"] == state["node_id"] == report["cluster"]["node_id"]
+    assert report["cluster"]["master_id"] == state["nodeId"] == report["cluster"]["node_id"]
     assert report["cluster"]["peers"] == [] and report["browse"] == {"ran": False, "seconds": 0.0, "services": [],
                                                                        "error": None}
 
@@ -140,7 +140,7 @@ def test_bundle_holds_versions_config_report_logs_and_state_and_no_secret(node: 
     assert config["api_key"] == config["cluster_secret"] == "***"
     versions = json.loads(members["versions.json"])
     assert versions["exo"] == versions["node"] and versions["libraries"]["mlx"]
-    assert json.loads(members["state.json"])["node_id"] == json.loads(members["health.json"])["node_id"]
+    assert json.loads(members["state.json"])["nodeId"] == json.loads(members["health.json"])["node_id"]
     assert json.loads(members["report.json"])["verdict"] == "no issues"
     assert members["logs.txt"].startswith(f"# source: {node.log}\n".encode()) and b"runner=" in members["logs.txt"]
     assert path.stat().st_mode & 0o077 == 0  # the owner's alone

@@ -9,7 +9,7 @@ import anyio
 import httpx
 import openai
 import pytest
-from nodes import RunningNode
+from nodes import RunningNode, untag
 
 from exo.models.cards import DEFAULT_MODEL
 
@@ -32,11 +32,11 @@ def test_capital_of_france_mentions_paris(node: RunningNode) -> None:
 def test_the_default_model_runs_whole_in_one_ready_runner(node: RunningNode) -> None:
     chat(node.url, max_tokens=1)
     state = node.state()
-    [instance] = state["instances"].values()
-    assert instance["model_id"] == DEFAULT_MODEL
+    [instance] = map(untag, state["instances"].values())
+    assert instance["modelId"] == DEFAULT_MODEL
     assert [(s["start"], s["end"]) for s in instance["shards"]] == [(0, 30)]
     [runner] = state["runners"].values()
-    assert (runner["rank"], runner["status"], runner["node_id"]) == (0, "Ready", state["node_id"])
+    assert (runner["rank"], runner["status"], runner["nodeId"]) == (0, "Ready", state["nodeId"])
     chats = [t for t in state["tasks"].values() if t["kind"] == "Chat"]
     assert chats and chats[-1]["status"] == "Complete"
 

@@ -72,17 +72,18 @@ def cluster_router(cluster: ClusterService) -> APIRouter:
 
     @router.get("/state")
     async def state() -> dict[str, Any]:
-        """The replicated cluster state, plus what this node sees right now."""
+        """The replicated cluster state, plus what this node sees right now, in camelCase with each
+        instance tagged by its kind, as exo's upstream shows it."""
         now = cluster.clock()
         return {
             **coordinator.state.model_dump(mode="json"),
-            "node_id": coordinator.node_id,
-            "master_id": coordinator.master_id,
+            "nodeId": coordinator.node_id,
+            "masterId": coordinator.master_id,
             "term": coordinator.term,
-            "is_master": coordinator.is_master,
+            "isMaster": coordinator.is_master,
             "mode": cluster.mode,
             "queues": cluster.all_queues(),
-            "peers": {n: {"seconds_since_heartbeat": round(now - seen, 3), "term": hb.term, "master_id": hb.master_id}
+            "peers": {n: {"secondsSinceHeartbeat": round(now - seen, 3), "term": hb.term, "masterId": hb.master_id}
                       for n, (seen, hb) in coordinator.peers.items()},
         }
 

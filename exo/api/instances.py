@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 import anyio
 import httpx
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from exo.api.forward import ask_node
 from exo.api.limits import MAX_ID_CHARS, MAX_SHARDS, ModelIdStr
@@ -27,14 +28,18 @@ InstanceIdPath = Annotated[InstanceId, Path(max_length=MAX_ID_CHARS)]
 MAX_LAYERS = 10_000  # far more than any model has; keeps an explicit placement's ints small enough for the wire
 
 
-class PlaceInstance(BaseModel):
+class _Body(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)  # either spelling, as /state's
+
+
+class PlaceInstance(_Body):
     model_id: ModelIdStr
     min_nodes: int = Field(default=1, ge=1, le=MAX_SHARDS)
     sharding: Literal["pipeline"] = "pipeline"
     if_absent: bool = False  # answer with an existing instance of the model instead of placing another
 
 
-class CreateInstance(BaseModel):
+class CreateInstance(_Body):
     model_id: ModelIdStr
     shards: list[ShardAssignment] = Field(min_length=1, max_length=MAX_SHARDS)
     n_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)  # for a model outside the registry
@@ -166,10 +171,15 @@ def instances_router(cluster: ClusterService) -> APIRouter:
     async def instance_previews(model_id: Annotated[ModelIdStr, Query()]) -> dict[str, Any]:
         card = _card(model_id)
         nodes = eligible_nodes(coordinator.state)
+        model_bytes = card.memory_bytes(cluster.dtype)
         committed, loading = committed_bytes(coordinator.state, cluster.model_bytes)  # as place_instance counts
-        options = previews(card, nodes, model_bytes=card.memory_bytes(cluster.dtype), committed=committed,
-                           loading=loading)
-        return {"model_id": model_id, "previews": [{"shards": [s.model_dump() for s in p]} for p in options]}
+        options = previews(card, nodes, model_bytes=model_bytes, committed=committed, loading=loading)
+
+        def shard(s: ShardAssignment) -> dict[str, Any]:  # with the memory its layers take on its node
+            return {**s.model_dump(mode="json"), "memoryBytes": model_bytes * (s.end - s.start) // card.n_layers}
+
+        return {"modelId": model_id, "nLayers": card.n_layers,
+                "previews": [{"shards": [shard(s) for s in p]} for p in options]}
 
     @router.get("/instance/{instance_id}")
     async def get_instance(instance_id: InstanceIdPath) -> Instance:

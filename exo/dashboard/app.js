@@ -3,8 +3,9 @@
 import { $, h, nodeColors, s, seconds, shortId, tone } from "./dom.js";
 import { getJSON, setupKeyForm } from "./api.js";
 import { Chat } from "./chat.js";
-import { renderExtras, renderInstances, renderTasks } from "./instances.js";
+import { renderExtras, renderInstances, renderTasks, untagInstances } from "./instances.js";
 import { nodeLabels, renderTopology, watchTopologySize } from "./topology.js";
+import { Placer } from "./place.js";
 
 const POLL_MS = 1000;
 const MODELS_EVERY_MS = 15000;
@@ -25,7 +26,7 @@ function showProblem(message) {
 function renderSummary(state, health, view) {
   const nodes = Object.keys(state.nodes ?? {}).length;
   const instances = Object.keys(state.instances ?? {}).length;
-  const master = state.master_id ? view.labels.get(state.master_id) ?? shortId(state.master_id) : "electing…";
+  const master = state.masterId ? view.labels.get(state.masterId) ?? shortId(state.masterId) : "electing…";
   $("summary").replaceChildren(
     h("span", {}, h("strong", {}, nodes), ` node${nodes === 1 ? "" : "s"}`),
     h("span", {}, h("strong", {}, instances), ` instance${instances === 1 ? "" : "s"}`),
@@ -63,18 +64,19 @@ function showSpeed(meter, done) {
   }));
 }
 
-async function refreshModels(state, chat) {
+async function refreshModels(state, chat, placer, view) {
   if (performance.now() - modelsAt > MODELS_EVERY_MS || !models.length) {
     models = (await getJSON("/v1/models")).data ?? [];
     modelsAt = performance.now();
   }
-  chat.setModels(models, new Set(Object.values(state.instances ?? {}).map((i) => i.model_id)));
+  chat.setModels(models, new Set(Object.values(state.instances ?? {}).map((i) => i.modelId)));
+  placer.update(view, models);
 }
 
-async function poll(chat) {
+async function poll(chat, placer) {
   try {
     const [state, health] = await Promise.all([
-      getJSON("/state"),
+      getJSON("/state").then(untagInstances),
       getJSON("/health", [503]).catch(() => null),  // 503 says why: stalled, draining, stopping
     ]);
     const view = { state, colors: nodeColors(Object.keys(state.nodes ?? {})), labels: nodeLabels(state.nodes ?? {}) };
@@ -83,7 +85,7 @@ async function poll(chat) {
     renderInstances($("instances"), view);
     renderTasks($("tasks"), view);
     renderExtras($("extras-section"), $("extras"), state);
-    await refreshModels(state, chat).catch(() => {});
+    await refreshModels(state, chat, placer, view).catch(() => {});
     lastGood = performance.now();
     showProblem(null);
     setLive("ok", "live");
@@ -106,11 +108,12 @@ async function poll(chat) {
 
 async function main() {
   const chat = new Chat(showSpeed);
+  const placer = new Placer(() => wake?.());
   setupKeyForm(() => wake?.());
   watchTopologySize($("topology"));
   for (;;) {
     const started = performance.now();
-    const unlocked = await poll(chat);
+    const unlocked = await poll(chat, placer);
     const pause = unlocked ? Math.max(100, POLL_MS - (performance.now() - started)) * (document.hidden ? 5 : 1)
       : LOCKED_POLL_MS;
     await new Promise((resolve) => { wake = resolve; setTimeout(resolve, pause); });

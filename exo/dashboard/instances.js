@@ -4,12 +4,22 @@
 import { h, patch, plain, shortId, tone } from "./dom.js";
 
 // `mode` is this node's own (its card shows it), `queues` the requests waiting per instance (each instance shows its own)
-const KNOWN_STATE = new Set(["last_event_index", "term", "master_id", "nodes", "instances", "runners", "tasks",
-  "node_id", "is_master", "peers", "mode", "queues"]);
+const KNOWN_STATE = new Set(["lastEventIndex", "term", "masterId", "nodes", "instances", "runners", "tasks",
+  "nodeId", "isMaster", "peers", "mode", "queues"]);
+
+/** The state with each instance's body, its kind in `kind`: /state tags them as exo's upstream does,
+ * `{"CpuRingInstance": {...}}`. */
+export function untagInstances(state) {
+  const instances = Object.entries(state.instances ?? {}).map(([id, tagged]) => {
+    const [[kind, body]] = Object.entries(tagged);
+    return [id, { ...body, kind }];
+  });
+  return { ...state, instances: Object.fromEntries(instances) };
+}
 
 /** The layer bar: one segment per shard, in layer order, and hatched gaps where no shard holds a layer. */
 function layerBar(instance, view) {
-  const n = instance.n_layers || Math.max(0, ...instance.shards.map((s) => s.end));
+  const n = instance.nLayers || Math.max(0, ...instance.shards.map((s) => s.end));
   const shards = [...instance.shards].sort((a, b) => a.start - b.start);
   const parts = [];
   let at = 0;
@@ -19,15 +29,15 @@ function layerBar(instance, view) {
     at = Math.max(at, shard.end);
   }
   if (at < n) parts.push({ start: at, end: n });
-  const describe = shards.map((s) => `layers ${s.start}–${s.end} on ${view.labels.get(s.node_id) ?? s.node_id}`);
+  const describe = shards.map((s) => `layers ${s.start}–${s.end} on ${view.labels.get(s.nodeId) ?? s.nodeId}`);
   return [
     h("div", { class: "layers", role: "img", "aria-label": `${n} layers: ${describe.join(", ")}` },
-      parts.map((p) => p.node_id === undefined
+      parts.map((p) => p.nodeId === undefined
         ? h("div", { class: "shard gap", style: { flexGrow: p.end - p.start }, title: `layers ${p.start}–${p.end}: no shard` })
-        : h("div", { class: "shard", "data-node-id": p.node_id, "data-rank": p.rank,
-                     style: { flexGrow: Math.max(p.end - p.start, 0.5), "--node": view.colors.get(p.node_id) ?? "#888" },
-                     title: `rank ${p.rank}: layers ${p.start}–${p.end} on ${view.labels.get(p.node_id) ?? p.node_id}` },
-            h("span", { class: "shard-node" }, view.labels.get(p.node_id) ?? shortId(p.node_id)),
+        : h("div", { class: "shard", "data-node-id": p.nodeId, "data-rank": p.rank,
+                     style: { flexGrow: Math.max(p.end - p.start, 0.5), "--node": view.colors.get(p.nodeId) ?? "#888" },
+                     title: `rank ${p.rank}: layers ${p.start}–${p.end} on ${view.labels.get(p.nodeId) ?? p.nodeId}` },
+            h("span", { class: "shard-node" }, view.labels.get(p.nodeId) ?? shortId(p.nodeId)),
             h("span", { class: "shard-range" }, `${p.start}–${p.end}`)))),
     h("div", { class: "scale", "aria-hidden": "true" },
       [...new Set([0, ...shards.flatMap((s) => [s.start, s.end]), n])].sort((a, b) => a - b).map((x) =>
@@ -37,12 +47,12 @@ function layerBar(instance, view) {
 
 function runnerList(instance, view) {
   const runners = Object.entries(view.state.runners ?? {})
-    .filter(([, r]) => r.instance_id === instance.instance_id).sort(([, a], [, b]) => a.rank - b.rank);
+    .filter(([, r]) => r.instanceId === instance.instanceId).sort(([, a], [, b]) => a.rank - b.rank);
   if (!runners.length) return h("p", { class: "muted small" }, "no runners yet");
   return h("ul", { class: "chips runners" }, runners.map(([rid, r]) =>
-    h("li", { class: ["chip", tone(r.status)], "data-runner-id": rid, style: { "--node": view.colors.get(r.node_id) } },
+    h("li", { class: ["chip", tone(r.status)], "data-runner-id": rid, style: { "--node": view.colors.get(r.nodeId) } },
       h("span", { class: "chip-dot", "aria-hidden": "true" }),
-      h("span", {}, `rank ${r.rank} · ${view.labels.get(r.node_id) ?? shortId(r.node_id)} · `),
+      h("span", {}, `rank ${r.rank} · ${view.labels.get(r.nodeId) ?? shortId(r.nodeId)} · `),
       h("strong", {}, r.status),
       r.restarts ? h("span", { class: "muted" }, ` · ${r.restarts} restart${r.restarts > 1 ? "s" : ""}`) : null,
       r.error ? h("span", { class: "chip-error" }, ` — ${r.error}`) : null)));
@@ -50,7 +60,7 @@ function runnerList(instance, view) {
 
 function overall(instance, view) {
   const statuses = Object.values(view.state.runners ?? {})
-    .filter((r) => r.instance_id === instance.instance_id).map((r) => r.status);
+    .filter((r) => r.instanceId === instance.instanceId).map((r) => r.status);
   if (!statuses.length) return "Pending";
   for (const status of ["Failed", "Running", "Loading", "WarmingUp", "Connecting", "Idle"]) {
     if (statuses.includes(status)) return status;
@@ -66,16 +76,18 @@ export function renderInstances(container, view) {
   }
   patch(container, instances.map((instance) => {
     const status = overall(instance, view);
-    const nodes = new Set(instance.shards.map((s) => s.node_id));
-    const queued = view.state.queues?.[instance.instance_id];
-    return h("article", { class: "instance", "data-instance-id": instance.instance_id },
+    const nodes = new Set(instance.shards.map((s) => s.nodeId));
+    const queued = view.state.queues?.[instance.instanceId];
+    return h("article", { class: "instance", "data-instance-id": instance.instanceId },
       h("header", {},
-        h("h3", {}, instance.model_id),
+        h("h3", {}, instance.modelId),
         h("span", { class: ["chip", tone(status)] }, h("span", { class: "chip-dot", "aria-hidden": "true" }), status),
         h("span", { class: "muted small" },
-          `${instance.n_layers} layers · ${nodes.size} node${nodes.size === 1 ? "" : "s"} · `,
+          `${instance.nLayers} layers · ${nodes.size} node${nodes.size === 1 ? "" : "s"} · `,
           queued !== undefined ? `queue ${plain(queued)} · ` : null,
-          h("code", { title: "instance id" }, instance.instance_id))),
+          h("code", { title: "instance id" }, instance.instanceId)),
+        h("button", { type: "button", class: "quiet delete", "data-delete": instance.instanceId,
+                      title: "stop its runners and remove it" }, "Delete")),
       layerBar(instance, view),
       runnerList(instance, view));
   }));
@@ -88,14 +100,14 @@ export function renderTasks(container, view) {
     return;
   }
   const rows = tasks.map((t) => {
-    const runner = view.state.runners?.[`${t.instance_id}.${t.rank}`];
-    const model = view.state.instances?.[t.instance_id]?.model_id ?? t.instance_id;
-    return h("tr", { "data-task-id": t.task_id },
+    const runner = view.state.runners?.[`${t.instanceId}.${t.rank}`];
+    const model = view.state.instances?.[t.instanceId]?.modelId ?? t.instanceId;
+    return h("tr", { "data-task-id": t.taskId },
       h("td", {}, t.kind),
       h("td", {}, h("span", { class: ["chip", tone(t.status)] }, h("span", { class: "chip-dot", "aria-hidden": "true" }), t.status)),
       h("td", {}, model, h("span", { class: "muted" }, ` · rank ${t.rank}`)),
-      h("td", {}, runner ? view.labels.get(runner.node_id) ?? shortId(runner.node_id) : "–"),
-      h("td", { class: "mono muted" }, t.task_id),
+      h("td", {}, runner ? view.labels.get(runner.nodeId) ?? shortId(runner.nodeId) : "–"),
+      h("td", { class: "mono muted" }, t.taskId),
       h("td", { class: "task-error" }, t.error ?? ""));
   });
   patch(container, [h("table", { class: "tasks" },

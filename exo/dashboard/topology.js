@@ -3,8 +3,8 @@
 
 import { bytes, h, patch, plain, s, seconds, shortId, tone } from "./dom.js";
 
-const KNOWN = new Set(["node_id", "hostname", "version", "address", "api_port", "memory_total", "memory_available",
-  "memory_cap", "cpu_count", "accelerator", "mlx_device", "mode"]);
+const KNOWN = new Set(["nodeId", "hostname", "version", "address", "apiPort", "memoryTotal", "memoryAvailable",
+  "memoryCap", "cpuCount", "accelerator", "mlxDevice", "mode"]);
 const QUIET_SECONDS = 1.5;  // a peer unheard this long is drawn as a fading link (nodes drop peers after ~3 s)
 const RING_COLORS = ["#c3cbff", "#ffc9e4", "#b9f3d0", "#ffe3b0"];
 const lastViews = new WeakMap();  // topology element -> what it shows, to redraw the links on resize
@@ -25,20 +25,20 @@ function modeBadges(node) {
 }
 
 function reachBadge(id, view) {
-  if (id === view.state.node_id) return h("span", { class: "badge self", title: "the node serving this page" }, "this node");
+  if (id === view.state.nodeId) return h("span", { class: "badge self", title: "the node serving this page" }, "this node");
   const peer = view.state.peers?.[id];
   if (!peer) return h("span", { class: "badge bad", title: "this node hears no heartbeat from it" }, "not heard");
-  if (peer.seconds_since_heartbeat > QUIET_SECONDS) {
-    return h("span", { class: "badge warn" }, `quiet ${seconds(peer.seconds_since_heartbeat)}`);
+  if (peer.secondsSinceHeartbeat > QUIET_SECONDS) {
+    return h("span", { class: "badge warn" }, `quiet ${seconds(peer.secondsSinceHeartbeat)}`);
   }
   return null;
 }
 
 function memoryMeter(node) {
-  const total = node.memory_total || 0;
-  const used = Math.max(0, total - (node.memory_available ?? 0));
+  const total = node.memoryTotal || 0;
+  const used = Math.max(0, total - (node.memoryAvailable ?? 0));
   const pct = (x) => `${total ? Math.min(100, (100 * x) / total).toFixed(1) : 0}%`;
-  const cap = node.memory_cap;
+  const cap = node.memoryCap;
   return [
     h("div", { class: "meter", role: "meter", "aria-label": "memory in use", "aria-valuemin": 0,
                "aria-valuemax": total, "aria-valuenow": used, "aria-valuetext": `${bytes(used)} of ${bytes(total)}` },
@@ -47,15 +47,15 @@ function memoryMeter(node) {
           : null),
     h("div", { class: "meter-label" },
       h("span", {}, `${bytes(used)} / ${bytes(total)} used`),
-      h("span", {}, cap ? `cap ${bytes(cap)}` : `${bytes(node.memory_available)} free`)),
+      h("span", {}, cap ? `cap ${bytes(cap)}` : `${bytes(node.memoryAvailable)} free`)),
   ];
 }
 
 function runnerRows(id, view) {
-  const runners = Object.entries(view.state.runners ?? {}).filter(([, r]) => r.node_id === id);
+  const runners = Object.entries(view.state.runners ?? {}).filter(([, r]) => r.nodeId === id);
   if (!runners.length) return h("p", { class: "muted small" }, "no runners");
   return h("ul", { class: "node-runners", "aria-label": "runners" }, runners.map(([rid, r]) => {
-    const model = view.state.instances?.[r.instance_id]?.model_id ?? r.instance_id;
+    const model = view.state.instances?.[r.instanceId]?.modelId ?? r.instanceId;
     return h("li", { class: tone(r.status), title: r.error ?? `runner ${rid}, pid ${r.pid ?? "–"}` },
       h("span", { class: "chip-dot", "aria-hidden": "true" }),
       h("span", { class: "runner-model" }, model),
@@ -65,10 +65,10 @@ function runnerRows(id, view) {
 }
 
 function nodeCard(id, node, view) {
-  const master = id === view.state.master_id;
+  const master = id === view.state.masterId;
   const extras = Object.entries(node).filter(([key, value]) => !KNOWN.has(key) && value !== null && value !== undefined);
-  const device = [node.accelerator, node.cpu_count ? `${node.cpu_count} cores` : null].filter(Boolean).join(" · ");
-  const url = node.address && node.api_port ? `http://${node.address.includes(":") ? `[${node.address}]` : node.address}:${node.api_port}/` : null;
+  const device = [node.accelerator, node.cpuCount ? `${node.cpuCount} cores` : null].filter(Boolean).join(" · ");
+  const url = node.address && node.apiPort ? `http://${node.address.includes(":") ? `[${node.address}]` : node.address}:${node.apiPort}/` : null;
   const away = (node.mode && node.mode !== "normal") || node.maintenance;
   return h("article", { class: ["node-card", master && "master", away && "away"], "data-node-id": id,
                         style: { "--node": view.colors.get(id) }, "aria-label": `node ${view.labels.get(id)}` },
@@ -80,8 +80,8 @@ function nodeCard(id, node, view) {
       h("code", { class: "node-id", title: id }, shortId(id)),
       reachBadge(id, view), modeBadges(node)),
     h("dl", { class: "facts" },
-      h("dt", {}, "device"), h("dd", { title: node.mlx_device ?? "" }, device || "–"),
-      h("dt", {}, "api"), h("dd", {}, url ? h("a", { href: url }, `${node.address}:${node.api_port}`) : "–"),
+      h("dt", {}, "device"), h("dd", { title: node.mlxDevice ?? "" }, device || "–"),
+      h("dt", {}, "api"), h("dd", {}, url ? h("a", { href: url }, `${node.address}:${node.apiPort}`) : "–"),
       h("dt", {}, "version"), h("dd", {}, node.version ?? "–"),
       extras.map(([key, value]) => [h("dt", {}, key.replaceAll("_", " ")), h("dd", {}, plain(value))])),
     memoryMeter(node),
@@ -90,7 +90,7 @@ function nodeCard(id, node, view) {
 
 export function renderTopology(root, view) {
   const ids = Object.keys(view.state.nodes ?? {}).sort((a, b) =>
-    (b === view.state.master_id) - (a === view.state.master_id) || a.localeCompare(b));
+    (b === view.state.masterId) - (a === view.state.masterId) || a.localeCompare(b));
   const cards = root.querySelector(".node-cards");
   if (!ids.length) patch(cards, [h("p", { class: "empty" }, "No nodes in the cluster state yet.")]);
   else patch(cards, ids.map((id) => nodeCard(id, view.state.nodes[id], view)));
@@ -134,38 +134,38 @@ function drawLinks(root) {
   const svg = root.querySelector("svg.links");
   if (!view || !svg) return;
   const layer = [];
-  const self = view.state.node_id;
+  const self = view.state.nodeId;
   const selfBox = boxOf(root, self);
   for (const [peer, info] of Object.entries(view.state.peers ?? {})) {
     const box = boxOf(root, peer);
     if (!selfBox || !box) continue;
     const { from, to } = ends(selfBox, box, 0);
-    const quiet = info.seconds_since_heartbeat > QUIET_SECONDS;
+    const quiet = info.secondsSinceHeartbeat > QUIET_SECONDS;
     const mid = { x: (from.x + to.x) / 2, y: (from.y + to.y) / 2 };
-    const label = `♥ ${seconds(info.seconds_since_heartbeat)}`;
+    const label = `♥ ${seconds(info.secondsSinceHeartbeat)}`;
     const width = label.length * 6.5 + 12;
     layer.push(s("line", { class: ["link", quiet && "quiet"], x1: from.x, y1: from.y, x2: to.x, y2: to.y }),
       s("rect", { class: ["link-label-bg", quiet && "quiet"], x: mid.x - width / 2, y: mid.y - 9, width, height: 18, rx: 9 }),
       s("text", { class: "link-label", x: mid.x, y: mid.y + 4, "text-anchor": "middle" }, label,
-        s("title", {}, `this node last heard ${view.labels.get(peer) ?? peer} ${seconds(info.seconds_since_heartbeat)} ago`)));
+        s("title", {}, `this node last heard ${view.labels.get(peer) ?? peer} ${seconds(info.secondsSinceHeartbeat)} ago`)));
   }
   Object.values(view.state.instances ?? {}).forEach((instance, i) => {
     const shards = [...(instance.shards ?? [])].sort((a, b) => a.rank - b.rank);
     if (shards.length < 2) return;
     const running = Object.values(view.state.runners ?? {})
-      .some((r) => r.instance_id === instance.instance_id && r.status === "Running");
+      .some((r) => r.instanceId === instance.instanceId && r.status === "Running");
     const color = RING_COLORS[i % RING_COLORS.length];
     shards.forEach((shard, k) => {
       const next = shards[(k + 1) % shards.length];
-      const a = boxOf(root, shard.node_id);
-      const b = boxOf(root, next.node_id);
-      if (!a || !b || shard.node_id === next.node_id) return;
+      const a = boxOf(root, shard.nodeId);
+      const b = boxOf(root, next.nodeId);
+      if (!a || !b || shard.nodeId === next.nodeId) return;
       const bend = 26 + 14 * i;
       const { from, to, n } = ends(a, b, bend * 0.6);
       const c = { x: (from.x + to.x) / 2 + n.x * bend, y: (from.y + to.y) / 2 + n.y * bend };
       layer.push(s("path", { class: ["ring", running && "flowing"], d: `M${from.x},${from.y} Q${c.x},${c.y} ${to.x},${to.y}`,
                               stroke: color, "marker-end": `url(#arrow-${i % RING_COLORS.length})` },
-        s("title", {}, `${instance.model_id}: rank ${shard.rank} → rank ${next.rank}`)));
+        s("title", {}, `${instance.modelId}: rank ${shard.rank} → rank ${next.rank}`)));
     });
   });
   const defs = s("defs", {}, RING_COLORS.map((color, i) =>

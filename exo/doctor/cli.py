@@ -77,7 +77,7 @@ def run_doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         text = text.replace("\nverdict: ", f"\nbundle: {path.resolve()}\nverdict: ")
         if args.json:
             print(f"bundle: {path.resolve()}", file=sys.stderr)  # stdout is the JSON alone
-    print(report.model_dump_json(indent=2) if args.json else text)
+    print(report.model_dump_json(indent=2, by_alias=False) if args.json else text)
     return 1 if report.issues else 0
 
 
@@ -89,7 +89,7 @@ def _write_bundle(path: Path, log_file: Path | None, env: Mapping[str, str], con
     source, logs = bundle.recent_logs(log_file, home)
     members = {"versions.json": bundle.to_json(bundle.versions(health)),
                "config.json": bundle.to_json(redact(config) if config else {"error": "not valid, see report"}),
-               "report.json": report.model_dump_json(indent=2) + "\n", "report.txt": text + "\n",
+               "report.json": report.model_dump_json(indent=2, by_alias=False) + "\n", "report.txt": text + "\n",
                "logs.txt": f"# source: {source}\n{logs}"}
     if state is not None:
         members["state.json"] = bundle.to_json(state)

@@ -42,19 +42,19 @@ def _describe(error: Exception) -> str:
 def cluster_view(state: dict[str, Any]) -> ClusterView | None:
     """The parts of a node's /state that say how it sees the cluster, or None if it is not a /state."""
     try:
-        node_id = state["node_id"]
+        node_id = state["nodeId"]
         profiles = state.get("nodes", {})
 
         def address(peer: str) -> str | None:
             profile = profiles.get(peer)
-            return f"{profile['address']}:{profile['api_port']}" if profile else None
+            return f"{profile['address']}:{profile['apiPort']}" if profile else None
 
-        peers = [PeerSeen(node_id=n, address=address(n), seconds_since_heartbeat=p.get("seconds_since_heartbeat"))
+        peers = [PeerSeen(node_id=n, address=address(n), seconds_since_heartbeat=p.get("secondsSinceHeartbeat"))
                  for n, p in state.get("peers", {}).items()]
         runners = [StateRunner(runner_id=rid, status=r["status"], pid=r.get("pid"), port=r["port"],
                                error=r.get("error"))
-                   for rid, r in state.get("runners", {}).items() if r.get("node_id") == node_id]
-        return ClusterView(node_id=node_id, master_id=state.get("master_id"), is_master=bool(state.get("is_master")),
+                   for rid, r in state.get("runners", {}).items() if r.get("nodeId") == node_id]
+        return ClusterView(node_id=node_id, master_id=state.get("masterId"), is_master=bool(state.get("isMaster")),
                            term=int(state.get("term", 0)), nodes=tuple(profiles), peers=tuple(peers),
                            runners=tuple(runners))
     except (KeyError, TypeError, ValueError):

@@ -98,7 +98,8 @@ def runner_marker(cmdline: Sequence[str]) -> tuple[int, str | None] | None:
         return None
     try:
         spec = json.loads(cmdline[3])
-        runner_id = f"{spec['instance_id']}.{spec['rank']}"
+        instance = spec["instanceId"] if "instanceId" in spec else spec["instance_id"]  # either spelling
+        runner_id = f"{instance}.{spec['rank']}"
     except (ValueError, KeyError, TypeError):
         runner_id = None
     return int(cmdline[4]), runner_id

@@ -19,7 +19,7 @@ from exo.net.transport import PeerTransport
 from exo.shared.errors import PlacementRefused, ServiceUnavailable
 from exo.shared.events import InstanceCreated, InstanceDeleted
 from exo.shared.runners import RunnerInfo, TaskInfo
-from exo.shared.state import Instance, NodeMode, NodeProfile, State
+from exo.shared.state import Instance, InstanceKind, NodeMode, NodeProfile, State
 from exo.shared.types import Dtype, FrozenModel, InstanceId, NodeId, new_instance_id
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,9 @@ class ClusterService:
 
     def add_instance(self, instance: Instance) -> Instance:
         self._require_master()
+        nodes = self.coordinator.state.nodes
+        kind = InstanceKind.of(nodes[n] for n in instance.node_ids if n in nodes)
+        instance = instance.model_copy(update={"kind": kind})  # recorded, so every node reports the same
         self._post(self.coordinator.emit(lambda i, t: InstanceCreated(index=i, term=t, instance=instance)))
         log.info("instance=%s model=%s placed on %s", instance.instance_id, instance.model_id,
                  ", ".join(f"{s.node_id}[{s.start}:{s.end})" for s in instance.shards))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from exo.models.cards import CARDS
 from exo.models.store import ModelStore
@@ -13,8 +13,11 @@ from exo.shared.errors import ModelNotFound
 from exo.shared.types import FrozenModel
 
 
-class ModelInfo(FrozenModel):
-    """A model this node can serve, as GET /v1/models lists it (OpenAI's model object, and more)."""
+class ModelInfo(BaseModel):
+    """A model this node can serve, as GET /v1/models lists it (OpenAI's model object, and more): in
+    OpenAI's snake_case, not the camelCase of exo's own state."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
     object: Literal["model"] = "model"

@@ -30,7 +30,7 @@ class Codec:
         tag = type(message).__name__
         if tag not in self.types:
             raise TypeError(f"{tag} is not a registered wire message")
-        return msgpack.packb({"v": WIRE_VERSION, "t": tag, "d": message.model_dump(mode="json")})
+        return msgpack.packb({"v": WIRE_VERSION, "t": tag, "d": message.model_dump(mode="json", by_alias=False)})
 
     def decode(self, frame: bytes) -> FrozenModel:
         try:

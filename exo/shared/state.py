@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
+from typing import Any
 
-from exo.shared.runners import RunnerInfo, TaskInfo
+from pydantic import ModelWrapValidatorHandler, SerializerFunctionWrapHandler, computed_field, model_serializer, \
+    model_validator
+
+from exo.shared.runners import RunnerInfo, TaskInfo, runner_id
 from exo.shared.types import Count, FrozenModel, Index, InstanceId, NodeId, Port, Small
 
 
@@ -44,17 +49,78 @@ class ShardAssignment(FrozenModel):
     end: Small
 
 
+class InstanceKind(StrEnum):
+    """How an instance's ring runs, as exo's upstream tags its instances."""
+
+    CPU_RING = "CpuRingInstance"
+    MLX_RING = "MlxRingInstance"  # MLX on a GPU on every node
+
+    @classmethod
+    def of(cls, profiles: Iterable[NodeProfile]) -> InstanceKind:
+        devices = [p.mlx_device for p in profiles]  # str(mx.default_device()): "Device(gpu, 0)"
+        return cls.MLX_RING if devices and all("gpu" in d for d in devices) else cls.CPU_RING
+
+
+_KINDS = frozenset(InstanceKind)
+
+
+class RunnerShard(FrozenModel):
+    """One runner's part of an instance, as `shardAssignments.runnerToShard` shows it."""
+
+    node_id: NodeId
+    rank: Small
+    world_size: Small
+    start_layer: Small
+    end_layer: Small
+    n_layers: Small
+
+
+class ShardAssignments(FrozenModel):
+    model_id: str
+    runner_to_shard: dict[str, RunnerShard]
+    node_to_runner: dict[NodeId, str]
+
+
 class Instance(FrozenModel):
-    """A model placed on the cluster: one runner per shard, joined in a ring in rank order."""
+    """A model placed on the cluster: one runner per shard, joined in a ring in rank order.
+
+    Serialized tagged by its kind with its shard assignments derived, as exo's upstream shows it:
+    `{"CpuRingInstance": {"instanceId", ..., "shardAssignments": {"modelId", "runnerToShard", "nodeToRunner"}}}`."""
 
     instance_id: InstanceId
     model_id: str
     n_layers: Small
     shards: tuple[ShardAssignment, ...]
+    kind: InstanceKind = InstanceKind.CPU_RING
 
     @property
     def node_ids(self) -> tuple[NodeId, ...]:
         return tuple(s.node_id for s in self.shards)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def shard_assignments(self) -> ShardAssignments:
+        runners = {runner_id(self.instance_id, s.rank): s for s in self.shards}
+        return ShardAssignments(
+            model_id=self.model_id, node_to_runner={s.node_id: r for r, s in runners.items()},
+            runner_to_shard={r: RunnerShard(node_id=s.node_id, rank=s.rank, world_size=len(self.shards),
+                                            start_layer=s.start, end_layer=s.end, n_layers=self.n_layers)
+                             for r, s in runners.items()})
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _untag(cls, data: Any, handler: ModelWrapValidatorHandler[Instance]) -> Instance:
+        if isinstance(data, dict) and len(data) == 1 and (kind := next(iter(data))) in _KINDS:
+            body = data[kind]
+            if isinstance(body, dict):
+                data = {k: v for k, v in body.items() if k not in ("shardAssignments", "shard_assignments")}
+                data["kind"] = kind
+        return handler(data)
+
+    @model_serializer(mode="wrap")
+    def _tag(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        return {str(body.pop("kind")): body}
 
 
 class State(FrozenModel):

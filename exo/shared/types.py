@@ -7,10 +7,13 @@ from typing import Annotated, Literal, NewType
 
 from annotated_types import Interval
 from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
 
 
 class FrozenModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # camelCase out, as exo's upstream serializes its state; either spelling in
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True,
+                              serialize_by_alias=True)
 
 
 # Every integer that comes off the wire is bounded where it is declared, so a peer's 2**64 is refused at

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.errors import Unsatisfiable
-from nodes import RunningNode, answers, idle_health, start_node, stop_node, wait_for
+from nodes import RunningNode, answers, idle_health, start_node, stop_node, untag, wait_for
 from pydantic import ValidationError
 from schemathesis import GenerationMode
 from schemathesis.schemas import APIOperation, BaseSchema
@@ -70,7 +70,7 @@ class Target:
     where its log stood before the fuzz."""
 
     def __init__(self, node: RunningNode, *, may_be_unavailable: bool) -> None:
-        self.url, self.node_id, self.may_be_unavailable = node.url, node.state()["node_id"], may_be_unavailable
+        self.url, self.node_id, self.may_be_unavailable = node.url, node.state()["nodeId"], may_be_unavailable
         self.log, self.log_start = node.log, node.log.stat().st_size
         self.http = requests.Session()
 
@@ -126,7 +126,7 @@ def spare(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     node = start_node(tmp_path_factory.mktemp("spare"), models_dir, "--no-discovery", "--no-preload",
                       "--max-memory", "1MB")
     try:
-        wait_for(lambda: answers(node, "/state") and node.state()["is_master"], 60, "the spare node to be master")
+        wait_for(lambda: answers(node, "/state") and node.state()["isMaster"], 60, "the spare node to be master")
         target = Target(node, may_be_unavailable=True)
         yield target
         target.http.close()
@@ -154,7 +154,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(node: RunningNode) -> Served:
     state = node.state()
-    [instance_id] = [i for i, instance in state["instances"].items() if instance["model_id"] == DEFAULT_MODEL]
+    [instance_id] = [i for i, instance in state["instances"].items() if untag(instance)["modelId"] == DEFAULT_MODEL]
     return Served(frozenset(state["instances"]), frozenset(state["runners"]), instance_id,
                   runner_id(InstanceId(instance_id), 0))
 
@@ -252,8 +252,8 @@ def test_every_other_endpoint_answers_fuzzed_requests_on_a_spare_node_without_a_
     assert ("POST", "/place_instance") in others and ("POST", "/instance") in others
 
     def real_model(case: Any, data: st.DataObject) -> None:  # now and then a placement it has no memory for: 409
-        if isinstance(case.body, dict) and "model_id" in case.body and data.draw(st.booleans(), label="real model"):
-            case.body = {**case.body, "model_id": DEFAULT_MODEL}
+        if isinstance(case.body, dict) and "modelId" in case.body and data.draw(st.booleans(), label="real model"):
+            case.body = {**case.body, "modelId": DEFAULT_MODEL}  # the schema spells the body as /state does
 
     for key, op in sorted(others.items()):
         fuzz(op, mode, spare, adjust=real_model if key == ("POST", "/place_instance") else lambda case, data: None)

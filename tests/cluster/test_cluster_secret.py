@@ -41,9 +41,9 @@ def agreed(nodes: list[RunningNode], key: str | None = None) -> bool:
         states = [state(node, key) for node in nodes]
     except httpx.HTTPError:
         return False
-    views = {(s["master_id"], s["term"], frozenset(s["nodes"])) for s in states}
-    return (len(views) == 1 and states[0]["master_id"] is not None
-            and set(states[0]["nodes"]) == {s["node_id"] for s in states})
+    views = {(s["masterId"], s["term"], frozenset(s["nodes"])) for s in states}
+    return (len(views) == 1 and states[0]["masterId"] is not None
+            and set(states[0]["nodes"]) == {s["nodeId"] for s in states})
 
 
 def all_peers(i: int, ports: list[int]) -> list[str]:
@@ -62,17 +62,17 @@ def test_nodes_without_the_cluster_secret_never_join(tmp_path: Path, models_dir:
     with running_nodes(homes, models_dir, "--no-preload", "--max-memory", "500MB", per_node=flags) as nodes:
         good, intruders = nodes[:2], nodes[2:]
         wait_for(lambda: agreed(good), 30, "the two nodes with the secret agree")
-        intruder_ids = {state(node)["node_id"] for node in intruders}
+        intruder_ids = {state(node)["nodeId"] for node in intruders}
         time.sleep(12 * HEARTBEAT)  # the intruders keep heartbeating at the cluster all the while
 
         for node in good:
             seen = state(node)
             assert len(seen["nodes"]) == 2 and not intruder_ids & set(seen["nodes"])
             assert not intruder_ids & set(seen["peers"])
-            assert not any(r["node_id"] in intruder_ids for r in seen["runners"].values())
+            assert not any(r["nodeId"] in intruder_ids for r in seen["runners"].values())
 
         # no runner for them either: the master cannot place on a node it does not know
-        master = next(node for node in good if state(node)["is_master"])
+        master = next(node for node in good if state(node)["isMaster"])
         wanting = httpx.post(f"{master.url}/place_instance", json={"model_id": DEFAULT_MODEL, "min_nodes": 3},
                              timeout=10)
         assert wanting.status_code == 409, wanting.text
@@ -99,7 +99,7 @@ def test_the_api_key_guards_every_endpoint_but_health(tmp_path: Path, models_dir
     with running_nodes([tmp_path / "a", tmp_path / "b"], models_dir, "--no-preload", "--max-memory", "500MB",
                        per_node=flags) as nodes:
         wait_for(lambda: agreed(nodes, KEY), 30, "two nodes with one key and one secret agree")
-        follower = next(node for node in nodes if not state(node, KEY)["is_master"])
+        follower = next(node for node in nodes if not state(node, KEY)["isMaster"])
 
         for path in ("/v1/models", "/state"):
             for headers in ({}, {"Authorization": "Bearer not-the-key"}):
@@ -140,7 +140,7 @@ def test_a_chat_forwarded_between_nodes_that_share_a_key(tmp_path: Path, models_
     with running_nodes([tmp_path / "head", tmp_path / "front"], models_dir, "--no-preload", per_node=flags) as nodes:
         head, front = nodes
         wait_for(lambda: agreed(nodes, KEY), 30, "two nodes with one key and one secret agree")
-        shards = [{"node_id": state(head, KEY)["node_id"], "rank": 0, "start": 0, "end": 30}]
+        shards = [{"node_id": state(head, KEY)["nodeId"], "rank": 0, "start": 0, "end": 30}]
         placed = httpx.post(f"{front.url}/instance", json={"model_id": DEFAULT_MODEL, "shards": shards},
                             headers=auth, timeout=10)
         assert placed.status_code == 200, placed.text

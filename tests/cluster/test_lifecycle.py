@@ -115,7 +115,7 @@ def test_a_killed_runner_is_restarted_by_the_watchdog_and_the_next_request_works
     wait_for(lambda: runner_pids(tough_node.process.pid) not in ([], [pid]) and ready(tough_node), 120,
              "the watchdog to start a new runner")
     [runner] = tough_node.state()["runners"].values()
-    assert runner["restarts"] == 1 and runner["status"] == "Ready" and not runner["gave_up"]
+    assert runner["restarts"] == 1 and runner["status"] == "Ready" and not runner["gaveUp"]
     response = chat(tough_node)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 4
@@ -147,7 +147,7 @@ def test_maintenance_drain_refuses_new_work_until_normal(tough_node: RunningNode
         assert maintenance("drain").status_code == 200
         state = tough_node.state()
         assert state["mode"] == "drain"
-        wait_for(lambda: tough_node.state()["nodes"][state["node_id"]]["mode"] == "drain", 10,
+        wait_for(lambda: tough_node.state()["nodes"][state["nodeId"]]["mode"] == "drain", 10,
                  "the cluster to see the node drain")
         refused = chat(tough_node)
         assert refused.status_code == 503 and "maintenance" in refused.json()["error"]["message"]

@@ -96,8 +96,8 @@ def _state(node: RunningNode) -> dict[str, Any] | None:
 def _agree(nodes: list[RunningNode], n: int) -> bool:
     """Every node sees the same `n` nodes and the same master."""
     states = [_state(node) for node in nodes]
-    return all(s is not None and len(s["nodes"]) == n and s["master_id"] for s in states) and \
-        len({s["master_id"] for s in states if s}) == 1 and len({frozenset(s["nodes"]) for s in states if s}) == 1
+    return all(s is not None and len(s["nodes"]) == n and s["masterId"] for s in states) and \
+        len({s["masterId"] for s in states if s}) == 1 and len({frozenset(s["nodes"]) for s in states if s}) == 1
 
 
 def state_inside(lab: netns.Lab, i: int, node: RunningNode) -> dict[str, Any] | None:
@@ -111,7 +111,7 @@ def state_inside(lab: netns.Lab, i: int, node: RunningNode) -> dict[str, Any] | 
 
 
 def node_id(node: RunningNode) -> str:
-    return str(node.state()["node_id"])
+    return str(node.state()["nodeId"])
 
 
 def reset(cluster: list[RunningNode]) -> None:
@@ -165,7 +165,7 @@ def assert_served_after(node: RunningNode, what: str) -> float:
 
 def instance_nodes(node: RunningNode) -> set[str]:
     [instance] = node.state()["instances"].values()
-    return {shard["node_id"] for shard in instance["shards"]}
+    return set(local_cluster.untag(instance)["shardAssignments"]["nodeToRunner"])
 
 
 def test_a_link_cut_mid_stream_ends_it_with_an_error_and_the_model_moves_then_the_node_rejoins(
@@ -200,8 +200,8 @@ def test_a_partition_that_heals_converges_on_one_master_and_serves(
         # each side carries on alone: B and C without A, and A (seen from its own namespace) its own master
         split = wait_for(lambda: all(s is not None and len(s["nodes"]) == 2 for s in map(_state, (b, c))), 10,
                          "B and C to drop A")
-        alone = wait_for(lambda: (s := state_inside(lab, 0, a)) is not None and list(s["nodes"]) == [s["node_id"]]
-                         and s["master_id"] == s["node_id"], 10, "A to be its own master")
+        alone = wait_for(lambda: (s := state_inside(lab, 0, a)) is not None and list(s["nodes"]) == [s["nodeId"]]
+                         and s["masterId"] == s["nodeId"], 10, "A to be its own master")
         print(f"\npartition {{A}} | {{B, C}}: B and C dropped A after {split:.1f}s, A was its own master "
               f"{alone:.1f}s later")
     finally:
@@ -211,7 +211,7 @@ def test_a_partition_that_heals_converges_on_one_master_and_serves(
     converged = time.monotonic() - healed
     after = a.state()
     print(f"partition {{A}} | {{B, C}} healed: one master and three nodes everywhere after {converged:.1f}s "
-          f"(master {before['master_id']} -> {after['master_id']}, instances {list(before['instances'])} -> "
+          f"(master {before['masterId']} -> {after['masterId']}, instances {list(before['instances'])} -> "
           f"{list(after['instances'])})")
     for node in cluster:
         assert_served_after(node, f"partition healed, asking {node.host}")

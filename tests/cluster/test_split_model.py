@@ -39,7 +39,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Itera
     with running_nodes([root / f"node{i}" for i in range(3)], models_dir, "--no-preload",
                        per_node=static_peers) as nodes:
         wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
-        wait_for(lambda: all(len(n.state()["nodes"]) == 3 and n.state()["master_id"] for n in nodes), 30,
+        wait_for(lambda: all(len(n.state()["nodes"]) == 3 and n.state()["masterId"] for n in nodes), 30,
                  "three nodes agree")
         yield nodes
 
@@ -86,7 +86,7 @@ def test_a_model_split_across_nodes_answers_token_for_token_as_on_one(cluster: l
     try:
         state = cluster[2].state()
         runners = [state["runners"][f"{instance_id}.{rank}"] for rank in range(n_nodes)]
-        assert [r["node_id"] for r in runners] == [n.state()["node_id"] for n in cluster[:n_nodes]]
+        assert [r["nodeId"] for r in runners] == [n.state()["nodeId"] for n in cluster[:n_nodes]]
         assert [(r["start"], r["end"]) for r in runners] == SPLITS[n_nodes]
         assert all(r["status"] == "Ready" and r["pid"] for r in runners)
         assert "Paris" in alone[0]
@@ -157,7 +157,7 @@ def test_a_node_killed_mid_stream_ends_the_stream_with_an_error_and_the_model_mo
                           json={"model": DEFAULT_MODEL, "messages": PROMPTS[0], "max_tokens": 4})
     assert response.status_code == 200, response.text
     [instance] = cluster[0].state()["instances"].values()
-    assert victim.port not in [s["node_id"] for s in instance["shards"]]
+    assert victim.port not in [s["nodeId"] for s in local_cluster.untag(instance)["shards"]]
 
 
 def _alive(pid: int) -> bool:

@@ -3,7 +3,9 @@
 The page is opened on the node that is not the master, before any model is placed; the model is then
 placed across both nodes and the page must show it without a reload. A chat message typed into the page
 must stream its answer in piece by piece, the same answer the API gives. A node started with an API key
-makes the page ask for the key once and keep it. Screenshots go to the test's tmp_path, and also to
+makes the page ask for the key once and keep it. On two nodes that each offer less memory than the model
+needs, the page shows the planner's one preview, places the model on both from it, shows both ranks
+loading to Ready, and deletes it. Screenshots go to the test's tmp_path, and also to
 $EXO_TEST_ARTIFACTS when that is set (CI keeps them).
 """
 
@@ -23,7 +25,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from exo import local_cluster
 from exo.models.cards import DEFAULT_MODEL
@@ -41,7 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Itera
     root = tmp_path_factory.mktemp("dashboard")
     with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", per_node=static_peers) as nodes:
         wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
-        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["master_id"] for n in nodes), 30,
+        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
                  "both nodes agree on a master")
         yield nodes
 
@@ -112,8 +114,8 @@ new MutationObserver(() => {
 def test_the_dashboard_shows_the_cluster_live_and_streams_a_chat_answer(
         cluster: list[RunningNode], browser: WebDriver, screenshot: Callable[[str], Path]) -> None:
     state = cluster[0].state()
-    master_id = state["master_id"]
-    node_ids = [n.state()["node_id"] for n in cluster]
+    master_id = state["masterId"]
+    node_ids = [n.state()["nodeId"] for n in cluster]
     [follower] = [n for node_id, n in zip(node_ids, cluster, strict=True) if node_id != master_id]
     wait = WebDriverWait(browser, 30, poll_frequency=0.1)
 
@@ -187,6 +189,84 @@ def test_the_dashboard_asks_for_the_api_key_once_and_keeps_it(
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".node-card")) == 1)
         assert not browser.find_element(By.ID, "auth").is_displayed()
         assert browser.find_element(By.ID, "live").text == "live"
-    # the page's first requests were refused: those 401s are expected, nothing else is
-    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
+        # read while the node runs (once it stops, the page's polls fail); the first requests were refused:
+        # those 401s are expected, nothing else is
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
+        assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def capped_cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
+    """Two nodes that offer 500 MB each: the default model's 538 MB of fp32 weights need both."""
+    root = tmp_path_factory.mktemp("dashboard-place")
+    with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", "--max-memory", "500MB",
+                       per_node=static_peers) as nodes:
+        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
+        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
+                 "both nodes agree on a master")
+        yield nodes
+
+
+# Each element matching a selector: its data-node-id, then (a table row's) its cells' text, read at once.
+READ_ROWS = """return [...document.querySelectorAll(arguments[0])]
+  .map(r => [r.dataset.nodeId, ...[...(r.cells ?? [])].map(c => c.textContent)])"""
+
+# Records every status each runner chip of the page shows, to tell runners seen loading from ones shown Ready at once.
+WATCH_RUNNERS = """
+window.runnerStatuses = {};
+new MutationObserver(() => {
+  for (const chip of document.querySelectorAll('#instances .runners [data-runner-id]')) {
+    const seen = (window.runnerStatuses[chip.dataset.runnerId] ??= []);
+    const status = chip.querySelector('strong')?.textContent;
+    if (status && status !== seen.at(-1)) seen.push(status);
+  }
+}).observe(document.getElementById('instances'), {childList: true, subtree: true, characterData: true});
+"""
+
+
+def test_the_dashboard_places_the_model_on_two_nodes_from_the_planners_preview_and_deletes_it(
+        capped_cluster: list[RunningNode], browser: WebDriver, screenshot: Callable[[str], Path]) -> None:
+    node_ids = [n.state()["nodeId"] for n in capped_cluster]
+    expected = httpx.get(f"{capped_cluster[0].url}/instance/previews", params={"model_id": DEFAULT_MODEL}).json()
+    [two] = expected["previews"]  # 500 MB a node: only both hold it
+    wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+
+    browser.get(capped_cluster[1].url)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#place-model option[value="{DEFAULT_MODEL}"]'))
+    Select(browser.find_element(By.ID, "place-model")).select_by_value(DEFAULT_MODEL)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.preview[data-nodes="2"] tbody tr'))
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".preview")) == 1
+    rows = browser.execute_script(READ_ROWS, '.preview[data-nodes="2"] tbody tr')  # at once: the page redraws
+    assert [node_id for node_id, *_ in rows] == [s["nodeId"] for s in two["shards"]]
+    assert sorted(s["nodeId"] for s in two["shards"]) == sorted(node_ids)
+    for (_, rank, _, layers, memory), shard in zip(rows, two["shards"], strict=True):
+        assert rank == str(shard["rank"]) and layers == f"{shard['start']}–{shard['end']} of 30"
+        assert memory.endswith("MiB") and shard["memoryBytes"] > 0
+    screenshot("place-preview")
+
+    browser.execute_script(WATCH_RUNNERS)
+    browser.find_element(By.CSS_SELECTOR, '.preview button[data-place="2"]').click()
+    wait.until(lambda d: capped_cluster[0].state()["instances"])
+    [instance_id] = capped_cluster[0].state()["instances"]
+    card = f'.instance[data-instance-id="{instance_id}"]'
+    WebDriverWait(browser, 120, poll_frequency=0.1).until(
+        lambda d: text_of(d, f"{card} .runners").count("Ready") == 2)
+    assert instance_id in browser.find_element(By.ID, "place-status").text
+    for node in capped_cluster:  # both ranks Ready, as every node sees it
+        runners = node.state()["runners"]
+        assert [runners[f"{instance_id}.{rank}"]["status"] for rank in (0, 1)] == ["Ready", "Ready"]
+    bar = browser.execute_script(READ_ROWS, f"{card} .shard")
+    assert [node_id for node_id, *_ in bar] == [s["nodeId"] for s in two["shards"]]
+    seen = browser.execute_script("return window.runnerStatuses")
+    assert sorted(seen) == [f"{instance_id}.0", f"{instance_id}.1"]
+    assert all(statuses[-1] == "Ready" for statuses in seen.values()), seen
+    assert any(len(statuses) > 1 for statuses in seen.values()), f"no runner was seen loading: {seen}"
+    screenshot("placed")
+
+    browser.find_element(By.CSS_SELECTOR, f'{card} button[data-delete="{instance_id}"]').click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, card) and "No model placed" in text_of(d, "#instances"))
+    wait_for(lambda: not any(n.state()["instances"] or n.state()["runners"] for n in capped_cluster), 30,
+             "every node to drop the instance and its runners")
+    assert browser.find_element(By.ID, "place-status").text == f"Deleted {instance_id}."
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
