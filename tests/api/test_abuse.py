@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import tokenizers
-from nodes import RunningNode, answers, idle_health, start_node, stop_node, wait_for
+from nodes import RunningNode, answers, idle_health, start_node, stop_node, untag, wait_for
 from test_chat_errors import HI, URL, assert_error, body
 from test_metrics import parse, value
 
@@ -199,7 +199,7 @@ async def test_a_model_id_with_a_line_break_is_a_400_and_forges_no_log_line(
         assert "printable" in error["message"]
     finally:
         if response.status_code == 200 and path == "/instance":
-            await client.delete(f"/instance/{response.json()['instance_id']}")
+            await client.delete(f"/instance/{untag(response.json())['instanceId']}")
     assert "forged line" not in node.log.read_text()
 
 

@@ -106,7 +106,7 @@ def get(node: RunningNode, path: str, key: str | None = None, url: str | None = 
 
 def is_master(node: RunningNode, key: str | None = None, url: str | None = None) -> bool:
     try:
-        return bool(get(node, "/state", key, url).json()["is_master"])
+        return bool(get(node, "/state", key, url).json()["isMaster"])
     except httpx.HTTPError:
         return False
 
@@ -117,8 +117,8 @@ def agreed(nodes: list[RunningNode], key: str | None = None, urls: list[str] | N
                                                                               strict=True)]
     except httpx.HTTPError:
         return False
-    views = {(s["master_id"], s["term"], frozenset(s["nodes"])) for s in states}
-    return len(views) == 1 and states[0]["master_id"] is not None and len(states[0]["nodes"]) == len(nodes)
+    views = {(s["masterId"], s["term"], frozenset(s["nodes"])) for s in states}
+    return len(views) == 1 and states[0]["masterId"] is not None and len(states[0]["nodes"]) == len(nodes)
 
 
 def raw_request(port: int, head: bytes, timeout: float = 5.0) -> bytes:

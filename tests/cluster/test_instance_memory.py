@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from nodes import answers, start_node, stop_node, wait_for
+from nodes import answers, start_node, stop_node, untag, wait_for
 
 from exo.models.cards import CARDS, DEFAULT_MODEL
 
@@ -21,12 +21,12 @@ def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_n
     node = start_node(tmp_path, models_dir, "--no-discovery", "--no-preload", "--dtype", "quantized",
                       "--max-memory", "600MB")
     try:
-        wait_for(lambda: answers(node) and node.state()["master_id"] is not None, 60, "the node to be master")
+        wait_for(lambda: answers(node) and node.state()["masterId"] is not None, 60, "the node to be master")
         placed = []
         for _ in range(2):  # at once, before any runner has loaded and memory available shows it
             answer = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
             assert answer.status_code == 200, answer.text
-            placed.append(answer.json()["instance_id"])
+            placed.append(untag(answer.json())["instanceId"])
 
         refused = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
 

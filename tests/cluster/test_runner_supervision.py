@@ -62,7 +62,7 @@ def assert_clean_log(node: RunningNode) -> None:
 
 
 def tasks(node: RunningNode) -> dict[str, dict[str, Any]]:
-    return {t["task_id"]: t for t in node.state()["tasks"].values() if t["kind"] == "Chat"}
+    return {t["taskId"]: t for t in node.state()["tasks"].values() if t["kind"] == "Chat"}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_a_chat_cancelled_mid_stream_or_before_it_starts_is_reported_cancelled(w
             wait_for(lambda: len(set(tasks(watched_node)) - before) == 2, 10, "both chats to reach the runner")
         # the queued client left; now the generating one leaves too
     new = [t for t_id, t in tasks(watched_node).items() if t_id not in before]
-    wait_for(lambda: all(tasks(watched_node)[t["task_id"]]["status"] == "Cancelled" for t in new), 30,
+    wait_for(lambda: all(tasks(watched_node)[t["taskId"]]["status"] == "Cancelled" for t in new), 30,
              f"both chats to be reported Cancelled: {new}")
     assert chat(watched_node).status_code == 200
     assert_clean_log(watched_node)
