@@ -24,6 +24,7 @@ from exo.api.openai.serving import ChatService
 from exo.api.runners import runners_router
 from exo.config import Config
 from exo.master.service import ClusterService
+from exo.net.transport import MESSAGE_PATH
 from exo.shared.runners import SERVING, RunnerStatus
 from exo.worker.supervisor import Supervisor
 from exo.worker.tokenizers import Tokenizers
@@ -49,7 +50,8 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
     app.add_middleware(AdmissionMiddleware, admission=admission, metrics=metrics)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)  # outermost: before anything reads a body
+    # outermost: before anything reads a body; peers' frames have their own cap, checked with their proof
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes, exempt=frozenset({MESSAGE_PATH}))
     chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers, local=supervisor.serving),
                        metrics)
     app.include_router(openai_router(chat, tokenizers.catalog))

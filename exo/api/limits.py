@@ -45,13 +45,14 @@ class _TooLarge(HTTPException):
 
 class BodyLimitMiddleware:
     """Refuses a request body over `limit` bytes with 413: from its Content-Length before reading any of
-    it, or, for a chunked body, as soon as what arrived passes the limit."""
+    it, or, for a chunked body, as soon as what arrived passes the limit. Paths in `exempt` keep limits
+    of their own (peers' frames: exo/api/cluster.py)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str] = frozenset()) -> None:
+        self.app, self.limit, self.exempt = app, limit, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length", "")

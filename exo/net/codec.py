@@ -30,7 +30,12 @@ class Codec:
         tag = type(message).__name__
         if tag not in self.types:
             raise TypeError(f"{tag} is not a registered wire message")
-        return msgpack.packb({"v": WIRE_VERSION, "t": tag, "d": message.model_dump(mode="json", by_alias=False)})
+        return msgpack.packb({"v": WIRE_VERSION, "t": tag, "d": self.dump(message)})
+
+    @staticmethod
+    def dump(message: FrozenModel) -> Any:
+        """A message as plain data, as it travels: field names, not /state's camelCase aliases."""
+        return message.model_dump(mode="json", by_alias=False)
 
     def decode(self, frame: bytes) -> FrozenModel:
         try:

@@ -6,8 +6,14 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
-from pydantic import ModelWrapValidatorHandler, SerializerFunctionWrapHandler, computed_field, model_serializer, \
-    model_validator
+from pydantic import (
+    ModelWrapValidatorHandler,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    computed_field,
+    model_serializer,
+    model_validator,
+)
 
 from exo.shared.runners import RunnerInfo, TaskInfo, runner_id
 from exo.shared.types import Count, FrozenModel, Index, InstanceId, NodeId, Port, Small
@@ -118,8 +124,10 @@ class Instance(FrozenModel):
         return handler(data)
 
     @model_serializer(mode="wrap")
-    def _tag(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _tag(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         body = handler(self)
+        if not info.by_alias:  # the wire (snake_case) carries only what the derived view is made from
+            body.pop("shard_assignments", None)
         return {str(body.pop("kind")): body}
 
 
