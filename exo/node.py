@@ -161,9 +161,7 @@ class Node:
     def _end_chats(self) -> None:
         """Chats still running when phase 1 ends fail now (a stream with an error event and [DONE]), so
         the API closes with every response finished instead of uvicorn cancelling them mid-write."""
-        for handle in self.supervisor.runners.values():
-            for chat in handle.chats.values():
-                chat.close()
+        self.supervisor.end_chats("This node is stopping; retry on another node or shortly.")
 
     def _in_flight(self) -> int:
         """Requests this node is serving, plus those on instances it holds a rank of for another head."""

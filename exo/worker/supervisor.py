@@ -330,6 +330,13 @@ class Supervisor:
                 "was cancelled. Read the stream as it comes, or ask without streaming."))
             self._start(self._cancel, handle, frame.task_id)
 
+    def end_chats(self, why: str) -> None:
+        """End every chat now, each stream with `why` as its error event, and tell the runners to cancel."""
+        for handle in self.runners.values():
+            for task_id in list(handle.chats):
+                handle.close_chat(task_id, ServiceUnavailable(why))
+                self._start(self._cancel, handle, task_id)
+
     async def _cancel(self, handle: RunnerHandle, task_id: str) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(1):
             with contextlib.suppress(ExoError, anyio.BrokenResourceError, anyio.ClosedResourceError):
