@@ -29,7 +29,7 @@ from exo.shared.types import WIRE_INT_MAX
 
 pytestmark = pytest.mark.slow
 
-KEY, SECRET = "sk-the-api-key", "the-cluster-secret"
+KEY, SECRET = "sk-the-api-key-of-this-test", "the-cluster-secret-of-this-test"
 HEARTBEAT = float(NODE_ENV["EXO_HEARTBEAT_INTERVAL"])
 ALONE = ("--no-preload", "--no-discovery", "--max-memory", "500MB")
 
@@ -276,7 +276,7 @@ def test_a_forged_master_heartbeat_never_gets_a_key_only_nodes_api_key(tmp_path:
 def test_key_only_nodes_prove_the_key_to_each_other_and_forward_with_it(tmp_path: Path, models_dir: Path) -> None:
     def flags(i: int, ports: list[int]) -> list[str]:
         return ["--no-discovery", "--peers", ",".join(f"127.0.0.1:{p}" for j, p in enumerate(ports) if j != i),
-                "--api-key", KEY if i < 2 else "sk-another-key"]
+                "--api-key", KEY if i < 2 else "sk-another-key-of-this-test"]
 
     homes = [tmp_path / name for name in ("a", "b", "other")]
     with running_nodes(homes, models_dir, "--no-preload", "--max-memory", "500MB", per_node=flags) as nodes:
@@ -284,7 +284,7 @@ def test_key_only_nodes_prove_the_key_to_each_other_and_forward_with_it(tmp_path
         wait_for(lambda: agreed(good, KEY), 30, "the two nodes with one key agree")
         time.sleep(8 * HEARTBEAT)
         assert len(get(good[0], "/state", KEY).json()["nodes"]) == 2  # the node with another key never joins
-        assert len(get(other, "/state", "sk-another-key").json()["nodes"]) == 1
+        assert len(get(other, "/state", "sk-another-key-of-this-test").json()["nodes"]) == 1
         assert "refused our messages (401)" in other.log.read_text()
         follower = next(node for node in good if not is_master(node, KEY))
         forwarded = httpx.post(f"{follower.url}/place_instance", json={"model_id": "x", "min_nodes": 3},

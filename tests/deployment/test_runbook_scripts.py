@@ -61,12 +61,13 @@ def checkout(tmp_path: Path) -> Iterator[Checkout]:
     bin_dir.mkdir()
     systemd.mkdir()
     shutil.copytree(DEPLOYMENT, path / "deployment", ignore=shutil.ignore_patterns("logs", "backups"))
-    (bin_dir / "systemctl").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_SYSTEMCTL}" "$@"\n')
-    (bin_dir / "systemctl").chmod(0o755)
+    for name, as_env in (("systemctl", ""), ("journalctl", "FAKE_SYSTEMCTL_AS=journalctl ")):
+        (bin_dir / name).write_text(f'#!/bin/sh\n{as_env}exec "{sys.executable}" "{FAKE_SYSTEMCTL}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
     root = tmp_path / "root"
     env = {k: v for k, v in os.environ.items()
            if k not in ("SYSTEMCTL", "EXO_API_URL", "EXO_LOG_COMMAND", "EXO_BACKUP_DIR", "EXO_DEPLOY_LOG_DIR")}
-    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", EXO_ROOT=str(root), EXO_LOG_FILE=str(systemd / "exo.log"),
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", EXO_ROOT=str(root),
                FAKE_SYSTEMCTL_DIR=str(systemd), FAKE_SYSTEMCTL_UNITS=str(root / "etc/systemd/system"),
                EXO_VALIDATE_WAIT="30")
     [port] = free_ports(1)
