@@ -12,7 +12,7 @@ from exo.api.auth import unauthorized
 from exo.master.service import ClusterService
 from exo.net.auth import HEADER, AuthError, Throttle
 from exo.net.codec import WireError
-from exo.net.transport import MAX_FRAME_BYTES, MESSAGE_PATH, MSGPACK
+from exo.net.transport import MAX_FRAME_BYTES, MESSAGE_PATH, MSGPACK, NODE_HEADER
 from exo.shared.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,12 @@ def cluster_router(cluster: ClusterService) -> APIRouter:
 
     @router.post(MESSAGE_PATH, include_in_schema=False)
     async def message(request: Request) -> Response:
+        """A peer's frame, answered with this node's id, so the peer names it as the receiver of the next."""
+        answer = await _message(request)
+        answer.headers[NODE_HEADER] = coordinator.node_id
+        return answer
+
+    async def _message(request: Request) -> Response:
         """A peer's frame. With a cluster secret (or an API key), one without a valid proof of it never
         reaches the coordinator: the sender gets 401, and the log a warning (at most one per sender per
         30 s). What can be checked before the body is read (its type, size and the proof's shape, time

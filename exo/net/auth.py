@@ -16,10 +16,10 @@ What this does not do, honestly:
 - It does not encrypt. Anyone on the network can read cluster messages (node profiles, the state); they
   cannot forge or alter them. With the API key as the secret, whoever holds the key (every API client, and
   anyone who reads it off an unencrypted HTTP request) can act as a node of the cluster.
-- A node sends to an address whose node id it has not learned yet (a `--peers` seed, an announced peer,
-  before their first message) with `to` = `*`. Such a frame could be played to a third node within the
-  window; that node then hears a genuine, slightly old message, and takes the player's address for the
-  sender only if it knew no address for it (see PeerTransport.learn).
+- A node sends to an address whose node it does not know yet (a `--peers` seed, an announced peer, before
+  its first answer, which names it in `x-exo-node`) with `to` = `*`. Such a frame could be played to a
+  third node within the window; that node then hears a genuine, slightly old message, and takes the
+  player's address for the sender only if it knew no address for it (see PeerTransport.learn).
 - Announcement proofs are static: copying one only makes us POST signed frames to the copier, which it
   cannot answer with frames of its own. Admission rests on the signed frames alone.
 - Pipeline rings: runners learn their ring peers' addresses only from the cluster state, which only

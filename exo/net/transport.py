@@ -4,6 +4,7 @@ the cluster secret (or the API key) when there is one (see exo/net/auth.py)."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 import anyio
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 MESSAGE_PATH = "/cluster/message"
 MSGPACK = "application/msgpack"
 MAX_FRAME_BYTES = 8 << 20  # the largest frame a node sends or takes: a snapshot of a big cluster is far less
+NODE_HEADER = "x-exo-node"  # on answers from /cluster/message: who is at that address, to name as receiver
+_NODE_ID = re.compile(r"[\w-]{1,64}", re.ASCII)
 
 
 def http_url(host: str, port: int) -> str:
@@ -38,6 +41,9 @@ class PeerTransport:
         self.seeds: set[tuple[str, int]] = set()  # --peers: heartbeated as long as the node runs
         self.announced: dict[str, tuple[str, int]] = {}  # node id -> address, from discovery while announced
         self.addresses: dict[NodeId, tuple[str, int]] = {}
+        # Who answered at an address (NODE_HEADER): only whom frames sent there name as receiver, never
+        # where requests are forwarded, since an answer proves nothing.
+        self._answered: dict[tuple[str, int], str] = {}
         self.auth = auth
         self._client = httpx.AsyncClient(timeout=timeout)
         self._refused = Throttle()
@@ -63,6 +69,8 @@ class PeerTransport:
         for node_id in self.addresses.keys() - keep:
             log.debug("peer=%s at %s forgotten", node_id, self.addresses[node_id])
             del self.addresses[node_id]
+        sent_to = {*self.addresses.values(), *self.seeds, *self.announced.values()}
+        self._answered = {address: node for address, node in self._answered.items() if address in sent_to}
 
     def url(self, node_id: NodeId) -> str | None:
         if (address := self.addresses.get(node_id)) is None:
@@ -80,12 +88,12 @@ class PeerTransport:
             log.error("a %s of %d bytes is over the %d a peer takes: not sent", type(message).__name__, len(frame),
                       MAX_FRAME_BYTES)
             return
-        ids = {address: node_id for node_id, address in self.addresses.items()}
+        ids = {**{address: node_id for node_id, address in self.addresses.items()}, **self._answered}
         async with anyio.create_task_group() as tg:
             for host, port in targets:
                 tg.start_soon(self._post, host, port, frame, ids.get((host, port)))
 
-    async def _post(self, host: str, port: int, frame: bytes, to: NodeId | None) -> None:
+    async def _post(self, host: str, port: int, frame: bytes, to: str | None) -> None:
         headers = {"Content-Type": MSGPACK}
         if self.auth is not None:
             headers[HEADER] = self.auth.sign(frame, to)
@@ -98,6 +106,8 @@ class PeerTransport:
             if self._refused(f"{host}:{port}"):
                 log.warning("peer %s:%s cannot be sent to: %r", host, port, e)
             return
+        if (node := response.headers.get(NODE_HEADER)) and _NODE_ID.fullmatch(node):
+            self._answered[(host, port)] = node  # frames sent there from now on name it (see exo/net/auth.py)
         if response.status_code == 401 and self._refused(f"{host}:{port}"):
             log.warning("peer %s:%d refused our messages (401): %s", host, port, _reason(response))
 

@@ -7,6 +7,7 @@ request that reaches it.
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -364,3 +365,22 @@ def test_a_node_stops_sending_to_an_announced_peer_once_it_is_gone(tmp_path: Pat
             gone.close()
     finally:
         assert stop_node(a) == 0, a.log.read_text()[-3000:]
+
+
+def test_a_peer_back_at_a_new_address_is_heard_again(tmp_path: Path, models_dir: Path) -> None:
+    # Frames to an address whose node the sender does not know name no receiver, and those may not move
+    # a known peer's address (they could be replayed). The receiver's answer names it, so the sender's
+    # next frames do, and move it.
+    b = start_node(tmp_path / "b", models_dir, *ALONE[:2], "--cluster-secret", SECRET,
+                   env={"EXO_PEER_TIMEOUT": "20"})  # long enough to outlast a's restart; b may claim after 10 s
+    a = start_node(tmp_path / "a", models_dir, *ALONE[:2], "--cluster-secret", SECRET,
+                   "--peers", f"127.0.0.1:{b.port}")
+    try:
+        wait_for(lambda: agreed([a, b]), 40, "a and b agree")
+        assert stop_node(a, signal.SIGKILL) == -signal.SIGKILL  # no goodbye: b keeps a's address
+        a = start_node(tmp_path / "a", models_dir, *ALONE[:2], "--cluster-secret", SECRET, "--peers",
+                       f"127.0.0.1:{b.port}")  # on another port
+        wait_for(lambda: agreed([a, b]), 30, "a and b agree again, a hearing b")
+    finally:
+        for node in (a, b):
+            assert stop_node(node) == 0, node.log.read_text()[-3000:]
