@@ -24,8 +24,8 @@ from exo import __version__
 from exo.api.app import create_app
 from exo.api.auth import sending_api_key
 from exo.api.control import Admission
-from exo.api.server import GuardedH11Protocol
 from exo.api.instances import ensure_instance
+from exo.api.server import GuardedH11Protocol
 from exo.config import Config
 from exo.master.coordinator import Coordinator
 from exo.master.service import ClusterService

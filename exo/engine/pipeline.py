@@ -26,9 +26,9 @@ import psutil
 
 from exo.engine.cache import KVCache
 from exo.engine.generate import PREFILL_CHUNK
-from exo.shared.generation import GenerationParams
 from exo.engine.llama import LlamaShard
 from exo.engine.sample import make_sampler
+from exo.shared.generation import GenerationParams
 
 HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 HEADER_WORDS = 8

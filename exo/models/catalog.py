@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from exo.models.cards import CARDS
 from exo.models.store import ModelStore
 from exo.shared.errors import ModelNotFound
-from exo.shared.types import FrozenModel
 
 
 class ModelInfo(BaseModel):

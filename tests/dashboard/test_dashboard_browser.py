@@ -22,6 +22,7 @@ import psutil
 import pytest
 from nodes import RunningNode, answers, running_nodes, static_peers, wait_for
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -229,7 +230,8 @@ def test_the_dashboard_places_the_model_on_two_nodes_from_the_planners_preview_a
     node_ids = [n.state()["nodeId"] for n in capped_cluster]
     expected = httpx.get(f"{capped_cluster[0].url}/instance/previews", params={"model_id": DEFAULT_MODEL}).json()
     [two] = expected["previews"]  # 500 MB a node: only both hold it
-    wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+    redrawn = (StaleElementReferenceException,)  # the page redraws every state it polls
+    wait = WebDriverWait(browser, 30, poll_frequency=0.1, ignored_exceptions=redrawn)
 
     browser.get(capped_cluster[1].url)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#place-model option[value="{DEFAULT_MODEL}"]'))
@@ -249,7 +251,7 @@ def test_the_dashboard_places_the_model_on_two_nodes_from_the_planners_preview_a
     wait.until(lambda d: capped_cluster[0].state()["instances"])
     [instance_id] = capped_cluster[0].state()["instances"]
     card = f'.instance[data-instance-id="{instance_id}"]'
-    WebDriverWait(browser, 120, poll_frequency=0.1).until(
+    WebDriverWait(browser, 120, poll_frequency=0.1, ignored_exceptions=redrawn).until(
         lambda d: text_of(d, f"{card} .runners").count("Ready") == 2)
     assert instance_id in browser.find_element(By.ID, "place-status").text
     for node in capped_cluster:  # both ranks Ready, as every node sees it

@@ -30,9 +30,10 @@ from exo.shared.types import FrozenModel, InstanceId, NodeId
 
 
 def profile(node_id: str, **changes: Any) -> NodeProfile:
-    fields: dict[str, Any] = dict(node_id=NodeId(node_id), hostname=f"{node_id}.local", version="0.1.0",
-                                  address="192.168.1.7", api_port=52415, memory_total=64 << 30,
-                                  memory_available=48 << 30, cpu_count=12, accelerator="gpu", mlx_device="gpu")
+    fields: dict[str, Any] = {
+        "node_id": NodeId(node_id), "hostname": f"{node_id}.local", "version": "0.1.0", "address": "192.168.1.7",
+        "api_port": 52415, "memory_total": 64 << 30, "memory_available": 48 << 30, "cpu_count": 12,
+        "accelerator": "gpu", "mlx_device": "gpu"}
     return NodeProfile(**{**fields, **changes})
 
 

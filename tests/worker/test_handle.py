@@ -12,7 +12,7 @@ from exo.shared.types import InstanceId, NodeId
 from exo.worker.handle import CHATTING, GONE, HANDLE_TRANSITIONS, RUNNING, ChatChannel, RunnerHandle, next_state
 from exo.worker.handle import HandleEvent as E
 from exo.worker.handle import HandleState as S
-from exo.worker.runner.messages import Generated, RunnerSpec, TaskChanged
+from exo.worker.runner.messages import RunnerSpec, TaskChanged
 
 ALLOWED = {
     (S.STARTING, E.REPORTED): S.LIVE,
