@@ -12,7 +12,8 @@ import logging
 import queue
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
+from contextlib import closing
 from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
@@ -179,8 +180,9 @@ class Runner:
                     self.head = PipelineHead(self.loaded.model, self.ring)
             case TaskKind.WARMUP:
                 if self.is_head:  # one short request through every rank, so the first real one is not slow
-                    for _ in islice(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2)), 2):
-                        pass
+                    with closing(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2))) as tokens:
+                        for _ in islice(tokens, 2):
+                            pass
             case TaskKind.CHAT:
                 return self._chat(task)
         return TaskStatus.COMPLETE
@@ -192,15 +194,19 @@ class Runner:
             raise ValueError("a chat task needs a prompt and sampling parameters")
         assert self.loaded is not None
         params = task.params
-        for delta in detokenize(self._tokens(task.prompt, params), self.loaded.tokenizer, params):
-            if task.task_id in self._cancelled:
-                log.info("runner=%s task=%s cancelled after %d tokens", self.name, task.task_id, delta.n_tokens)
-                return TaskStatus.CANCELLED
-            self._send(Generated(task_id=task.task_id, text=delta.text, n_tokens=delta.n_tokens,
-                                 finish_reason=delta.finish_reason))
+        # Closed here, not left to the garbage collector: closing a pipeline's stream finishes the step in
+        # flight on the ring, and a ring lost meanwhile must fail this task, not vanish as an ignored error.
+        with closing(detokenize(self._tokens(task.prompt, params), self.loaded.tokenizer, params)) as deltas:
+            for delta in deltas:
+                if task.task_id in self._cancelled:
+                    log.info("runner=%s task=%s cancelled after %d tokens", self.name, task.task_id,
+                             delta.n_tokens)
+                    return TaskStatus.CANCELLED
+                self._send(Generated(task_id=task.task_id, text=delta.text, n_tokens=delta.n_tokens,
+                                     finish_reason=delta.finish_reason))
         return TaskStatus.COMPLETE
 
-    def _tokens(self, prompt: tuple[int, ...], params: GenerationParams) -> Iterator[int]:
+    def _tokens(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
         assert self.loaded is not None
         if self.head is not None:
             return self.head.generate_step(prompt, params)
