@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,15 @@ from exo.local_cluster import LocalNode, start_node, static_peers, untag, wait_f
 from exo.worker.profile import free_ports
 from exo.worker.runner.process import runner_pids
 
-__all__ = ["RunningNode", "answers", "free_ports", "idle_health", "orphaned_runner_pids", "runner_pids",
-           "running_nodes", "start_node", "static_peers", "stop_node", "untag", "wait_for"]
+__all__ = ["RunningNode", "answers", "assert_clean_log", "free_ports", "idle_health", "orphaned_runner_pids",
+           "runner_pids", "running_nodes", "serving_node", "sse_events", "start_node", "static_peers", "stop_node",
+           "untag", "wait_for", "whole_runner_ready"]
 
 
 RunningNode = LocalNode
+
+# What no node's log may show, whatever a test stopped, killed or cut.
+FORBIDDEN_IN_LOG = ("Traceback", "Queue is closed", "ClosedResourceError")
 
 
 def answers(node: RunningNode, path: str = "/health") -> bool:
@@ -30,6 +35,38 @@ def answers(node: RunningNode, path: str = "/health") -> bool:
         return httpx.get(node.url + path, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def whole_runner_ready(node: RunningNode) -> bool:
+    """The node answers, with its one runner Ready."""
+    return answers(node) and httpx.get(f"{node.url}/health", timeout=5).json()["runners_ready"] == 1
+
+
+def assert_clean_log(node: RunningNode, tail: int = 60) -> None:
+    log = node.log.read_text(errors="replace")
+    found = [word for word in FORBIDDEN_IN_LOG if word in log]
+    assert not found, f"{found} in the log of node {node.host}:{node.port}:\n{node.log_tail(tail)}"
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict[str, Any] | str]:
+    """A streamed chat's events as they arrive: each chunk decoded, and "[DONE]"."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+@contextmanager
+def serving_node(home: Path, models_dir: Path, env: Mapping[str, str] | None = None) -> Iterator[RunningNode]:
+    """A node alone (no discovery) serving the default model; at the end it must stop with exit code 0 and
+    a clean log."""
+    node = start_node(home, models_dir, "--no-discovery", env=env)
+    try:
+        wait_for(lambda: whole_runner_ready(node), 120, "the node's runner to be ready")
+        yield node
+    finally:
+        assert stop_node(node) == 0, node.log_tail(60)
+        assert_clean_log(node)
 
 
 async def idle_health(client: httpx.AsyncClient) -> dict[str, Any]:

@@ -6,7 +6,6 @@ traceback, whatever was stopped or killed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -18,24 +17,23 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from nodes import RunningNode, answers, runner_pids, start_node, stop_node, wait_for
+from nodes import (
+    RunningNode,
+    assert_clean_log,
+    runner_pids,
+    serving_node,
+    sse_events,
+    start_node,
+    stop_node,
+    wait_for,
+    whole_runner_ready,
+)
 
 from exo.models.cards import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 
-FORBIDDEN = ("Queue is closed", "ClosedResourceError", "Traceback")
 QUESTION = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
-
-
-def assert_clean_log(node: RunningNode) -> None:
-    log = node.log.read_text(errors="replace")
-    found = [word for word in FORBIDDEN if word in log]
-    assert not found, f"{found} in the log of node {node.port}:\n{node.log_tail(60)}"
-
-
-def ready(node: RunningNode) -> bool:
-    return answers(node) and httpx.get(f"{node.url}/health", timeout=5).json()["runners_ready"] == 1
 
 
 def chat(node: RunningNode, max_tokens: int = 4, **extra: Any) -> httpx.Response:
@@ -43,35 +41,23 @@ def chat(node: RunningNode, max_tokens: int = 4, **extra: Any) -> httpx.Response
     return httpx.post(f"{node.url}/v1/chat/completions", json=body, timeout=120)
 
 
-def stream_events(response: httpx.Response) -> Iterator[dict[str, Any] | str]:
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            yield data if data == "[DONE]" else json.loads(data)
-
-
 @pytest.fixture(scope="module")
 def tough_node(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[RunningNode]:
     """A node with a queue of one request and a quick watchdog, shared by the tests that keep it alive."""
-    node = start_node(tmp_path_factory.mktemp("tough"), models_dir, "--no-discovery",
-                      env={"EXO_QUEUE_LIMIT": "1", "EXO_WATCHDOG_TIMEOUT": "20"})
-    try:
-        wait_for(lambda: ready(node), 120, "the node's runner to be ready")
+    with serving_node(tmp_path_factory.mktemp("tough"), models_dir,
+                      env={"EXO_QUEUE_LIMIT": "1", "EXO_WATCHDOG_TIMEOUT": "20"}) as node:
         yield node
-    finally:
-        assert stop_node(node) == 0, node.log_tail(60)
-        assert_clean_log(node)
 
 
 def test_sigterm_during_a_stream_lets_it_finish_refuses_new_work_and_exits_0(
         tmp_path: Path, models_dir: Path) -> None:
     node = start_node(tmp_path / "node", models_dir, "--no-discovery", env={"EXO_DEBUG_COORDINATION": "1"})
     try:
-        wait_for(lambda: ready(node), 120, "the node's runner to be ready")
+        wait_for(lambda: whole_runner_ready(node), 120, "the node's runner to be ready")
         pids = runner_pids(node.process.pid)
         body = {"model": DEFAULT_MODEL, "messages": QUESTION, "max_tokens": 48, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{node.url}/v1/chat/completions", json=body, timeout=120) as response:
-            events = stream_events(response)
+            events = sse_events(response)
             first = next(events)
             assert isinstance(first, dict) and "choices" in first
             node.process.send_signal(signal.SIGTERM)
@@ -98,7 +84,7 @@ def test_sigterm_during_a_stream_lets_it_finish_refuses_new_work_and_exits_0(
 def test_sigkill_of_a_node_leaves_no_runner_behind(tmp_path: Path, models_dir: Path) -> None:
     node = start_node(tmp_path / "node", models_dir, "--no-discovery")
     try:
-        wait_for(lambda: ready(node), 120, "the node's runner to be ready")
+        wait_for(lambda: whole_runner_ready(node), 120, "the node's runner to be ready")
         pids = runner_pids(node.process.pid)
         assert len(pids) == 1
         node.process.kill()
@@ -112,7 +98,7 @@ def test_sigkill_of_a_node_leaves_no_runner_behind(tmp_path: Path, models_dir: P
 def test_a_killed_runner_is_restarted_by_the_watchdog_and_the_next_request_works(tough_node: RunningNode) -> None:
     [pid] = runner_pids(tough_node.process.pid)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: runner_pids(tough_node.process.pid) not in ([], [pid]) and ready(tough_node), 120,
+    wait_for(lambda: runner_pids(tough_node.process.pid) not in ([], [pid]) and whole_runner_ready(tough_node), 120,
              "the watchdog to start a new runner")
     [runner] = tough_node.state()["runners"].values()
     assert runner["restarts"] == 1 and runner["status"] == "Ready" and not runner["gaveUp"]
@@ -160,6 +146,6 @@ def test_maintenance_drain_refuses_new_work_until_normal(tough_node: RunningNode
     response = chat(tough_node)  # places the model again
     assert response.status_code == 200, response.text
     assert tough_node.state()["mode"] == "normal"
-    wait_for(lambda: ready(tough_node), 60, "the new instance to be ready")
+    wait_for(lambda: whole_runner_ready(tough_node), 60, "the new instance to be ready")
     time.sleep(0.1)
     assert_clean_log(tough_node)

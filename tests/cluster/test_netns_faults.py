@@ -24,7 +24,7 @@ import httpx
 import netns
 import psutil
 import pytest
-from nodes import RunningNode, runner_pids, start_node, static_peers, stop_node, wait_for
+from nodes import RunningNode, assert_clean_log, runner_pids, start_node, static_peers, stop_node, wait_for
 
 from exo import local_cluster
 from exo.models.cards import DEFAULT_MODEL
@@ -33,7 +33,6 @@ from exo.worker.profile import free_ports
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(why := netns.unavailable()), reason=str(why))]
 
 SPLIT = [(0, 15), (15, 30)]  # the default model's 30 layers over two nodes
-FORBIDDEN = ("Traceback", "Queue is closed", "ClosedResourceError")
 STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 ERROR_BOUND = 20.0    # s from a fault to the stream's end: peer timeout (2 s) + re-plan + runner stop
 RECOVERY_BOUND = 90.0  # s from the error to the next answer: the model loads again on the nodes left
@@ -78,12 +77,6 @@ def clean_logs(cluster: list[RunningNode]) -> Iterator[None]:
     yield
     for node in cluster:
         assert_clean_log(node)
-
-
-def assert_clean_log(node: RunningNode) -> None:
-    log = node.log.read_text(errors="replace")
-    found = [word for word in FORBIDDEN if word in log]
-    assert not found, f"{found} in the log of node {node.host}:\n{node.log_tail(80)}"
 
 
 def _state(node: RunningNode) -> dict[str, Any] | None:

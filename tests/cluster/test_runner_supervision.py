@@ -7,7 +7,6 @@ Every test reads the node's log at the end: no ClosedResourceError and no traceb
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -19,7 +18,16 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from nodes import RunningNode, answers, runner_pids, start_node, stop_node, wait_for
+from nodes import (
+    RunningNode,
+    answers,
+    assert_clean_log,
+    runner_pids,
+    serving_node,
+    sse_events,
+    wait_for,
+    whole_runner_ready,
+)
 
 from exo.models.cards import DEFAULT_MODEL
 from exo.worker.supervisor import STOP_GRACE_SECONDS, WATCHDOG_PERIOD, Limits
@@ -27,16 +35,11 @@ from exo.worker.supervisor import STOP_GRACE_SECONDS, WATCHDOG_PERIOD, Limits
 pytestmark = pytest.mark.slow
 
 WATCHDOG_TIMEOUT = 5.0
-FORBIDDEN = ("ClosedResourceError", "Traceback")
 QUESTION = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 # From a runner's last progress to its successor's start: the watchdog's deadline and period, the stop's
 # two deadlines (the Shutdown it asks for, then SIGTERM; then SIGKILL), and the first backoff.
 REPLACED_WITHIN = WATCHDOG_TIMEOUT + WATCHDOG_PERIOD + 2 * STOP_GRACE_SECONDS + Limits().restart_backoff
 LOAD_SECONDS = 60  # for the successor to load the model and warm up, on a loaded machine
-
-
-def ready(node: RunningNode) -> bool:
-    return answers(node) and httpx.get(f"{node.url}/health", timeout=5).json()["runners_ready"] == 1
 
 
 def body(max_tokens: int, stream: bool) -> dict[str, Any]:
@@ -48,40 +51,22 @@ def chat(node: RunningNode, max_tokens: int = 4) -> httpx.Response:
     return httpx.post(f"{node.url}/v1/chat/completions", json=body(max_tokens, False), timeout=120)
 
 
-def events(response: httpx.Response) -> Iterator[dict[str, Any] | str]:
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line.removeprefix("data: ")
-            yield data if data == "[DONE]" else json.loads(data)
-
-
-def assert_clean_log(node: RunningNode) -> None:
-    log = node.log.read_text(errors="replace")
-    found = [word for word in FORBIDDEN if word in log]
-    assert not found, f"{found} in the log of node {node.port}:\n{node.log_tail(60)}"
-
-
 def tasks(node: RunningNode) -> dict[str, dict[str, Any]]:
     return {t["taskId"]: t for t in node.state()["tasks"].values() if t["kind"] == "Chat"}
 
 
 @pytest.fixture(scope="module")
 def watched_node(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[RunningNode]:
-    node = start_node(tmp_path_factory.mktemp("watched"), models_dir, "--no-discovery",
-                      env={"EXO_WATCHDOG_TIMEOUT": str(WATCHDOG_TIMEOUT)})
-    try:
-        wait_for(lambda: ready(node), 120, "the node's runner to be ready")
+    with serving_node(tmp_path_factory.mktemp("watched"), models_dir,
+                      env={"EXO_WATCHDOG_TIMEOUT": str(WATCHDOG_TIMEOUT)}) as node:
         yield node
-    finally:
-        assert stop_node(node) == 0, node.log_tail(60)
-        assert_clean_log(node)
 
 
 def slow_stream_ends_with_an_error(node: RunningNode, trouble: Any) -> list[dict[str, Any] | str]:
     """A streamed chat whose client reads one piece every 0.2 s; `trouble` strikes after the first."""
     with httpx.stream("POST", f"{node.url}/v1/chat/completions", json=body(200, True), timeout=120) as response:
         assert response.status_code == 200
-        stream = events(response)
+        stream = sse_events(response)
         seen = [next(stream), next(stream)]
         trouble()
         for event in stream:
@@ -109,21 +94,21 @@ def test_a_slow_stream_whose_runner_stops_ends_with_an_error_and_the_node_serves
     assert errors and "stopped during the request" in errors[0]["message"], seen[-3:]
     assert answers(watched_node)
     if trouble is kill_runner:
-        wait_for(lambda: ready(watched_node), REPLACED_WITHIN + LOAD_SECONDS, "the runner to be restarted")
+        wait_for(lambda: whole_runner_ready(watched_node), REPLACED_WITHIN + LOAD_SECONDS, "the runner to be restarted")
     response = chat(watched_node)  # served by the restarted runner, or a newly placed instance
     assert response.status_code == 200, response.text
     assert_clean_log(watched_node)
 
 
 def test_a_chat_cancelled_mid_stream_or_before_it_starts_is_reported_cancelled(watched_node: RunningNode) -> None:
-    wait_for(lambda: ready(watched_node), LOAD_SECONDS, "the runner to be ready")
+    wait_for(lambda: whole_runner_ready(watched_node), LOAD_SECONDS, "the runner to be ready")
     url = f"{watched_node.url}/v1/chat/completions"
     before = set(tasks(watched_node))
     with httpx.stream("POST", url, json=body(200, True), timeout=120) as running:
-        stream = events(running)
+        stream = sse_events(running)
         next(stream), next(stream)  # generating
         with httpx.stream("POST", url, json=body(200, True), timeout=120) as queued:
-            next(events(queued))  # its task is queued behind the first one
+            next(sse_events(queued))  # its task is queued behind the first one
             wait_for(lambda: len(set(tasks(watched_node)) - before) == 2, 10, "both chats to reach the runner")
         # the queued client left; now the generating one leaves too
     new = [t for t_id, t in tasks(watched_node).items() if t_id not in before]
@@ -134,7 +119,7 @@ def test_a_chat_cancelled_mid_stream_or_before_it_starts_is_reported_cancelled(w
 
 
 def test_a_hung_runner_is_killed_and_replaced_while_health_says_why(watched_node: RunningNode) -> None:
-    wait_for(lambda: ready(watched_node), LOAD_SECONDS, "the runner to be ready")
+    wait_for(lambda: whole_runner_ready(watched_node), LOAD_SECONDS, "the runner to be ready")
     [pid] = runner_pids(watched_node.process.pid)
     answered: list[list[dict[str, Any] | str]] = []
 
@@ -164,7 +149,7 @@ def test_a_hung_runner_is_killed_and_replaced_while_health_says_why(watched_node
         client.join(timeout=120)
     [seen] = answered
     assert seen[-1] == "[DONE]" and any(isinstance(e, dict) and "error" in e for e in seen), seen[-3:]
-    wait_for(lambda: ready(watched_node), LOAD_SECONDS, "the new runner to be ready")
+    wait_for(lambda: whole_runner_ready(watched_node), LOAD_SECONDS, "the new runner to be ready")
     assert httpx.get(f"{watched_node.url}/health", timeout=5).json()["status"] == "ok"
     response = chat(watched_node)
     assert response.status_code == 200, response.text
