@@ -47,6 +47,8 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
     install_error_handlers(app)
     admission = admission or Admission(cluster)
     metrics = Metrics(cluster.coordinator, supervisor, cluster.clock, admission)
+    for model in tokenizers.catalog.list():  # their series exist at 0 before the first chat for them
+        metrics.known(model.id)
     app.add_middleware(AdmissionMiddleware, admission=admission, metrics=metrics)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
