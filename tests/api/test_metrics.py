@@ -98,6 +98,10 @@ async def test_a_chat_shows_in_the_metrics(client: httpx.AsyncClient) -> None:
     assert value(after, "exo_queue_limit", model=DEFAULT_MODEL) >= 1
     assert value(after, "exo_utilization_ratio") == 0
     assert value(after, "exo_runner_restarts_total") >= 0
+    assert value(after, "exo_runner_memory_bytes", model=DEFAULT_MODEL, rank="0") > 10 << 20  # the runner holds it
+    assert value(after, "exo_node_mode", mode="serving") == 1 and value(after, "exo_node_mode") == 1
+    assert value(after, "exo_in_flight_requests") == 0 and value(after, "exo_seconds_since_progress") == 0
+    assert value(after, "process_resident_memory_bytes") > 0
 
 
 @pytest.mark.asyncio(loop_scope="session")
