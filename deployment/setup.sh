@@ -27,6 +27,8 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null; then
     # tests/dashboard: headless Debian Chromium, driven through its chromedriver
     command -v chromium >/dev/null || dev_packages="$dev_packages chromium"
     command -v chromedriver >/dev/null || dev_packages="$dev_packages chromium-driver"
+    # tests/deployment/test_alerts*.py: promtool and a real Prometheus for deployment/alerts.yml
+    command -v promtool >/dev/null || dev_packages="$dev_packages prometheus"
     if [ -n "$dev_packages" ]; then
       sudo=""
       [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -118,10 +118,11 @@ def stop_node(node: RunningNode, sig: int = signal.SIGTERM) -> int:
 
 @contextmanager
 def running_nodes(homes: list[Path], models_dir: Path, *args: str,
-                  per_node: Callable[[int, list[int]], list[str]] | None = None) -> Iterator[list[RunningNode]]:
+                  per_node: Callable[[int, list[int]], list[str]] | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[list[RunningNode]]:
     """Start one node per home (ports chosen first, so each may name the others), stop all after."""
     ports = free_ports(len(homes))
-    nodes = [start_node(home, models_dir, *args, *(per_node(i, ports) if per_node else []), port=port)
+    nodes = [start_node(home, models_dir, *args, *(per_node(i, ports) if per_node else []), port=port, env=env)
              for i, (home, port) in enumerate(zip(homes, ports, strict=False))]
     try:
         yield nodes

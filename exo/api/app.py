@@ -46,7 +46,9 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
     app = FastAPI(title="exo", version=__version__)
     install_error_handlers(app)
     admission = admission or Admission(cluster)
-    metrics = Metrics(cluster.coordinator, supervisor, cluster.clock)
+    metrics = Metrics(cluster.coordinator, supervisor, cluster.clock, admission)
+    for model in tokenizers.catalog.list():  # their series exist at 0 before the first chat for them
+        metrics.known(model.id)
     app.add_middleware(AdmissionMiddleware, admission=admission, metrics=metrics)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
@@ -66,8 +68,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
         # Healthy means making progress: a runner with requests that produced nothing past the watchdog's
         # deadline is not, until it is replaced.
         now = time.monotonic()
-        busy = [h for h in supervisor.runners.values() if h.chats or h.status == RunnerStatus.RUNNING]
-        idle_for = max((now - h.last_progress for h in busy), default=0.0)
+        busy = any(h.chats or h.status == RunnerStatus.RUNNING for h in supervisor.runners.values())
         stall = supervisor.stall(now)
         status = "stalled" if stall else "stopping" if admission.stopping else "draining" if admission.draining \
             else "ok"
@@ -75,8 +76,8 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
                 "node_id": cluster.coordinator.node_id, "master_id": cluster.coordinator.master_id,
                 "runners": {rid: h.status for rid, h in supervisor.runners.items()},
                 "runners_ready": sum(h.status in SERVING for h in supervisor.runners.values()),
-                "queue_depth": supervisor.queue_depth(), "busy": bool(busy),
-                "in_flight": admission.in_flight, "seconds_since_progress": round(idle_for, 3),
+                "queue_depth": supervisor.queue_depth(), "busy": busy,
+                "in_flight": admission.in_flight, "seconds_since_progress": round(supervisor.idle_for(now), 3),
                 **({"reason": stall} if stall else {})}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 

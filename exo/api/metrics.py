@@ -6,6 +6,8 @@ A request one node hands to another is counted once, by the node that serves it,
 `forwarded="true"`; the entry node counts nothing for it. Values that already live in the node's
 parts (runners, queues, the cluster as this node sees it) are read at scrape time by `NodeCollector`.
 
+Labels stay stable: a model's id, a rank, a status, never an id that a new placement changes. The
+label sets an alert divides by exist at 0 from the start (a 503 rate is 0, not absent, before the first).
 Each app has its own registry, never the process-wide default: several nodes live in one test process.
 """
 
@@ -14,10 +16,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import TYPE_CHECKING
 
+import psutil
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,11 +38,18 @@ from exo.master.coordinator import Coordinator
 from exo.shared.errors import ExoError
 from exo.shared.runners import RunnerStatus, runner_id
 from exo.shared.types import InstanceId
-from exo.worker.supervisor import Supervisor
+from exo.worker.supervisor import RunnerHandle, Supervisor
+
+if TYPE_CHECKING:
+    from exo.api.control import Admission
+
+disable_created_metrics()  # a `_created` series per counter and histogram doubles them for nothing Prometheus reads
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 CLIENT_CLOSED_REQUEST = 499  # the outcome of a request whose client went away (as the router answers it)
-TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)  # seconds, queueing included
+CODES = ("200", "400", "404", "499", "500", "503")  # the outcomes whose series exist from the start, per model
+NODE_MODES = ("serving", "draining", "stopping")
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)  # queueing included
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
@@ -38,7 +57,8 @@ class Metrics:
     """One node's registry, the instruments the chat service records into, and the collector of the
     values read at scrape time."""
 
-    def __init__(self, coordinator: Coordinator, supervisor: Supervisor, clock: Callable[[], float]) -> None:
+    def __init__(self, coordinator: Coordinator, supervisor: Supervisor, clock: Callable[[], float],
+                 admission: Admission | None = None) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("exo_requests_total", "Chat requests this node served, by HTTP status of the outcome "
                                 "(499: the client went away).", ["endpoint", "model", "code", "forwarded"],
@@ -49,7 +69,23 @@ class Metrics:
                               "to its first generated token.", ["model"], buckets=TTFT_BUCKETS, registry=registry)
         self.per_token = Histogram("exo_time_per_output_token_seconds", "Time per generated token after a chat's "
                                    "first.", ["model"], buckets=TOKEN_BUCKETS, registry=registry)
-        registry.register(NodeCollector(coordinator, supervisor, clock))
+        self.models: set[str] = set()
+        self.known("")  # a request refused before its model is known
+        registry.register(NodeCollector(coordinator, supervisor, clock, admission))
+        ProcessCollector(registry=registry)  # process_*: the node's own CPU, memory and open files
+
+    def known(self, model: str) -> None:
+        """Create `model`'s series at 0, so that rates and ratios over them exist before the first event."""
+        if model in self.models:
+            return
+        self.models.add(model)
+        for code in CODES:
+            for forwarded in ("false", "true"):
+                self.requests.labels(CHAT_ENDPOINT, model, code, forwarded)
+        if model:
+            self.tokens.labels(model)
+            self.ttft.labels(model)
+            self.per_token.labels(model)
 
     def chat(self, *, forwarded: bool) -> ChatRecord:
         """Start recording a chat request that has just arrived."""
@@ -68,6 +104,11 @@ class ChatRecord:
         self.last: float | None = None
         self.n_tokens = 0
         self.ended = False
+
+    def served(self, model: str) -> None:
+        """The catalog knows the request's model: label it so."""
+        self.model = model
+        self.metrics.known(model)
 
     def generated(self, n_tokens: int) -> None:
         """A delta arrived with `n_tokens` generated so far; a delta's gap is spread over its tokens."""
@@ -109,35 +150,52 @@ def _status(error: BaseException) -> int:
 class NodeCollector(Collector):
     """Values read when Prometheus scrapes: this node's runners and queues, and the cluster as it sees it."""
 
-    def __init__(self, coordinator: Coordinator, supervisor: Supervisor, clock: Callable[[], float]) -> None:
-        self.coordinator, self.supervisor, self.clock = coordinator, supervisor, clock
+    def __init__(self, coordinator: Coordinator, supervisor: Supervisor, clock: Callable[[], float],
+                 admission: Admission | None = None) -> None:
+        self.coordinator, self.supervisor, self.clock, self.admission = coordinator, supervisor, clock, admission
 
     def collect(self) -> Iterator[Metric]:
-        coordinator, handles = self.coordinator, list(self.supervisor.runners.values())
+        coordinator, supervisor, handles = self.coordinator, self.supervisor, list(self.supervisor.runners.values())
         state = coordinator.state
         info = GaugeMetricFamily("exo_node_info", "This node's id and version (always 1).",
                                  labels=["node_id", "version"])
         info.add_metric([coordinator.node_id, __version__], 1)
         yield info
+        yield from self._door()
 
         runners = GaugeMetricFamily("exo_runners", "This node's runner processes by status.", labels=["status"])
         for status in RunnerStatus:
             runners.add_metric([status.value], sum(h.status == status for h in handles))
         yield runners
         yield CounterMetricFamily("exo_runner_restarts_total", "Runners this node's watchdog restarted.",
-                                  value=self.supervisor.restarts)
+                                  value=supervisor.restarts)
+        yield CounterMetricFamily("exo_runner_give_ups_total", "Runners this node gave up on after their restarts "
+                                  "(the master places their instance again).", value=supervisor.give_ups)
+        memory = GaugeMetricFamily("exo_runner_memory_bytes", "Resident memory of each runner process of this node.",
+                                   labels=["model", "rank"])
+        for h, model in self._models(handles):
+            if (rss := _rss(h.process.pid if h.process and h.process.returncode is None else None)) is not None:
+                memory.add_metric([model, str(h.spec.rank)], rss)
+        yield memory
 
-        labels = ["instance_id", "model"]
-        queue = GaugeMetricFamily("exo_queue_depth", "Chats in flight (generating or waiting) on an instance whose "
-                                  "rank 0 runs here.", labels=labels)
-        limit = GaugeMetricFamily("exo_queue_limit", "Chats in flight at which the instance answers 503.",
-                                  labels=labels)
-        for h in handles:
+        # /health's numbers: a runner that owes progress (it has requests, or says it runs) and made none
+        yield GaugeMetricFamily("exo_seconds_since_progress", "Longest time a runner of this node that owes "
+                                "progress has made none (0 when none owes any); past the watchdog timeout, "
+                                "/health says stalled.", value=supervisor.idle_for(time.monotonic()))
+        yield GaugeMetricFamily("exo_watchdog_timeout_seconds", "Seconds without progress before the watchdog "
+                                "restarts a runner.", value=supervisor.limits.watchdog_timeout)
+
+        queue = GaugeMetricFamily("exo_queue_depth", "Chats in flight (generating or waiting) on the instances of a "
+                                  "model whose rank 0 runs here.", labels=["model"])
+        limit = GaugeMetricFamily("exo_queue_limit", "Chats in flight at which those instances answer 503.",
+                                  labels=["model"])
+        depths: dict[str, list[int]] = {}
+        for h, model in self._models(handles):
             if h.spec.rank == 0:
-                instance = state.instances.get(h.spec.instance_id)
-                ids = [h.spec.instance_id, instance.model_id if instance else ""]
-                queue.add_metric(ids, len(h.chats))
-                limit.add_metric(ids, self.supervisor.limits.queue)
+                depths.setdefault(model, []).append(len(h.chats))
+        for model, each in sorted(depths.items()):
+            queue.add_metric([model], sum(each))
+            limit.add_metric([model], supervisor.limits.queue * len(each))
         yield queue
         yield limit
 
@@ -157,6 +215,8 @@ class NodeCollector(Collector):
                                 value=len(state.instances))
         yield GaugeMetricFamily("exo_peers", "Peers this node heard a heartbeat from within the peer timeout.",
                                 value=len(coordinator.peers))
+        yield CounterMetricFamily("exo_peers_dropped_total", "Peers this node dropped, silent for the peer timeout "
+                                  "(a peer that said it leaves is not counted).", value=coordinator.dropped)
         now = self.clock()
         age = GaugeMetricFamily("exo_peer_heartbeat_age_seconds", "Since this node last heard each live peer "
                                 "(a peer silent for the peer timeout is dropped).", labels=["peer"])
@@ -164,12 +224,40 @@ class NodeCollector(Collector):
             age.add_metric([peer], max(now - seen, 0.0))
         yield age
 
+    def _door(self) -> Iterator[Metric]:
+        """What the node's door admits: its mode (one series per mode, 1 for the current) and its requests."""
+        door = self.admission
+        current = "serving" if door is None else "stopping" if door.stopping else "draining" if door.draining \
+            else "serving"
+        mode = GaugeMetricFamily("exo_node_mode", "1 for the mode this node is in: serving, draining (maintenance: "
+                                 "new chats get 503), or stopping.", labels=["mode"])
+        for name in NODE_MODES:
+            mode.add_metric([name], int(name == current))
+        yield mode
+        yield GaugeMetricFamily("exo_in_flight_requests", "Chat requests that came through this node's API and have "
+                                "not ended, streams and forwarded ones included.",
+                                value=door.in_flight if door else 0)
+
+    def _models(self, handles: list[RunnerHandle]) -> Iterator[tuple[RunnerHandle, str]]:
+        for h in handles:
+            instance = self.coordinator.state.instances.get(h.spec.instance_id)
+            yield h, instance.model_id if instance else ""
+
     def _generating(self, instance_id: InstanceId) -> bool:
         """An instance generates while its rank 0 has chats in flight (here) or reports Running (elsewhere);
         every rank of it is busy then, though only rank 0 knows."""
         head = runner_id(instance_id, 0)
         local, reported = self.supervisor.runners.get(head), self.coordinator.state.runners.get(head)
         return bool(local and local.chats) or (reported is not None and reported.status == RunnerStatus.RUNNING)
+
+
+def _rss(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None  # it exited meanwhile
 
 
 def metrics_router(metrics: Metrics) -> APIRouter:

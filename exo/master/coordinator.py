@@ -67,6 +67,7 @@ class Coordinator:
         self.runners: tuple[RunnerInfo, ...] = ()
         self.tasks: tuple[TaskInfo, ...] = ()
         self.queues: dict[str, int] = {}
+        self.dropped = 0  # peers dropped for silence since this node started
         self._left: dict[NodeId, float] = {}  # peers that said they leave, and when: their late heartbeats are stale
         self._started: float | None = None
 
@@ -103,6 +104,7 @@ class Coordinator:
         for node_id in [n for n, (seen, _) in self.peers.items() if now - seen > self.peer_timeout]:
             log.info("node=%s peer=%s silent for %.1fs: dropped", self.node_id, node_id, self.peer_timeout)
             del self.peers[node_id]
+            self.dropped += 1
         if self.master_id is not None and not self.is_master and self.master_id not in self.peers:
             log.info("node=%s master %s is gone (term %d)", self.node_id, self.master_id, self.term)
             self.master_id = None

@@ -87,6 +87,7 @@ class Supervisor:
         self.limits = limits
         self.runners: dict[str, RunnerHandle] = {}
         self.restarts = 0  # runners this node's watchdog restarted since it started
+        self.give_ups = 0  # runners given up on past their restarts, since it started
         self._restarts: dict[str, int] = {}  # counted restarts per runner id
         self._grace = STOP_GRACE_SECONDS
         self.state = State()
@@ -197,6 +198,11 @@ class Supervisor:
         idle = now - handle.last_progress
         return idle if owes and idle > self.limits.watchdog_timeout else None
 
+    def idle_for(self, now: float) -> float:
+        """The longest a runner that owes progress (it has requests, or says it is running) has made none."""
+        return max((now - h.last_progress for h in self.runners.values()
+                    if h.chats or h.status == RunnerStatus.RUNNING), default=0.0)
+
     def stall(self, now: float) -> str | None:
         """Why this node is not healthy, if a runner with work made no progress past the watchdog's
         deadline (it is being restarted, or cannot be)."""
@@ -214,6 +220,7 @@ class Supervisor:
         attempt = self._restarts.get(rid, 0)
         if attempt >= self.limits.max_restarts:
             handle.move(E.GIVE_UP)
+            self.give_ups += 1
             log.error("runner=%s gave up after %d restarts: %s", rid, attempt, handle.error)
             self._publish()
             return

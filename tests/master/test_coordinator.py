@@ -86,6 +86,7 @@ def test_a_dead_follower_leaves_every_state_and_the_master_stays() -> None:
     assert took is not None, net.describe()
     assert only_master(net) == master and all(c.term == term and c.state.master_id == master
                                               for c in net.live.values())
+    assert {n: c.dropped for n, c in net.live.items()} == {"b": 1, "c": 1, "d": 1}  # exo_peers_dropped_total
 
 
 def test_a_stable_master_is_kept_when_a_greater_node_joins_and_the_joiner_catches_up() -> None:
@@ -453,3 +454,4 @@ def test_a_master_that_says_it_leaves_is_replaced_well_before_its_peers_would_ti
                          seconds=TIMEOUT, dt=0.1)
     assert took is not None and took < TIMEOUT / 2, net.describe()
     assert only_master(net) != old
+    assert all(c.dropped == 0 for c in net.live.values())  # it said goodbye: not a silent drop

@@ -69,15 +69,24 @@ class _SlotStream(StreamingResponse):
 
 
 async def _forward(request: Request, url: str) -> Response:
-    """Hand the request to the node that serves it, and its answer (streamed as it comes) back."""
+    """Hand the request to the node that serves it, and its answer (streamed as it comes) back. A client
+    that goes away before the answer starts (all of a non-streamed chat) closes the upstream request,
+    which cancels its generation there."""
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5))
     upstream = client.build_request("POST", url + request.url.path, content=await request.body(),
                                     headers={"content-type": "application/json", FORWARDED: "1", **forward_headers()})
     try:
-        response = await client.send(upstream, stream=True)
+        response = await _unless_disconnected(request, client.send(upstream, stream=True))
     except httpx.HTTPError as e:
         await client.aclose()
         raise ServiceUnavailable(f"The node serving this model did not answer ({type(e).__name__}); retry.") from e
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
+        raise
+    if response is None:
+        await client.aclose()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     async def body() -> AsyncIterator[bytes]:
         try:

@@ -90,7 +90,7 @@ class ChatService:
     async def _prepare(self, request: ChatCompletionRequest, forwarded: bool,
                        record: ChatRecord) -> PreparedChat | RemoteChat:
         self.tokenizers.catalog.check(request.model)
-        record.model = request.model
+        record.served(request.model)
         instance, remote_url = await self.route(request.model, forwarded)
         if remote_url is not None:
             return RemoteChat(remote_url)  # counted by the node that serves it
