@@ -1,6 +1,6 @@
 """deployment/alerts.yml in a real Prometheus scraping two real exo nodes on loopback, while the test
 provokes the failures the rules name, one after another on one cluster: a full queue, a runner stopped
-with SIGSTOP, a runner killed past its restarts, a drained node, a paused node, a killed node.
+with SIGSTOP, a runner killed past its restarts, a drained node, a paused master, a killed node.
 
 Prometheus runs from Debian's `prometheus` package in its own temp dir, on a loopback port, scraping
 every second and evaluating every 0.5 s. The test templates the rules file: every `for:` longer than 0
@@ -243,13 +243,16 @@ def test_each_alert_fires_for_the_failure_it_names(cluster: list[RunningNode], p
     prometheus.firing("ExoRequestsRejected", instance=target(entry))
     assert httpx.post(f"{entry.url}/control/maintenance", json={"mode": "normal"}, timeout=10).status_code == 200
 
-    step("a node paused for 2.6 s, under the 3 s peer timeout: its heartbeats come late")
-    entry.process.send_signal(signal.SIGSTOP)
+    step("the master paused for 2.6 s, under the 3 s peer timeout: its heartbeats come late")
+    master_id = server.state()["masterId"]
+    master, other = (entry, server) if entry.state()["nodeId"] == master_id else (server, entry)
+    master.process.send_signal(signal.SIGSTOP)
     try:
         time.sleep(2.6)  # over 1.5 s for longer than a scrape interval
     finally:
-        entry.process.send_signal(signal.SIGCONT)
-    prometheus.firing("ExoPeerHeartbeatLate", instance=target(server))
+        master.process.send_signal(signal.SIGCONT)
+    prometheus.firing("ExoPeerHeartbeatLate", instance=target(other))
+    assert server.state()["masterId"] == master_id  # a pause under the timeout costs no election
 
     step("a node killed")
     entry.process.kill()
