@@ -1,7 +1,6 @@
 """rms_norm, rope, cache_append and decode_attention against stock MLX on each path."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from exo import kernels
@@ -91,4 +90,5 @@ def test_cache_append_writes_into_the_caches_own_buffer(path):
     mx.eval(cache)
     out = kernels.cache_append(cache, mx.ones((1, 2, 1, 4)), 3)
     mx.eval(out)
-    assert np.asarray(out).__array_interface__["data"] == np.asarray(cache).__array_interface__["data"]
+    assert out[0, 1, 3, 0].item() == 1.0
+    assert cache[0, 1, 3, 0].item() == 1.0  # the old array sees the write: they are one buffer
