@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -37,11 +38,13 @@ const KernelTable* g_table = &kPortable;
 int g_threads = 1;
 Pool* g_pool = nullptr;  // made on first use; a forked child drops its parent's (threads do not survive fork)
 
+std::mutex g_pool_mu;
+
+// The pool for the configured thread count. A pool being replaced may still be running a job on
+// another stream's thread, so old pools are kept, not deleted (select() is rare: tests and benches).
 Pool& pool() {
-  if (g_pool == nullptr || g_pool->threads() != g_threads) {
-    delete g_pool;
-    g_pool = new Pool(g_threads);
-  }
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (g_pool == nullptr || g_pool->threads() != g_threads) g_pool = new Pool(g_threads);
   return *g_pool;
 }
 

@@ -28,9 +28,11 @@ class Pool {
   int threads() const { return (int)workers_.size() + 1; }
 
   // Runs f(0) ... f(tasks - 1), each once, on the caller and the workers; returns when all are done.
+  // A second caller while a job runs (another MLX stream's thread) runs its tasks itself.
   void run(int tasks, const std::function<void(int)>& f) {
     if (tasks <= 0) return;
-    if (tasks == 1 || workers_.empty()) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (tasks == 1 || workers_.empty() || !busy.owns_lock()) {
       for (int i = 0; i < tasks; i++) f(i);
       return;
     }
@@ -83,7 +85,7 @@ class Pool {
     }
   }
 
-  std::mutex mu_;
+  std::mutex mu_, run_mu_;
   std::condition_variable wake_, finished_;
   const std::function<void(int)>* job_ = nullptr;
   uint32_t gen_ = 0;
