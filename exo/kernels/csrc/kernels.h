@@ -16,6 +16,7 @@ struct QmmArgs {
   const void* scales;  // [N, K / gs]
   const void* biases;
   int scale_type, bits, gs;
+  const float* xsum;  // [M, K / gs] sums of x over each group, for the biases
   float* y;  // [M, N]
 };
 

@@ -128,9 +128,16 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
         for (int64_t k = 0; k < K; k++) dst[k] = src[k * st];
       }
     }
+    const int64_t G = K / gs;
+    std::vector<float> xsum(M * G);
+    for (int64_t r = 0; r < M * G; r++) {
+      float t = 0.f;
+      for (int i = 0; i < gs; i++) t += xp[r * gs + i];
+      xsum[r] = t;
+    }
     std::vector<char> kw, ks, kb;
     QmmArgs a{xp.data(), M, K, N, (const uint32_t*)dense(w, kw), dense(s, ks), dense(b, kb), scale_type(s.dtype()),
-              bits, gs, y};
+              bits, gs, xsum.data(), y};
     const KernelTable* t = g_table;
     const int64_t weight_bytes = N * K * bits / 8;
     int tasks = 1;
