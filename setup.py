@@ -26,7 +26,8 @@ class CMakeKernels(build_ext):
                 import cmake as cmake_pkg  # the PyPI package, when the build requirements installed it
 
                 cmake = str(Path(cmake_pkg.CMAKE_BIN_DIR) / "cmake")
-            subprocess.run([cmake, "-S", str(ROOT / "exo" / "kernels"), "-B", str(build),
+            # --fresh: an earlier configure may name a build environment pip has since deleted
+            subprocess.run([cmake, "--fresh", "-S", str(ROOT / "exo" / "kernels"), "-B", str(build),
                             f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release",
                             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}"], check=True)
             subprocess.run([cmake, "--build", str(build), "-j", str(os.cpu_count() or 1)], check=True)

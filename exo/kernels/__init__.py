@@ -26,7 +26,7 @@ PATHS = ("avx512", "avx2", "portable", "stock")
 
 @dataclass(frozen=True)
 class KernelInfo:
-    path: str  # "avx512-vnni", "avx512", "avx2", "portable" or "stock"
+    path: str  # "avx512", "avx2", "portable" or "stock"
     reason: str  # why this path: what was found, or why the native module is not used
     threads: int
 
