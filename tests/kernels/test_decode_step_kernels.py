@@ -92,3 +92,22 @@ def test_cache_append_writes_into_the_caches_own_buffer(path):
     mx.eval(out)
     assert out[0, 1, 3, 0].item() == 1.0
     assert cache[0, 1, 3, 0].item() == 1.0  # the old array sees the write: they are one buffer
+
+
+def test_the_kernels_compile_into_one_step_with_an_array_offset(path):
+    """What a fixed-shape decode step does: one mx.compile'd function, the position a scalar array."""
+    w = mx.random.normal((64,))
+    cache = mx.random.normal((1, 2, 16, 64))
+
+    def step(x, pos):
+        q = kernels.rope(kernels.rms_norm(x, w, 1e-5), dims=64, traditional=False, base=10000.0, offset=pos)
+        return kernels.decode_attention(q, cache, cache, length=9, scale=0.125)
+
+    def reference(x, pos):
+        q = mx.fast.rope(mx.fast.rms_norm(x, w, 1e-5), 64, traditional=False, base=10000.0, scale=1.0, offset=pos)
+        return mx.fast.scaled_dot_product_attention(q, cache[..., :9, :], cache[..., :9, :], scale=0.125)
+
+    compiled = mx.compile(step)
+    x = mx.random.normal((1, 4, 1, 64))
+    for pos in (3, 8):
+        _close(compiled(x, mx.array(pos)), reference(x, mx.array(pos)), 1e-5)
