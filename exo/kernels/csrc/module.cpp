@@ -441,12 +441,14 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
 
 std::vector<std::string> supported_paths() {
   std::vector<std::string> p;
+#if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
     p.push_back("avx512");
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) p.push_back("avx2");
-  p.push_back("portable");
+#endif
+  p.push_back("portable");  // elsewhere (aarch64) the one path: the same loops, vectorized for the target
   return p;
 }
 
