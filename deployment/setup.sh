@@ -16,6 +16,18 @@ if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null; then
     { $sudo apt-get update -qq && $sudo apt-get install -y -qq libblis4-pthread; } >/dev/null 2>&1 ||
       echo "setup: could not install libblis4-pthread; exo will use MLX's slower bundled BLAS" >&2
   fi
+  # a C++ compiler and CMake build exo's native kernels when exo is installed (without them exo runs
+  # stock MLX ops, slower); pip brings nanobind and a CMake of its own if the system has none
+  build_packages=""
+  command -v g++ >/dev/null || command -v c++ >/dev/null || build_packages="$build_packages g++"
+  command -v cmake >/dev/null || build_packages="$build_packages cmake"
+  if [ -n "$build_packages" ]; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    # shellcheck disable=SC2086  # a list of package names
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq $build_packages; } >/dev/null 2>&1 ||
+      echo "setup: could not install$build_packages; exo will run without its native kernels" >&2
+  fi
   if [ -n "$extras" ]; then  # --dev: tools the tests use (tests/deployment: shellcheck, systemd-analyze, ...)
     dev_packages=""
     command -v shellcheck >/dev/null || dev_packages="$dev_packages shellcheck"
@@ -43,5 +55,6 @@ python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extras"
+.venv/bin/python -c 'import exo.kernels as k; i = k.info(); print(f"setup: kernels {i.path} ({i.reason})")'
 .venv/bin/exo models fetch >/dev/null
 echo "setup: done. Start a node with: .venv/bin/exo"

@@ -3,45 +3,130 @@
 Every function here has one meaning whatever runs it; `info()` says which code path this process
 uses and why. The stock path is always there, so a node without the native module still serves,
 only slower.
+
+The native module (`exo.kernels._native`, built from csrc/ when exo is installed) holds three
+builds of each kernel: AVX-512, AVX2 + FMA and portable x86-64, chosen at import for this CPU.
+`EXO_KERNELS=stock|portable|avx2|avx512` forces a path and `EXO_KERNEL_THREADS` the thread count
+(default: the cores this process may run on). Calls the native code does not handle (other
+dtypes, bit widths, group sizes, a GPU device) go to stock MLX.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+log = logging.getLogger(__name__)
+
+PATHS = ("avx512", "avx2", "portable", "stock")
+
 
 @dataclass(frozen=True)
 class KernelInfo:
-    path: str  # "avx512-vnni", "avx512", "avx2", "portable" or "stock"
+    path: str  # "avx512", "avx2", "portable" or "stock"
     reason: str  # why this path: what was found, or why the native module is not used
     threads: int
 
 
+def _load_native():
+    """The native module and why it can or cannot be used."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return None, f"MLX runs on {mx.default_device()}; exo's kernels are for the CPU"
+    try:
+        from exo.kernels import _native
+    except ImportError as e:
+        return None, f"exo's native kernels are not built ({e}); reinstall exo with a C++ compiler and CMake"
+    if _native.mlx_version != mx.__version__.split(".dev")[0]:
+        return None, (f"exo's native kernels were built for MLX {_native.mlx_version}, this is {mx.__version__}; "
+                      "reinstall exo")
+    return _native, ""
+
+
+def _default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_native, _why_not = _load_native()
+_info = KernelInfo("stock", _why_not, 1)
+
+
+def use(path: str | None = None, threads: int | None = None) -> KernelInfo:
+    """Choose the kernel path (None: the fastest this CPU runs) and thread count (None: all usable cores).
+    Raises ValueError for a path this build or CPU cannot run."""
+    global _info
+    if path not in (None, *PATHS):
+        raise ValueError(f"unknown kernel path {path!r}: choose one of {', '.join(PATHS)}")
+    threads = threads or _default_threads()
+    if path == "stock":
+        _info = KernelInfo("stock", "stock MLX was asked for", 1)
+    elif _native is None:
+        if path is not None:
+            raise ValueError(f"kernel path {path!r} is not available: {_why_not}")
+        _info = KernelInfo("stock", _why_not, 1)
+    else:
+        supported = _native.supported_paths()
+        chosen = path or supported[0]
+        if chosen not in supported:
+            raise ValueError(f"this CPU cannot run the {chosen!r} kernels (it runs {', '.join(supported)})")
+        _native.select(chosen, threads)
+        why = "asked for" if path else f"the fastest of {', '.join(supported)} on this CPU"
+        _info = KernelInfo(chosen, why, threads)
+    return _info
+
+
+def _use_from_environment() -> None:
+    path = os.environ.get("EXO_KERNELS") or None
+    threads = int(os.environ["EXO_KERNEL_THREADS"]) if os.environ.get("EXO_KERNEL_THREADS") else None
+    try:
+        use(path, threads)
+    except ValueError as e:
+        use(None, threads)
+        global _info
+        _info = KernelInfo(_info.path, f"EXO_KERNELS={path} refused ({e}); using {_info.path}", _info.threads)
+    if _info.path == "stock":
+        log.info("kernels path=stock reason=%s", _info.reason)
+
+
 def info() -> KernelInfo:
-    return KernelInfo("stock", "exo's native kernels are not built", 1)
+    return _info
+
+
+def _native_ok(*arrays: mx.array) -> bool:
+    return _info.path != "stock" and all(a.dtype == mx.float32 for a in arrays)
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *,
                      group_size: int, bits: int) -> mx.array:
     """`x @ dequantize(w).T` for MLX's affine format (`w` as `mx.quantize` packs it)."""
+    if _info.path != "stock" and x.dtype == mx.float32 and bits in (4, 8) and group_size in (32, 64, 128):
+        return _native.quantized_matmul(x, w, scales, biases, group_size, bits)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    if _native_ok(x, weight):
+        return _native.rms_norm(x, weight, eps)
     return mx.fast.rms_norm(x, weight, eps)
 
 
 def rope(x: mx.array, *, dims: int, traditional: bool, base: float, scale: float = 1.0,
          offset: int | mx.array = 0) -> mx.array:
     """Rotary embedding of `x` `[B, H, L, D]`, positions from `offset`."""
+    if _native_ok(x):
+        if isinstance(offset, mx.array):
+            return _native.rope(x, dims, traditional, base, scale, 0, [offset])
+        return _native.rope(x, dims, traditional, base, scale, offset, [])
     return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
 
 
 def cache_append(cache: mx.array, new: mx.array, offset: int) -> mx.array:
     """`cache` `[B, H, capacity, D]` with `new` `[B, H, L, D]` written at positions `[offset, offset + L)`.
     The native path writes in place into `cache`'s buffer; callers must use the returned array."""
+    if _info.path != "stock" and cache.dtype == new.dtype:
+        return _native.cache_append(cache, new, offset)
     cache[..., offset : offset + new.shape[2], :] = new
     return cache
 
@@ -49,4 +134,9 @@ def cache_append(cache: mx.array, new: mx.array, offset: int) -> mx.array:
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, *, length: int, scale: float) -> mx.array:
     """Attention of one query row per head, `q` `[B, Hq, 1, D]`, over the first `length` positions of
     `keys`/`values` `[B, Hkv, capacity, D]` (grouped-query: Hq a multiple of Hkv)."""
+    if _native_ok(q, keys, values) and q.shape[2] == 1:
+        return _native.decode_attention(q, keys, values, length, scale)
     return mx.fast.scaled_dot_product_attention(q, keys[..., :length, :], values[..., :length, :], scale=scale)
+
+
+_use_from_environment()

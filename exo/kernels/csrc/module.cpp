@@ -1,0 +1,478 @@
+// exo's CPU kernels as MLX primitives, and the nanobind module `exo.kernels._native`.
+// Each primitive allocates its output in eval_cpu and dispatches the work onto MLX's CPU stream;
+// the work itself runs through the kernel table of the chosen path (kernels.h), split over the pool.
+#include <pthread.h>
+#include <sched.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+#include "mlx/version.h"
+
+#include "kernels.h"
+#include "pool.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+using namespace nb::literals;
+
+namespace exo_kernels {
+namespace {
+
+const KernelTable* g_table = &kPortable;
+int g_threads = 1;
+Pool* g_pool = nullptr;  // made on first use; a forked child drops its parent's (threads do not survive fork)
+
+std::mutex g_pool_mu;
+
+// The pool for the configured thread count. A pool being replaced may still be running a job on
+// another stream's thread, so old pools are kept, not deleted (select() is rare: tests and benches).
+Pool& pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (g_pool == nullptr || g_pool->threads() != g_threads) g_pool = new Pool(g_threads);
+  return *g_pool;
+}
+
+void forget_pool_in_child() { g_pool = nullptr; }
+
+// Byte offsets of each row (all dims but the last) of `a`, and the last dim's stride in elements.
+std::vector<int64_t> row_offsets(const mx::array& a) {
+  const int nd = a.ndim();
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < nd; i++) rows *= a.shape(i);
+  std::vector<int64_t> offs(rows);
+  std::vector<int> idx(nd > 1 ? nd - 1 : 1, 0);
+  int64_t off = 0;
+  for (int64_t r = 0; r < rows; r++) {
+    offs[r] = off * (int64_t)a.itemsize();
+    for (int d = nd - 2; d >= 0; d--) {  // odometer over the leading dims
+      off += a.strides()[d];
+      if (++idx[d] < a.shape(d)) break;
+      off -= a.strides()[d] * a.shape(d);
+      idx[d] = 0;
+    }
+  }
+  return offs;
+}
+
+// `a` as a dense row-major buffer: its own memory when it already is one, else a gathered copy.
+const void* dense(const mx::array& a, std::vector<char>& keep) {
+  if (a.flags().row_contiguous) return a.data<char>();
+  const int64_t cols = a.ndim() ? a.shape(-1) : 1, es = a.itemsize(), cs = a.ndim() ? a.strides().back() * es : 0;
+  auto offs = row_offsets(a);
+  keep.resize(offs.size() * cols * es);
+  const char* src = a.data<char>();
+  for (size_t r = 0; r < offs.size(); r++)
+    for (int64_t c = 0; c < cols; c++) std::memcpy(&keep[(r * cols + c) * es], src + offs[r] + c * cs, es);
+  return keep.data();
+}
+
+void alloc(mx::array& out) { out.set_data(mx::allocator::malloc(out.nbytes())); }
+
+int scale_type(mx::Dtype t) {
+  if (t == mx::float32) return kF32;
+  if (t == mx::float16) return kF16;
+  if (t == mx::bfloat16) return kBF16;
+  throw std::invalid_argument("quantized_matmul: scales and biases must be float32, float16 or bfloat16");
+}
+
+class QuantizedMatmul : public mx::UnaryPrimitive {
+ public:
+  QuantizedMatmul(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("exo kernels run on the CPU only");
+  }
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([x = in[0], w = in[1], s = in[2], b = in[3], y = out.data<float>(), gs = gs_, bits = bits_]() {
+      run(x, w, s, b, y, gs, bits);
+    });
+  }
+  static void run(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, float* y, int gs,
+                  int bits) {
+    const int64_t K = x.shape(-1), N = w.shape(0), M = x.size() / K;
+    // x, gathered row by row; for 4 bits each group's odd elements go after its even ones, the order
+    // in which a group's nibbles come out of the packed bytes
+    std::vector<float> xp(M * K);
+    auto offs = row_offsets(x);
+    const char* xs = x.data<char>();
+    const int64_t st = x.strides().back();
+    for (int64_t m = 0; m < M; m++) {
+      const float* src = (const float*)(xs + offs[m]);
+      float* dst = &xp[m * K];
+      if (bits == 4) {
+        for (int64_t g = 0; g < K; g += gs)
+          for (int i = 0; i < gs / 2; i++) {
+            dst[g + i] = src[(g + 2 * i) * st];
+            dst[g + gs / 2 + i] = src[(g + 2 * i + 1) * st];
+          }
+      } else {
+        for (int64_t k = 0; k < K; k++) dst[k] = src[k * st];
+      }
+    }
+    const int64_t G = K / gs;
+    std::vector<float> xsum(M * G);
+    for (int64_t r = 0; r < M * G; r++) {
+      float t = 0.f;
+      for (int i = 0; i < gs; i++) t += xp[r * gs + i];
+      xsum[r] = t;
+    }
+    std::vector<char> kw, ks, kb;
+    QmmArgs a{xp.data(), M, K, N, (const uint32_t*)dense(w, kw), dense(s, ks), dense(b, kb), scale_type(s.dtype()),
+              bits, gs, xsum.data(), y};
+    const KernelTable* t = g_table;
+    const int64_t weight_bytes = N * K * bits / 8;
+    int tasks = 1;
+    if (g_threads > 1 && weight_bytes * (M > 8 ? 4 : 1) >= (1 << 20)) tasks = (int)std::min<int64_t>(N / 16, g_threads * 3);
+    if (tasks <= 1) {
+      t->qmm(&a, 0, N);
+      return;
+    }
+    const int64_t chunk = ((N + tasks - 1) / tasks + 7) / 8 * 8;
+    tasks = (int)((N + chunk - 1) / chunk);
+    pool().run(tasks, [&](int i) { t->qmm(&a, i * chunk, std::min(N, (i + 1) * chunk)); });
+  }
+  const char* name() const override { return "ExoQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& p = static_cast<const QuantizedMatmul&>(o);
+    return gs_ == p.gs_ && bits_ == p.bits_;
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+class RMSNorm : public mx::UnaryPrimitive {
+ public:
+  RMSNorm(mx::Stream s, float eps) : mx::UnaryPrimitive(s), eps_(eps) {}
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("exo kernels run on the CPU only");
+  }
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([x = in[0], w = in[1], y = out.data<float>(), eps = eps_]() {
+      const int64_t D = x.shape(-1), rows = x.size() / D;
+      std::vector<char> kw, row;
+      const float* wp = (const float*)dense(w, kw);
+      auto offs = row_offsets(x);
+      const int64_t st = x.strides().back();
+      row.resize(st == 1 ? 0 : D * 4);
+      for (int64_t r = 0; r < rows; r++) {
+        const float* src = (const float*)(x.data<char>() + offs[r]);
+        if (st != 1) {
+          for (int64_t d = 0; d < D; d++) ((float*)row.data())[d] = src[d * st];
+          src = (const float*)row.data();
+        }
+        g_table->rms_norm_row(src, wp, y + r * D, D, eps);
+      }
+    });
+  }
+  const char* name() const override { return "ExoRMSNorm"; }
+  bool is_equivalent(const mx::Primitive& o) const override { return eps_ == static_cast<const RMSNorm&>(o).eps_; }
+
+ private:
+  float eps_;
+};
+
+class RoPE : public mx::UnaryPrimitive {
+ public:
+  RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool array_offset)
+      : mx::UnaryPrimitive(s), dims_(dims), trad_(traditional), base_(base), scale_(scale), offset_(offset),
+        array_offset_(array_offset) {}
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("exo kernels run on the CPU only");
+  }
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    mx::array off = array_offset_ ? in[1] : in[0];
+    enc.dispatch([x = in[0], off, y = out.data<float>(), dims = dims_, trad = trad_, base = base_, scale = scale_,
+                  offset = offset_, array_offset = array_offset_]() {
+      int64_t start = offset;
+      if (array_offset) {
+        auto t = off.dtype();
+        if (t == mx::int32) start = *off.data<int32_t>();
+        else if (t == mx::int64) start = *off.data<int64_t>();
+        else if (t == mx::uint32) start = *off.data<uint32_t>();
+        else start = (int64_t)*off.data<float>();
+      }
+      const int nd = x.ndim();
+      const int64_t D = x.shape(-1), L = x.shape(nd - 2), rows = x.size() / D, half = dims / 2;
+      // cos and sin per position and frequency, in float32 as mx.fast.rope computes them
+      std::vector<float> cs(L * half), sn(L * half);
+      const float lb = std::log(base) / (float)half;
+      for (int64_t l = 0; l < L; l++) {
+        const float pos = (float)(start + l) * scale;
+        for (int64_t i = 0; i < half; i++) {
+          const float th = pos * std::exp(-(float)i * lb);
+          cs[l * half + i] = std::cos(th);
+          sn[l * half + i] = std::sin(th);
+        }
+      }
+      auto offs = row_offsets(x);
+      const int64_t st = x.strides().back();
+      std::vector<float> row(st == 1 ? 0 : D);
+      for (int64_t r = 0; r < rows; r++) {
+        const float* src = (const float*)(x.data<char>() + offs[r]);
+        if (st != 1) {
+          for (int64_t d = 0; d < D; d++) row[d] = src[d * st];
+          src = row.data();
+        }
+        const int64_t l = r % L;
+        float* dst = y + r * D;
+        g_table->rope_row(src, dst, &cs[l * half], &sn[l * half], half, trad);
+        if (dims < D) std::memcpy(dst + dims, src + dims, (D - dims) * 4);
+      }
+    });
+  }
+  const char* name() const override { return "ExoRoPE"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& p = static_cast<const RoPE&>(o);
+    return dims_ == p.dims_ && trad_ == p.trad_ && base_ == p.base_ && scale_ == p.scale_ && offset_ == p.offset_ &&
+           array_offset_ == p.array_offset_;
+  }
+
+ private:
+  int dims_;
+  bool trad_;
+  float base_, scale_;
+  int offset_;
+  bool array_offset_;
+};
+
+class CacheAppend : public mx::UnaryPrimitive {
+ public:
+  CacheAppend(mx::Stream s, int offset) : mx::UnaryPrimitive(s), offset_(offset) {}
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("exo kernels run on the CPU only");
+  }
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const mx::array& cache = in[0];
+    const bool copy = !(cache.flags().row_contiguous && cache.data_size() == cache.size());
+    if (copy) alloc(out);
+    else out.copy_shared_buffer(cache);  // in place: the output is the cache's own buffer
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([cache, nw = in[1], y = out.data<char>(), copy, offset = offset_]() {
+      const int64_t es = cache.itemsize();
+      if (copy) {
+        std::vector<char> keep;
+        const void* src = dense(cache, keep);
+        if (src != y) std::memcpy(y, src, cache.nbytes());
+      }
+      const int nd = nw.ndim();
+      const int64_t D = nw.shape(-1), L = nw.shape(nd - 2), cap = cache.shape(nd - 2), rows = nw.size() / D;
+      auto offs = row_offsets(nw);
+      const int64_t st = nw.strides().back() * es;
+      const char* src = nw.data<char>();
+      for (int64_t r = 0; r < rows; r++) {  // row r of `new` is position r % L of head r / L
+        char* dst = y + (((r / L) * cap) + offset + r % L) * D * es;
+        if (st == es) std::memcpy(dst, src + offs[r], D * es);
+        else
+          for (int64_t d = 0; d < D; d++) std::memcpy(dst + d * es, src + offs[r] + d * st, es);
+      }
+    });
+  }
+  const char* name() const override { return "ExoCacheAppend"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    return offset_ == static_cast<const CacheAppend&>(o).offset_;
+  }
+
+ private:
+  int offset_;
+};
+
+class DecodeAttention : public mx::UnaryPrimitive {
+ public:
+  DecodeAttention(mx::Stream s, int length, float scale) : mx::UnaryPrimitive(s), length_(length), scale_(scale) {}
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("exo kernels run on the CPU only");
+  }
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc(out);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([q = in[0], k = in[1], v = in[2], y = out.data<float>(), T = length_, scale = scale_]() {
+      const int64_t B = q.shape(0), Hq = q.shape(1), Hkv = k.shape(1), D = q.shape(3), cap = k.shape(2);
+      std::vector<char> kq, kk, kv;
+      const float* qp = (const float*)dense(q, kq);
+      // keys and values need only a unit stride along D; otherwise a dense copy
+      auto kv_base = [&](const mx::array& a, std::vector<char>& keep, int64_t& st0, int64_t& st1, int64_t& stt) {
+        if (a.strides().back() == 1) {
+          st0 = a.strides()[0], st1 = a.strides()[1], stt = a.strides()[2];
+          return a.data<float>();
+        }
+        st0 = Hkv * cap * D, st1 = cap * D, stt = D;
+        return (const float*)dense(a, keep);
+      };
+      int64_t k0, k1, kt, v0, v1, vt;
+      const float* kp = kv_base(k, kk, k0, k1, kt);
+      const float* vp = kv_base(v, kv, v0, v1, vt);
+      const int64_t heads = B * Hq, group = Hq / Hkv;
+      auto head = [&](int64_t h, std::vector<float>& scores) {
+        const int64_t b = h / Hq, hk = (h % Hq) / group;
+        AttnArgs a{qp + h * D, kp + b * k0 + hk * k1, vp + b * v0 + hk * v1, T, D, kt, vt, scale, scores.data(),
+                   y + h * D};
+        g_table->attn_head(&a);
+      };
+      const int64_t bytes = B * Hkv * T * D * 8;
+      int tasks = (g_threads > 1 && bytes >= (256 << 10)) ? (int)std::min<int64_t>(heads, g_threads) : 1;
+      if (tasks <= 1) {
+        std::vector<float> scores(T);
+        for (int64_t h = 0; h < heads; h++) head(h, scores);
+        return;
+      }
+      const int64_t per = (heads + tasks - 1) / tasks;
+      pool().run(tasks, [&](int i) {
+        std::vector<float> scores(T);
+        for (int64_t h = i * per; h < std::min(heads, (i + 1) * per); h++) head(h, scores);
+      });
+    });
+  }
+  const char* name() const override { return "ExoDecodeAttention"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& p = static_cast<const DecodeAttention&>(o);
+    return length_ == p.length_ && scale_ == p.scale_;
+  }
+
+ private:
+  int length_;
+  float scale_;
+};
+
+void need(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < a.ndim(); i++) s << (i ? ", " : "") << a.shape(i);
+  s << ")";
+  return s.str();
+}
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                           int group_size, int bits) {
+  need(bits == 4 || bits == 8, "quantized_matmul: bits must be 4 or 8");
+  need(group_size == 32 || group_size == 64 || group_size == 128, "quantized_matmul: group_size must be 32, 64 or 128");
+  need(x.dtype() == mx::float32 && x.ndim() >= 1, "quantized_matmul: x must be a float32 array");
+  need(w.dtype() == mx::uint32 && w.ndim() == 2, "quantized_matmul: w must be uint32 [N, K * bits / 32]");
+  const int64_t K = x.shape(-1), N = w.shape(0);
+  need(w.shape(1) * 32 / bits == K && K % group_size == 0,
+       "quantized_matmul: x " + shape_str(x) + " does not match w " + shape_str(w));
+  need(scales.ndim() == 2 && scales.shape(0) == N && scales.shape(1) == K / group_size && scales.shape() == biases.shape() &&
+           scales.dtype() == biases.dtype(),
+       "quantized_matmul: scales and biases must be [N, K / group_size]");
+  scale_type(scales.dtype());
+  auto shape = x.shape();
+  shape.back() = (int)N;
+  return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(mx::to_stream({}), group_size, bits),
+                   {x, w, scales, biases});
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  need(x.dtype() == mx::float32 && weight.dtype() == mx::float32, "rms_norm: x and weight must be float32");
+  need(x.ndim() >= 1 && weight.ndim() == 1 && weight.shape(0) == x.shape(-1),
+       "rms_norm: weight " + shape_str(weight) + " does not match x " + shape_str(x));
+  return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(mx::to_stream({}), eps), {x, weight});
+}
+
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset,
+               const std::vector<mx::array>& array_offset) {
+  need(x.dtype() == mx::float32 && x.ndim() >= 2, "rope: x must be float32 [..., L, D]");
+  need(dims > 0 && dims % 2 == 0 && dims <= x.shape(-1), "rope: dims must be even and at most D");
+  std::vector<mx::array> inputs{x};
+  if (!array_offset.empty()) {
+    need(array_offset[0].size() == 1, "rope: an array offset must be a scalar");
+    inputs.push_back(array_offset[0]);
+  }
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<RoPE>(mx::to_stream({}), dims, traditional, base, scale, offset, !array_offset.empty()),
+                   inputs);
+}
+
+mx::array cache_append(const mx::array& cache, const mx::array& nw, int offset) {
+  need(cache.ndim() == 4 && nw.ndim() == 4, "cache_append: cache and new must be [B, H, positions, D]");
+  need(cache.dtype() == nw.dtype(), "cache_append: cache and new must have the same dtype");
+  need(cache.shape(0) == nw.shape(0) && cache.shape(1) == nw.shape(1) && cache.shape(3) == nw.shape(3),
+       "cache_append: new " + shape_str(nw) + " does not match cache " + shape_str(cache));
+  need(offset >= 0 && offset + nw.shape(2) <= cache.shape(2),
+       "cache_append: positions [" + std::to_string(offset) + ", " + std::to_string(offset + nw.shape(2)) +
+           ") do not fit a cache of " + std::to_string(cache.shape(2)));
+  return mx::array(cache.shape(), cache.dtype(), std::make_shared<CacheAppend>(mx::to_stream({}), offset), {cache, nw});
+}
+
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, int length, float scale) {
+  need(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32,
+       "decode_attention: q, keys and values must be float32");
+  need(q.ndim() == 4 && k.ndim() == 4 && q.shape(2) == 1 && k.shape() == v.shape() && q.shape(0) == k.shape(0) &&
+           q.shape(3) == k.shape(3) && q.shape(1) % k.shape(1) == 0,
+       "decode_attention: q " + shape_str(q) + " must be [B, Hq, 1, D] against keys [B, Hkv, capacity, D]");
+  need(length >= 1 && length <= k.shape(2), "decode_attention: length must be in [1, capacity]");
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(mx::to_stream({}), length, scale),
+                   {q, k, v});
+}
+
+std::vector<std::string> supported_paths() {
+  std::vector<std::string> p;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+    p.push_back("avx512");
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) p.push_back("avx2");
+#endif
+  p.push_back("portable");  // elsewhere (aarch64) the one path: the same loops, vectorized for the target
+  return p;
+}
+
+void select_path(const std::string& path, int threads) {
+  bool ok = false;
+  for (auto& p : supported_paths()) ok |= p == path;
+  need(ok, "this CPU cannot run the '" + path + "' kernels");
+  g_table = path == "avx512" ? &kAvx512 : path == "avx2" ? &kAvx2 : &kPortable;
+  g_threads = threads < 1 ? 1 : threads;
+}
+
+}  // namespace
+}  // namespace exo_kernels
+
+NB_MODULE(_native, m) {
+  using namespace exo_kernels;
+  pthread_atfork(nullptr, nullptr, forget_pool_in_child);
+  m.attr("mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." + std::to_string(MLX_VERSION_PATCH);
+  m.def("supported_paths", &supported_paths, "The kernel paths this CPU can run, fastest first.");
+  m.def("select", &select_path, "path"_a, "threads"_a, "Use kernel path `path` with `threads` threads.");
+  m.def("path", [] { return std::string(g_table->name); });
+  m.def("quantized_matmul", &quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a);
+  m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a);
+  m.def("rope", &rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "array_offset"_a);
+  m.def("cache_append", &cache_append, "cache"_a, "new"_a, "offset"_a);
+  m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "length"_a, "scale"_a);
+}

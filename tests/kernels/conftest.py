@@ -1,0 +1,17 @@
+import pytest
+
+from exo import kernels
+
+NATIVE = kernels._native.supported_paths() if kernels._native is not None else []
+ALL = [*NATIVE, "stock"]
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable", "stock"])
+def path(request):
+    """Each kernel path in turn (skipping those this build or CPU cannot run), restored afterwards."""
+    if request.param != "stock" and request.param not in NATIVE:
+        pytest.skip(f"this CPU or build cannot run the {request.param} kernels ({kernels.info().reason})")
+    before = kernels.info()
+    kernels.use(request.param, threads=2)
+    yield request.param
+    kernels.use(before.path, before.threads)

@@ -1,0 +1,113 @@
+"""rms_norm, rope, cache_append and decode_attention against stock MLX on each path."""
+
+import mlx.core as mx
+import pytest
+
+from exo import kernels
+
+
+def _close(got, want, tol=2e-5):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert mx.allclose(got, want, rtol=tol, atol=tol).item(), mx.abs(got - want).max().item()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 7, 100), (2, 5, 4, 33)])
+def test_rms_norm_matches_mlx(path, shape):
+    mx.random.seed(len(shape))
+    x, w = mx.random.normal(shape), mx.random.normal((shape[-1],))
+    _close(kernels.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5))
+    xt = mx.random.normal((shape[-1], 6)).T  # rows that are columns of a matrix
+    _close(kernels.rms_norm(xt, w, 1e-6), mx.fast.rms_norm(xt, w, 1e-6))
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims,d", [(64, 64), (32, 48)])
+@pytest.mark.parametrize("offset", [0, 37, mx.array(300)])
+def test_rope_matches_mlx(path, traditional, dims, d, offset):
+    mx.random.seed(dims + d)
+    x = mx.random.normal((2, 5, 3, d)).transpose(0, 2, 1, 3)  # [B, H, L, D] as attention makes it
+    got = kernels.rope(x, dims=dims, traditional=traditional, base=10000.0, scale=0.5, offset=offset)
+    want = mx.fast.rope(x, dims, traditional=traditional, base=10000.0, scale=0.5, offset=offset)
+    _close(got, want, 1e-4)  # angles of positions in the hundreds: float32 sin/cos from other code
+
+
+def test_rope_of_a_prefill_chunk(path):
+    x = mx.random.normal((1, 9, 128, 64))
+    _close(kernels.rope(x, dims=64, traditional=False, base=100000.0, offset=5),
+           mx.fast.rope(x, 64, traditional=False, base=100000.0, scale=1.0, offset=5), 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_cache_append_writes_each_position_in_turn(path, dtype):
+    cache = mx.zeros((1, 3, 16, 8), dtype=dtype)
+    mx.eval(cache)
+    want = mx.zeros((1, 3, 16, 8), dtype=dtype)
+    offset = 0
+    for n in (5, 1, 1, 4):
+        new = mx.random.normal((1, n, 3, 8)).transpose(0, 2, 1, 3).astype(dtype)  # not contiguous
+        cache = kernels.cache_append(cache, new, offset)
+        want[..., offset : offset + n, :] = new
+        offset += n
+        assert mx.array_equal(cache, want).item()
+
+
+def test_cache_append_refuses_positions_past_the_capacity(path):
+    with pytest.raises(ValueError):
+        mx.eval(kernels.cache_append(mx.zeros((1, 2, 4, 8)), mx.zeros((1, 2, 3, 8)), 2))
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("length", [1, 17, 300])
+def test_decode_attention_matches_mlx(path, hq, hkv, length):
+    mx.random.seed(hq * length)
+    keys, values = mx.random.normal((2, hkv, 320, 64)), mx.random.normal((2, hkv, 320, 64))
+    q = mx.random.normal((2, 1, hq, 64)).transpose(0, 2, 1, 3)
+    got = kernels.decode_attention(q, keys, values, length=length, scale=0.125)
+    want = mx.fast.scaled_dot_product_attention(q, keys[..., :length, :], values[..., :length, :], scale=0.125)
+    _close(got, want, 1e-5)
+
+
+def test_a_decode_step_through_a_preallocated_cache(path):
+    """rope, append and attention together, as the engine runs one layer's attention per token."""
+    cache_k, cache_v = mx.zeros((1, 2, 32, 16)), mx.zeros((1, 2, 32, 16))
+    ks, vs = [], []
+    for pos in range(6):
+        k, v, q = (mx.random.normal((1, h, 1, 16)) for h in (2, 2, 6))
+        k = kernels.rope(k, dims=16, traditional=False, base=10000.0, offset=pos)
+        q = kernels.rope(q, dims=16, traditional=False, base=10000.0, offset=pos)
+        cache_k, cache_v = kernels.cache_append(cache_k, k, pos), kernels.cache_append(cache_v, v, pos)
+        ks.append(k)
+        vs.append(v)
+        out = kernels.decode_attention(q, cache_k, cache_v, length=pos + 1, scale=0.25)
+        want = mx.fast.scaled_dot_product_attention(q, mx.concatenate(ks, 2), mx.concatenate(vs, 2), scale=0.25)
+        _close(out, want, 1e-5)
+
+
+def test_cache_append_writes_into_the_caches_own_buffer(path):
+    if path == "stock":
+        pytest.skip("stock MLX's slice update copies when the cache is still referenced")
+    cache = mx.zeros((1, 2, 8, 4))
+    mx.eval(cache)
+    out = kernels.cache_append(cache, mx.ones((1, 2, 1, 4)), 3)
+    mx.eval(out)
+    assert out[0, 1, 3, 0].item() == 1.0
+    assert cache[0, 1, 3, 0].item() == 1.0  # the old array sees the write: they are one buffer
+
+
+def test_the_kernels_compile_into_one_step_with_an_array_offset(path):
+    """What a fixed-shape decode step does: one mx.compile'd function, the position a scalar array."""
+    w = mx.random.normal((64,))
+    cache = mx.random.normal((1, 2, 16, 64))
+
+    def step(x, pos):
+        q = kernels.rope(kernels.rms_norm(x, w, 1e-5), dims=64, traditional=False, base=10000.0, offset=pos)
+        return kernels.decode_attention(q, cache, cache, length=9, scale=0.125)
+
+    def reference(x, pos):
+        q = mx.fast.rope(mx.fast.rms_norm(x, w, 1e-5), 64, traditional=False, base=10000.0, scale=1.0, offset=pos)
+        return mx.fast.scaled_dot_product_attention(q, cache[..., :9, :], cache[..., :9, :], scale=0.125)
+
+    compiled = mx.compile(step)
+    x = mx.random.normal((1, 4, 1, 64))
+    for pos in (3, 8):
+        _close(compiled(x, mx.array(pos)), reference(x, mx.array(pos)), 1e-5)

@@ -1,0 +1,73 @@
+import mlx.core as mx
+import pytest
+
+from exo import kernels
+
+
+def _weights(n, k, bits, group_size, scale_dtype=mx.float32):
+    w, scales, biases = mx.quantize(mx.random.normal((n, k)), group_size=group_size, bits=bits)
+    return w, scales.astype(scale_dtype), biases.astype(scale_dtype)
+
+
+def _check(x, w, scales, biases, group_size, bits):
+    got = kernels.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+    want = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # float32 sums in another order: error grows with the magnitude of the terms summed
+    bound = 1e-5 * (mx.abs(x) @ mx.abs(mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)).T) + 1e-5
+    assert mx.all(mx.abs(got - want) <= bound).item(), mx.abs(got - want).max().item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
+def test_matches_mlx_for_every_width_group_and_row_count(path, bits, group_size, rows):
+    mx.random.seed(rows * 100 + bits + group_size)
+    w, scales, biases = _weights(136, 384, bits, group_size)
+    _check(mx.random.normal((rows, 384)), w, scales, biases, group_size, bits)
+
+
+@pytest.mark.parametrize("n,k", [(8, 128), (1000, 640), (4104, 256)])
+def test_odd_sizes_and_matrices_big_enough_for_threads(path, n, k):
+    mx.random.seed(n)
+    w, scales, biases = _weights(n, k, 4, 64)
+    _check(mx.random.normal((5, k)), w, scales, biases, 64, 4)
+    _check(mx.random.normal((1, k)), w, scales, biases, 64, 4)
+
+
+def test_a_prefill_chunk(path):
+    mx.random.seed(7)
+    w, scales, biases = _weights(576, 576, 4, 32)
+    _check(mx.random.normal((1, 200, 576)), w, scales, biases, 32, 4)
+
+
+def test_batched_transposed_and_sliced_activations(path):
+    mx.random.seed(3)
+    w, scales, biases = _weights(96, 256, 4, 64)
+    _check(mx.random.normal((256, 6)).T, w, scales, biases, 64, 4)  # columns of a matrix
+    _check(mx.random.normal((2, 7, 512))[:, 1::2, ::2], w, scales, biases, 64, 4)  # strided rows and elements
+    _check(mx.random.normal((2, 3, 256)), w, scales, biases, 64, 4)
+
+
+@pytest.mark.parametrize("scale_dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_scales(path, scale_dtype):
+    mx.random.seed(5)
+    w, scales, biases = _weights(64, 256, 8, 32, scale_dtype)
+    _check(mx.random.normal((2, 256)), w, scales, biases, 32, 8)
+
+
+def test_what_native_code_does_not_handle_goes_to_mlx(path):
+    mx.random.seed(9)
+    w, scales, biases = _weights(64, 256, 2, 64)  # 2 bits
+    _check(mx.random.normal((3, 256)), w, scales, biases, 64, 2)
+    w, scales, biases = _weights(64, 256, 4, 64, mx.float16)
+    x = mx.random.normal((3, 256)).astype(mx.float16)
+    got = kernels.quantized_matmul(x, w, scales, biases, group_size=64, bits=4)
+    want = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4)
+    assert got.dtype == mx.float16 and mx.allclose(got, want).item()
+
+
+def test_mismatched_shapes_are_a_clear_error(path):
+    w, scales, biases = _weights(64, 256, 4, 64)
+    with pytest.raises(ValueError, match="match"):
+        mx.eval(kernels.quantized_matmul(mx.zeros((1, 128)), w, scales, biases, group_size=64, bits=4))
