@@ -54,6 +54,8 @@ class Measurement(FrozenModel):
     peak_rss_mb: float  # the whole child's peak, model loading included
     rss_mb: float  # after the runs: what serving the model keeps resident
     mlx_peak_mb: float | None = None
+    model_file_mb: float = 0.0
+    kernels: str | None = None  # MLX only: exo.kernels' code path and why it was chosen
     prompt: list[int] = []  # the prompt's ids, so llama.cpp reads exactly the ones MLX read
     tokens: list[int] = []  # the last run's greedy continuation, to check that the engines agree
 
@@ -63,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs, after one untimed warm-up run")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate; end tokens are ignored")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "quantized"])
+    parser.add_argument("--dtype", default="quantized", choices=["quantized", "float32", "float16", "bfloat16"],
+                        help="how MLX holds the weights (default: quantized, as stored in the file)")
     parser.add_argument("--blas", default="auto", choices=["auto", "blis", "openblas", "bundled"])
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -124,15 +127,16 @@ def _compare(mlx: Measurement, cpp: Measurement) -> dict[str, float]:
 
 
 def _table(results: list[Measurement], ratio: dict[str, float] | None) -> str:
-    rows = [("engine", "config", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "RSS MB")]
+    rows = [("engine", "config", "prompt tok/s", "decode tok/s", "TTFT ms", "peak RSS MB", "RSS MB", "RSS / file")]
     for r in results:
         rows.append((r.engine, r.config, f"{r.prompt_tps:.1f}", f"{r.decode_tps:.1f}", f"{r.ttft_s * 1e3:.0f}",
-                     f"{r.peak_rss_mb:.0f}", f"{r.rss_mb:.0f}"))
+                     f"{r.peak_rss_mb:.0f}", f"{r.rss_mb:.0f}", f"{r.rss_mb / r.model_file_mb:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     first = results[0]
     lines.append(f"{first.prompt_tokens} prompt tokens, {first.decode_tokens} generated, "
-                 f"median of {first.runs} runs after a warm-up")
+                 f"median of {first.runs} runs after a warm-up; model file {first.model_file_mb:.0f} MB")
+    lines += [f"MLX kernels: {r.kernels}" for r in results if r.kernels]
     if ratio:
         lines.append(f"MLX / llama.cpp: prefill {ratio['prompt_tps']:.2f}x, decode {ratio['decode_tps']:.2f}x; "
                      f"greedy outputs agree for the first {ratio['greedy_tokens_agreeing']:.0f} tokens")
@@ -166,9 +170,14 @@ def _summarize(engine: Engine, config: str, n_prompt: int, max_tokens: int, timi
                        mlx_peak_mb=mlx_peak_mb, tokens=tokens)
 
 
+def _with_file(m: Measurement, path: Path) -> Measurement:
+    return m.model_copy(update={"model_file_mb": path.stat().st_size / 1e6})
+
+
 def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, n_prompt: int, config: str) -> Measurement:
     import mlx.core as mx  # imported here only: the parent must not load MLX before a child preloads a BLAS
 
+    from exo import kernels
     from exo.engine.generate import generate_step
     from exo.engine.loading import load
 
@@ -179,7 +188,9 @@ def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, n_prompt: i
     timings, tokens = _time_runs(lambda: generate_step(prompt, model, model.make_cache()), runs, max_tokens,
                                  mx.synchronize)
     m = _summarize("mlx", config, len(prompt), max_tokens, timings, tokens, mx.get_peak_memory() / 1e6 or None)
-    return m.model_copy(update={"prompt": prompt})
+    chosen = kernels.info()
+    return m.model_copy(update={"prompt": prompt, "kernels": f"{chosen.path} ({chosen.reason}; {chosen.threads} "
+                                f"thread{'s' if chosen.threads != 1 else ''})"})
 
 
 def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, prompt: list[int]) -> Measurement:
@@ -202,9 +213,11 @@ def _worker(argv: list[str]) -> Measurement:
     engine, path, runs, max_tokens, *rest = argv
     if engine == "mlx":
         dtype, n_prompt, config = rest
-        return _measure_mlx(Path(path), int(runs), int(max_tokens), dtype, int(n_prompt), config)
+        return _with_file(_measure_mlx(Path(path), int(runs), int(max_tokens), dtype, int(n_prompt), config),
+                          Path(path))
     (ids,) = rest
-    return _measure_llama_cpp(Path(path), int(runs), int(max_tokens), [int(i) for i in ids.split(",")])
+    return _with_file(_measure_llama_cpp(Path(path), int(runs), int(max_tokens), [int(i) for i in ids.split(",")]),
+                      Path(path))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class Config(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = Field(default=DEFAULT_API_PORT, ge=1, le=65535)
     preload: Annotated[tuple[str, ...], NoDecode] = (DEFAULT_MODEL,)
-    dtype: Dtype = "float32"
+    dtype: Dtype = "quantized"
     blas: Blas = "auto"
     verbose: bool = False
     cluster: str = Field(default="exo", min_length=1)

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                              "a path to a .gguf file or a model directory serves a local model")
     parser.add_argument("--no-preload", action="store_true", help="load models on first request only")
     parser.add_argument("--dtype", choices=get_args(Dtype),
-                        help="how weights are held in memory (default: float32, the fastest on CPUs)")
+                        help="how weights are held in memory (default: quantized, as stored in the model file)")
     parser.add_argument("--blas", choices=get_args(Blas),
                         help="BLAS preloaded for MLX's CPU backend (default: auto, the fastest installed)")
     parser.add_argument("--cluster", help="cluster name; nodes of other clusters are ignored (default: exo)")

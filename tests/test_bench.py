@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from exo import bench
+from exo import bench, kernels
+from exo.models.cards import CARDS, DEFAULT_MODEL
+from exo.models.store import ModelStore
 
 
 def test_bench_reports_positive_speeds_for_the_real_model(models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -20,3 +22,10 @@ def test_bench_reports_positive_speeds_for_the_real_model(models_dir: Path, caps
     for key in ("prompt_tps", "decode_tps", "ttft_s", "peak_rss_mb", "rss_mb"):
         assert mlx[key] > 0, key
     assert report["llama_cpp"] is None
+    assert mlx["config"].startswith("quantized")  # weights as stored, by default
+    assert mlx["model_file_mb"] == pytest.approx(model_file_mb(models_dir))
+    assert mlx["kernels"].startswith(kernels.info().path)
+
+
+def model_file_mb(models_dir: Path) -> float:
+    return ModelStore(models_dir).path(CARDS[DEFAULT_MODEL]).stat().st_size / 1e6

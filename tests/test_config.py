@@ -14,6 +14,7 @@ import pytest
 from nodes import answers, free_ports, runner_pids, start_node, stop_node, wait_for
 
 from exo.config import MIN_SECRET_LENGTH, Config, ConfigError
+from exo.models.cards import CARDS, DEFAULT_MODEL
 
 KEY, SECRET = "sk-config-test-api-key-0123", "config-test-cluster-secret-4567"
 
@@ -89,3 +90,11 @@ def test_runners_inherit_neither_the_api_key_nor_the_cluster_secret(tmp_path: Pa
         assert psutil.Process(node.process.pid).environ()["EXO_API_KEY"] == KEY  # the node itself has it
     finally:
         assert stop_node(node) == 0, node.log_tail()
+
+
+def test_weights_are_held_quantized_by_default_and_sized_as_the_file_for_placement() -> None:
+    default = Config.model_fields["dtype"].default
+    card = CARDS[DEFAULT_MODEL]
+    assert default == "quantized"
+    assert card.memory_bytes(default) == card.bytes  # as stored: 98 MB for the Q4_1 file
+    assert card.memory_bytes("float32") > 4 * card.bytes  # what it would take dequantized

@@ -18,6 +18,7 @@ import psutil
 import pytest
 from nodes import RunningNode, free_ports
 
+from exo import kernels
 from exo.config import Config
 from exo.doctor.processes import Proc, classify
 from exo.doctor.report import ApiStatus, Browse, IssueKind, OrphanedRunner, Report, find_issues
@@ -117,6 +118,19 @@ def test_doctor_finds_the_node_and_its_runner_and_no_issues(node: RunningNode) -
     assert report["cluster"]["peers"] == [] and report["browse"] == {"ran": False, "seconds": 0.0, "services": [],
                                                                        "error": None}
 
+
+
+def test_state_and_doctor_say_which_kernel_path_the_node_runs(node: RunningNode) -> None:
+    state = httpx.get(f"{node.url}/state").json()
+    profile = state["nodes"][state["nodeId"]]
+    chosen = kernels.info()  # the node runs from this test's environment, so it chooses the same
+    assert (profile["kernelPath"], profile["kernelReason"]) == (chosen.path, chosen.reason)
+
+    text = exo("doctor", "--url", node.url, "--no-browse")
+    assert f" kernels={chosen.path}" in text.stdout and f"  kernels: {chosen.reason}" in text.stdout, text.stdout
+    code, report = doctor_json("--url", node.url, "--no-browse")
+    assert code == 0
+    assert (report["cluster"]["kernel_path"], report["cluster"]["kernel_reason"]) == (chosen.path, chosen.reason)
 
 @pytest.mark.slow
 def test_bundle_holds_versions_config_report_logs_and_state_and_no_secret(node: RunningNode, tmp_path: Path) -> None:

@@ -49,14 +49,17 @@ def cluster_view(state: dict[str, Any]) -> ClusterView | None:
             profile = profiles.get(peer)
             return f"{profile['address']}:{profile['apiPort']}" if profile else None
 
-        peers = [PeerSeen(node_id=n, address=address(n), seconds_since_heartbeat=p.get("secondsSinceHeartbeat"))
+        peers = [PeerSeen(node_id=n, address=address(n), seconds_since_heartbeat=p.get("secondsSinceHeartbeat"),
+                          kernel_path=profiles.get(n, {}).get("kernelPath"))
                  for n, p in state.get("peers", {}).items()]
+        own = profiles.get(node_id, {})
         runners = [StateRunner(runner_id=rid, status=r["status"], pid=r.get("pid"), port=r["port"],
                                error=r.get("error"))
                    for rid, r in state.get("runners", {}).items() if r.get("nodeId") == node_id]
         return ClusterView(node_id=node_id, master_id=state.get("masterId"), is_master=bool(state.get("isMaster")),
                            term=int(state.get("term", 0)), nodes=tuple(profiles), peers=tuple(peers),
-                           runners=tuple(runners))
+                           runners=tuple(runners), kernel_path=own.get("kernelPath"),
+                           kernel_reason=own.get("kernelReason"))
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -68,6 +68,7 @@ class PeerSeen(FrozenModel):
     node_id: str
     address: str | None  # host:port of its API, from its profile in the state
     seconds_since_heartbeat: float | None
+    kernel_path: str | None = None  # from its profile
 
 
 class ClusterView(FrozenModel):
@@ -80,6 +81,8 @@ class ClusterView(FrozenModel):
     nodes: tuple[str, ...]
     peers: tuple[PeerSeen, ...]
     runners: tuple[StateRunner, ...]  # this node's
+    kernel_path: str | None = None  # exo.kernels' code path on this node, from its profile
+    kernel_reason: str | None = None
 
 
 class ApiStatus(FrozenModel):
@@ -200,10 +203,14 @@ def render(report: Report) -> str:
     if cluster := report.cluster:
         master = "this node" if cluster.is_master else (cluster.master_id or "none")
         out.append(f"cluster: node={cluster.node_id} master={master} term={cluster.term} "
-                   f"nodes_in_state={len(cluster.nodes)} peers_seen={len(cluster.peers)}")
+                   f"nodes_in_state={len(cluster.nodes)} peers_seen={len(cluster.peers)} "
+                   f"kernels={cluster.kernel_path or '?'}")
+        if cluster.kernel_reason:
+            out.append(f"  kernels: {cluster.kernel_reason}")
         for peer in cluster.peers:
             heard = "never" if peer.seconds_since_heartbeat is None else f"{peer.seconds_since_heartbeat:.1f}s ago"
-            out.append(f"  peer node={peer.node_id} address={peer.address or '?'} heard={heard}")
+            out.append(f"  peer node={peer.node_id} address={peer.address or '?'} heard={heard} "
+                       f"kernels={peer.kernel_path or '?'}")
     discovery = "on" if any(node.discovery for node in report.nodes) else "off"
     out.append(f"discovery: {discovery}, {_browse(report.browse)}")
     for service in report.browse.services:

@@ -1,8 +1,15 @@
-"""Per-layer key/value cache, grown in fixed steps so decode does not reallocate every token."""
+"""Per-layer key/value cache: buffers of fixed capacity written in place at an offset.
+
+Capacity grows in steps of `step` positions, so a decode step's arrays keep their shape for
+`step` tokens and `exo.kernels.cache_append` writes each new position into the buffer it has.
+Attention reads the first `offset` positions (`exo.kernels.decode_attention` takes the length).
+"""
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from exo import kernels
 
 
 class KVCache:
@@ -13,22 +20,31 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def append(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write `keys`/`values` `[B, H, L, D]` at the offset; return the whole buffers (the first
+        `offset` positions, after the advance, are the ones in use)."""
         prev, n = self.offset, keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            grow = ((n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
-            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-        assert self.values is not None
-        self.offset += n
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        if self.keys is None or self.values is None or prev + n > self.keys.shape[2]:
+            self._grow(keys, values, prev + n)
+        assert self.keys is not None and self.values is not None
+        self.keys = kernels.cache_append(self.keys, keys, prev)
+        self.values = kernels.cache_append(self.values, values, prev)
+        self.offset = prev + n
+        return self.keys, self.values
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append, and return the positions in use only."""
+        k, v = self.append(keys, values)
+        return k[..., : self.offset, :], v[..., : self.offset, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+        capacity = -(-needed // self.step) * self.step
+        shape = (*keys.shape[:2], capacity, keys.shape[3])
+        new_k, new_v = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+        if self.keys is not None and self.values is not None and self.offset:
+            new_k = kernels.cache_append(new_k, self.keys[..., : self.offset, :], 0)
+            new_v = kernels.cache_append(new_v, self.values[..., : self.offset, :], 0)
+        self.keys, self.values = new_k, new_v
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | None:

@@ -6,6 +6,10 @@ so a model split into ranges and run one after another computes exactly what the
 
 The q/k/v and gate/up projections are stored fused (one matmul each instead of five): on a CPU
 the per-op cost dominates a small model's decode step.
+
+Norms, rotary embeddings, the cache write and one-row (decode) attention go through exo.kernels,
+as do the matmuls of layers held quantized (exo.engine.layers). A prompt of several positions is
+attended with MLX's causal scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from exo import kernels
 from exo.engine.cache import KVCache
+from exo.engine.layers import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -56,16 +62,24 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
-        self.rope = nn.RoPE(self.head_dim, traditional=args.rope_traditional, base=args.rope_theta)
+        self.rope_traditional, self.rope_base = args.rope_traditional, args.rope_theta
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
         q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
-        q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
+        q, k = self.rotate(q, cache.offset), self.rotate(k, cache.offset)
+        if L == 1:
+            keys, values = cache.append(k, v)
+            out = kernels.decode_attention(q, keys, values, length=cache.offset, scale=self.scale)
+        else:
+            keys, values = cache.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask="causal")
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def rotate(self, x: mx.array, offset: int) -> mx.array:
+        return kernels.rope(x, dims=self.head_dim, traditional=self.rope_traditional, base=self.rope_base,
+                            offset=offset)
 
 
 class MLP(nn.Module):
@@ -84,8 +98,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
@@ -105,7 +119,7 @@ class LlamaShard(nn.Module):
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(start, end)]
         if self.is_last:
-            self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             if not args.tie_word_embeddings:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from exo.engine.layers import quantize
 from exo.engine.llama import LlamaShard, ModelArgs
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.errors import ModelFormatError
@@ -57,8 +57,10 @@ class LoadedModel:
     args: ModelArgs
 
 
-def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "float32") -> LoadedModel:
+def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "quantized") -> LoadedModel:
     """Load layers `[start, end)` of the model at `path` (a `.gguf` file or a model directory).
+    "quantized" keeps every quantized tensor as stored (GGUF Q4_0/Q4_1/Q8_0 arrive from MLX's reader as
+    its affine format with groups of 32) and float tensors as they are; a float dtype dequantizes all.
     Raises ModelFormatError, saying what and why, for files that are unsupported, damaged or not a model."""
     with _reading(path):
         if path.is_file() and path.suffix == ".gguf":
@@ -71,7 +73,8 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "flo
     with _reading(path):
         weights = _fuse(_select_range(weights, model))
         if dtype == "quantized":
-            nn.quantize(model, class_predicate=lambda p, _: _quantization_of(weights, p, group_size))
+            prefixes = [name.removesuffix(".scales") for name in weights if name.endswith(".scales")]
+            quantize(model, {prefix: (group_size, _bits(weights, prefix, group_size)) for prefix in prefixes})
         else:
             weights = _dequantize(weights, group_size, _FLOAT_DTYPES[dtype])
         model.load_weights(list(weights.items()), strict=True)
@@ -211,12 +214,6 @@ def _fuse(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 def _bits(weights: dict[str, mx.array], prefix: str, group_size: int) -> int:
     packed, scales = weights[f"{prefix}.weight"], weights[f"{prefix}.scales"]
     return packed.shape[-1] * 32 // (scales.shape[-1] * group_size)
-
-
-def _quantization_of(weights: dict[str, mx.array], path: str, group_size: int) -> dict[str, int] | bool:
-    if f"{path}.scales" not in weights:
-        return False
-    return {"group_size": group_size, "bits": _bits(weights, path, group_size)}
 
 
 def _dequantize(weights: dict[str, mx.array], group_size: int, dtype: mx.Dtype) -> dict[str, mx.array]:

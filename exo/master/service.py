@@ -29,7 +29,7 @@ PROFILE_REFRESH_SECONDS = 5.0
 
 class ClusterService:
     def __init__(self, coordinator: Coordinator, transport: PeerTransport, *, measure: Callable[[], NodeProfile],
-                 heartbeat_interval: float = 0.5, dtype: Dtype = "float32",
+                 heartbeat_interval: float = 0.5, dtype: Dtype = "quantized",
                  on_state: Callable[[State], None] = lambda state: None,
                  queues: Callable[[], dict[str, int]] = dict,
                  clock: Callable[[], float] = time.monotonic) -> None:

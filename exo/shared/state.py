@@ -38,6 +38,8 @@ class NodeProfile(FrozenModel):
     cpu_count: Small
     accelerator: str
     mlx_device: str
+    kernel_path: str = "stock"  # exo.kernels' code path on this node: "avx512-vnni", "avx2", ... or "stock"
+    kernel_reason: str = ""  # why that path: what was found, or why the native kernels are not used
     mode: NodeMode = NodeMode.NORMAL
 
     @property

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from exo import __version__
+from exo import __version__, kernels
 from exo.shared.state import NodeProfile
 from exo.shared.types import WIRE_INT_MAX, NodeId
 
@@ -66,10 +66,11 @@ class TermStore:
 
 def measure_profile(node_id: NodeId, *, address: str, api_port: int, memory_cap: int | None) -> NodeProfile:
     memory = psutil.virtual_memory()
+    chosen = kernels.info()  # the runners, started from this node's environment, choose the same
     return NodeProfile(node_id=node_id, hostname=socket.gethostname(), version=__version__, address=address,
                        api_port=api_port, memory_total=memory.total, memory_available=memory.available,
                        memory_cap=memory_cap, cpu_count=os.cpu_count() or 1, accelerator=_accelerator(),
-                       mlx_device=_mlx_device())
+                       mlx_device=_mlx_device(), kernel_path=chosen.path, kernel_reason=chosen.reason)
 
 
 def _accelerator() -> str:

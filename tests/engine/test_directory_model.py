@@ -12,6 +12,7 @@ import pytest
 from shards import run_in_sequence
 
 from exo.engine.generate import GenerationParams, generate_text
+from exo.engine.layers import QuantizedEmbedding, QuantizedLinear
 from exo.engine.loading import LoadedModel, load
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.errors import ModelFormatError
@@ -190,8 +191,8 @@ def test_quantized_directory_loads_quantized_and_as_float_with_close_logits(
     path = write_model(tmp_path / "q4", gguf_tokenizer, quantized(weights),
                        quantization={"group_size": 64, "bits": 4})
     packed, dense = load(path, dtype="quantized"), load(path, dtype="float32")
-    assert isinstance(packed.model.layers[0].self_attn.qkv_proj, nn.QuantizedLinear)
-    assert isinstance(packed.model.embed_tokens, nn.QuantizedEmbedding)
+    assert isinstance(packed.model.layers[0].self_attn.qkv_proj, QuantizedLinear)
+    assert isinstance(packed.model.embed_tokens, QuantizedEmbedding)
     assert type(dense.model.layers[0].self_attn.qkv_proj) is nn.Linear
     prompt = dense.tokenizer.encode("What is the capital of France?")
     for a, b in zip(run_in_sequence([packed.model], prompt), run_in_sequence([dense.model], prompt), strict=True):
