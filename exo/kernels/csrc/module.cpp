@@ -34,6 +34,9 @@ using namespace nb::literals;
 namespace exo_kernels {
 namespace {
 
+// Weights from this size up are split over the pool; below it, waking a worker costs more than it saves.
+constexpr int64_t kParallelBytes = 256 << 10;
+
 const KernelTable* g_table = &kPortable;
 int g_threads = 1;
 Pool* g_pool = nullptr;  // made on first use; a forked child drops its parent's (threads do not survive fork)
@@ -141,7 +144,7 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
     const KernelTable* t = g_table;
     const int64_t weight_bytes = N * K * bits / 8;
     int tasks = 1;
-    if (g_threads > 1 && weight_bytes * (M > 8 ? 4 : 1) >= (1 << 20)) tasks = (int)std::min<int64_t>(N / 16, g_threads * 3);
+    if (g_threads > 1 && weight_bytes * (M > 8 ? 4 : 1) >= kParallelBytes) tasks = (int)std::min<int64_t>(N / 16, g_threads * 3);
     if (tasks <= 1) {
       t->qmm(&a, 0, N);
       return;
@@ -444,9 +447,9 @@ std::vector<std::string> supported_paths() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     p.push_back("avx512");
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) p.push_back("avx2");
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) p.push_back("avx2");
 #endif
   p.push_back("portable");  // elsewhere (aarch64) the one path: the same loops, vectorized for the target
   return p;
