@@ -3,9 +3,9 @@ dequantized to float32, and the same tokens whichever exo.kernels code path runs
 
 Greedy decoding can part at a near-tie, where the two highest logits are closer than the two
 computations' rounding differs (quantized_matmul sums in another order than a float matmul over the
-dequantized weights). On SmolLM2-135M Q4_1 and these prompts there is none: the closest top-two
-margins in the float reference are about 0.003 and 0.005 and both paths still agree. The tests accept a
-disagreement only where the reference's margin is under TIE, and say so.
+dequantized weights). On SmolLM2-135M Q4_1 and these prompts (measured over 64 tokens) there is none:
+the closest top-two margins in the float reference are about 0.003 and 0.005 and both paths still
+agree. The tests accept a disagreement only where the reference's margin is under TIE, and say so.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from exo.engine.loading import LoadedModel, load
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Explain how a bicycle works."]
-N_TOKENS = 64
+N_TOKENS = 48
 TIE = 1e-2  # logits closer than this are a near-tie: rounding may order them either way
 TOKENS_SCRIPT = Path(__file__).parents[1] / "kernel_tokens.py"
 
@@ -66,7 +66,7 @@ def test_quantized_greedy_tokens_are_those_of_the_weights_dequantized_to_float32
 
 
 def run_tokens(model_path: Path, env: dict[str, str]) -> dict:  # type: ignore[type-arg]
-    done = subprocess.run([sys.executable, str(TOKENS_SCRIPT), str(model_path), "32", *PROMPTS[:2]],
+    done = subprocess.run([sys.executable, str(TOKENS_SCRIPT), str(model_path), "32", PROMPTS[1]],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
