@@ -11,6 +11,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -94,18 +95,31 @@ int scale_type(mx::Dtype t) {
   throw std::invalid_argument("quantized_matmul: scales and biases must be float32, float16 or bfloat16");
 }
 
-class QuantizedMatmul : public mx::UnaryPrimitive {
+// What every kernel here shares: it runs on the CPU only, and its work goes to the stream's command
+// encoder with its inputs and output registered, so MLX keeps their buffers alive until it has run.
+class CpuPrimitive : public mx::UnaryPrimitive {
  public:
-  QuantizedMatmul(mx::Stream s, int gs, int bits) : mx::UnaryPrimitive(s), gs_(gs), bits_(bits) {}
+  explicit CpuPrimitive(mx::Stream s) : mx::UnaryPrimitive(s) {}
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("exo kernels run on the CPU only");
   }
-  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    alloc(out);
+
+ protected:
+  template <class Work>
+  void encode(const std::vector<mx::array>& in, mx::array& out, Work&& work) {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([x = in[0], w = in[1], s = in[2], b = in[3], y = out.data<float>(), gs = gs_, bits = bits_]() {
+    enc.dispatch(std::forward<Work>(work));
+  }
+};
+
+class QuantizedMatmul : public CpuPrimitive {
+ public:
+  QuantizedMatmul(mx::Stream s, int gs, int bits) : CpuPrimitive(s), gs_(gs), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc(out);
+    encode(in, out, [x = in[0], w = in[1], s = in[2], b = in[3], y = out.data<float>(), gs = gs_, bits = bits_]() {
       run(x, w, s, b, y, gs, bits);
     });
   }
@@ -163,18 +177,12 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   int gs_, bits_;
 };
 
-class RMSNorm : public mx::UnaryPrimitive {
+class RMSNorm : public CpuPrimitive {
  public:
-  RMSNorm(mx::Stream s, float eps) : mx::UnaryPrimitive(s), eps_(eps) {}
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("exo kernels run on the CPU only");
-  }
+  RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([x = in[0], w = in[1], y = out.data<float>(), eps = eps_]() {
+    encode(in, out, [x = in[0], w = in[1], y = out.data<float>(), eps = eps_]() {
       const int64_t D = x.shape(-1), rows = x.size() / D;
       std::vector<char> kw, row;
       const float* wp = (const float*)dense(w, kw);
@@ -198,22 +206,16 @@ class RMSNorm : public mx::UnaryPrimitive {
   float eps_;
 };
 
-class RoPE : public mx::UnaryPrimitive {
+class RoPE : public CpuPrimitive {
  public:
   RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool array_offset)
-      : mx::UnaryPrimitive(s), dims_(dims), trad_(traditional), base_(base), scale_(scale), offset_(offset),
+      : CpuPrimitive(s), dims_(dims), trad_(traditional), base_(base), scale_(scale), offset_(offset),
         array_offset_(array_offset) {}
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("exo kernels run on the CPU only");
-  }
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
     mx::array off = array_offset_ ? in[1] : in[0];
-    enc.dispatch([x = in[0], off, y = out.data<float>(), dims = dims_, trad = trad_, base = base_, scale = scale_,
-                  offset = offset_, array_offset = array_offset_]() {
+    encode(in, out, [x = in[0], off, y = out.data<float>(), dims = dims_, trad = trad_, base = base_, scale = scale_,
+                     offset = offset_, array_offset = array_offset_]() {
       int64_t start = offset;
       if (array_offset) {
         auto t = off.dtype();
@@ -266,21 +268,15 @@ class RoPE : public mx::UnaryPrimitive {
   bool array_offset_;
 };
 
-class CacheAppend : public mx::UnaryPrimitive {
+class CacheAppend : public CpuPrimitive {
  public:
-  CacheAppend(mx::Stream s, int offset) : mx::UnaryPrimitive(s), offset_(offset) {}
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("exo kernels run on the CPU only");
-  }
+  CacheAppend(mx::Stream s, int offset) : CpuPrimitive(s), offset_(offset) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     const mx::array& cache = in[0];
     const bool copy = !(cache.flags().row_contiguous && cache.data_size() == cache.size());
     if (copy) alloc(out);
     else out.copy_shared_buffer(cache);  // in place: the output is the cache's own buffer
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([cache, nw = in[1], y = out.data<char>(), copy, offset = offset_]() {
+    encode(in, out, [cache, nw = in[1], y = out.data<char>(), copy, offset = offset_]() {
       const int64_t es = cache.itemsize();
       if (copy) {
         std::vector<char> keep;
@@ -309,18 +305,12 @@ class CacheAppend : public mx::UnaryPrimitive {
   int offset_;
 };
 
-class DecodeAttention : public mx::UnaryPrimitive {
+class DecodeAttention : public CpuPrimitive {
  public:
-  DecodeAttention(mx::Stream s, int length, float scale) : mx::UnaryPrimitive(s), length_(length), scale_(scale) {}
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("exo kernels run on the CPU only");
-  }
+  DecodeAttention(mx::Stream s, int length, float scale) : CpuPrimitive(s), length_(length), scale_(scale) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc(out);
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
-    enc.dispatch([q = in[0], k = in[1], v = in[2], y = out.data<float>(), T = length_, scale = scale_]() {
+    encode(in, out, [q = in[0], k = in[1], v = in[2], y = out.data<float>(), T = length_, scale = scale_]() {
       const int64_t B = q.shape(0), Hq = q.shape(1), Hkv = k.shape(1), D = q.shape(3), cap = k.shape(2);
       std::vector<char> kq, kk, kv;
       const float* qp = (const float*)dense(q, kq);
