@@ -14,32 +14,37 @@ from mlx.utils import tree_map_with_path
 from exo import kernels
 
 
-class QuantizedLinear(nn.Module):
-    """`x @ W.T` with `W` `[out, in]` held quantized."""
+class _Quantized(nn.Module):
+    """A `[rows, cols]` matrix held quantized, read by `x @ W.T`."""
 
-    def __init__(self, in_dims: int, out_dims: int, *, group_size: int, bits: int) -> None:
+    def __init__(self, rows: int, cols: int, *, group_size: int, bits: int) -> None:
         super().__init__()
         self.group_size, self.bits = group_size, bits
-        self.weight = mx.zeros((out_dims, in_dims * bits // 32), mx.uint32)
-        self.scales = mx.zeros((out_dims, in_dims // group_size), mx.float16)
-        self.biases = mx.zeros((out_dims, in_dims // group_size), mx.float16)
+        self.weight = mx.zeros((rows, cols * bits // 32), mx.uint32)
+        self.scales = mx.zeros((rows, cols // group_size), mx.float16)
+        self.biases = mx.zeros((rows, cols // group_size), mx.float16)
         self.freeze()
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def matmul(self, x: mx.array) -> mx.array:
         return kernels.quantized_matmul(x, self.weight, self.scales, self.biases,
                                         group_size=self.group_size, bits=self.bits)
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedLinear(_Quantized):
+    """`x @ W.T` with `W` `[out, in]` held quantized."""
+
+    def __init__(self, in_dims: int, out_dims: int, *, group_size: int, bits: int) -> None:
+        super().__init__(out_dims, in_dims, group_size=group_size, bits=bits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.matmul(x)
+
+
+class QuantizedEmbedding(_Quantized):
     """A token embedding held quantized; `as_linear` is the tied output head."""
 
     def __init__(self, num_embeddings: int, dims: int, *, group_size: int, bits: int) -> None:
-        super().__init__()
-        self.group_size, self.bits = group_size, bits
-        self.weight = mx.zeros((num_embeddings, dims * bits // 32), mx.uint32)
-        self.scales = mx.zeros((num_embeddings, dims // group_size), mx.float16)
-        self.biases = mx.zeros((num_embeddings, dims // group_size), mx.float16)
-        self.freeze()
+        super().__init__(num_embeddings, dims, group_size=group_size, bits=bits)
 
     def __call__(self, ids: mx.array) -> mx.array:
         rows = mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids],
@@ -47,8 +52,7 @@ class QuantizedEmbedding(nn.Module):
         return rows.astype(mx.float32)  # activations stay float32, whatever the scales are stored as
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return kernels.quantized_matmul(x, self.weight, self.scales, self.biases,
-                                        group_size=self.group_size, bits=self.bits)
+        return self.matmul(x)
 
 
 class RMSNorm(nn.Module):
