@@ -19,9 +19,9 @@ from exo.local_cluster import LocalNode, start_node, static_peers, untag, wait_f
 from exo.worker.profile import free_ports
 from exo.worker.runner.process import runner_pids
 
-__all__ = ["RunningNode", "answers", "assert_clean_log", "free_ports", "idle_health", "orphaned_runner_pids",
-           "runner_pids", "running_nodes", "serving_node", "sse_events", "start_node", "static_peers", "stop_node",
-           "untag", "wait_for", "whole_runner_ready"]
+__all__ = ["RunningNode", "answers", "assert_clean_log", "free_ports", "idle_health", "node_pair",
+           "orphaned_runner_pids", "runner_pids", "running_nodes", "serving_node", "sse_events", "start_node",
+           "static_peers", "stop_node", "untag", "wait_for", "whole_runner_ready"]
 
 
 RunningNode = LocalNode
@@ -136,3 +136,14 @@ def running_nodes(homes: list[Path], models_dir: Path, *args: str,
         assert not failures, failures
         for node, code in zip(nodes, codes, strict=False):
             assert code in (0, -signal.SIGKILL), f"node {node.port} exited {code}:\n{node.log.read_text()[-3000:]}"
+
+
+@contextmanager
+def node_pair(homes: list[Path], models_dir: Path, *args: str,
+              env: dict[str, str] | None = None) -> Iterator[list[RunningNode]]:
+    """Two nodes that name each other as static peers, yielded once both answer and agree on a master."""
+    with running_nodes(homes, models_dir, *args, per_node=static_peers, env=env) as nodes:
+        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
+        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
+                 "both nodes agree on a master")
+        yield nodes

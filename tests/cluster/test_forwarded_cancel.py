@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from nodes import RunningNode, answers, running_nodes, static_peers, wait_for
+from nodes import RunningNode, node_pair, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from exo import local_cluster
@@ -32,10 +32,7 @@ def requests_counted(node: RunningNode) -> dict[tuple[str, str], float]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
     root = tmp_path_factory.mktemp("forward")
-    with running_nodes([root / "entry", root / "server"], models_dir, "--no-preload", per_node=static_peers) as nodes:
-        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
-        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
-                 "both nodes agree on a master")
+    with node_pair([root / "entry", root / "server"], models_dir, "--no-preload") as nodes:
         local_cluster.place(nodes, nodes[1:], DEFAULT_MODEL, [(0, 30)], timeout=120)  # rank 0 on the server
         yield nodes
 

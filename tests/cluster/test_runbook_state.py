@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodes import RunningNode, answers, running_nodes, static_peers, untag, wait_for
+from nodes import RunningNode, node_pair, untag
 
 from exo import local_cluster
 from exo.models.cards import DEFAULT_MODEL
@@ -33,10 +33,7 @@ for id, inst in data.get('instances', {}).items():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
     root = tmp_path_factory.mktemp("runbook")
-    with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", per_node=static_peers) as nodes:
-        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
-        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
-                 "both nodes agree on a master")
+    with node_pair([root / "node0", root / "node1"], models_dir, "--no-preload") as nodes:
         yield nodes
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from nodes import RunningNode, answers, running_nodes, static_peers, wait_for
+from nodes import RunningNode, answers, node_pair, running_nodes, static_peers, wait_for
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -42,10 +42,7 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
     root = tmp_path_factory.mktemp("dashboard")
-    with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", per_node=static_peers) as nodes:
-        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
-        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
-                 "both nodes agree on a master")
+    with node_pair([root / "node0", root / "node1"], models_dir, "--no-preload") as nodes:
         yield nodes
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from nodes import RunningNode, answers, free_ports, runner_pids, running_nodes, static_peers, wait_for
+from nodes import RunningNode, free_ports, node_pair, runner_pids, wait_for
 
 from exo import local_cluster
 from exo.models.cards import DEFAULT_MODEL
@@ -91,11 +91,7 @@ def templated_rules(path: Path) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
     root = tmp_path_factory.mktemp("alerted")
-    with running_nodes([root / "entry", root / "server"], models_dir, "--no-preload",
-                       per_node=static_peers, env=NODE_ENV) as nodes:
-        wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
-        wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,
-                 "both nodes agree on a master")
+    with node_pair([root / "entry", root / "server"], models_dir, "--no-preload", env=NODE_ENV) as nodes:
         local_cluster.place(nodes, nodes[1:], DEFAULT_MODEL, [(0, 30)], timeout=120)  # rank 0 on the server
         yield nodes
 
