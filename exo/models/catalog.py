@@ -24,6 +24,7 @@ class ModelInfo(BaseModel):
     owned_by: str = "exo"
     name: str
     context_length: int | None
+    license: str | None  # the terms a registry model comes under; a local file's are its owner's to know
     downloaded: bool
     local_path: str | None = Field(default=None, exclude=True)  # where this node's own file is: not for clients
 
@@ -65,8 +66,8 @@ class ModelCatalog:
                                 "can serve; start the node with --model PATH to serve a local one.", param="model")
 
     def list(self) -> list[ModelInfo]:
-        infos = [ModelInfo(id=c.id, name=c.name, context_length=c.context_length,
+        infos = [ModelInfo(id=c.id, name=c.name, context_length=c.context_length, license=c.license,
                            downloaded=self.store.is_present(c)) for c in CARDS.values()]
-        infos += [ModelInfo(id=i, name=i, context_length=None, local_path=str(p), downloaded=True)
+        infos += [ModelInfo(id=i, name=i, context_length=None, license=None, local_path=str(p), downloaded=True)
                   for i, p in self.local.items()]
         return infos

