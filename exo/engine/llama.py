@@ -1,15 +1,11 @@
-"""A Llama-family transformer that runs one contiguous layer range `[start, end)`.
-
-The range that starts at layer 0 embeds tokens; the range that ends at the last layer applies
-the final norm and the output head. Everything in between maps a hidden state to a hidden state,
-so a model split into ranges and run one after another computes exactly what the whole does.
+"""A Llama-family transformer (Llama, Mistral, SmolLM) over one contiguous layer range `[start, end)`.
 
 The q/k/v and gate/up projections are stored fused (one matmul each instead of five): on a CPU
 the per-op cost dominates a small model's decode step.
 
 Norms, rotary embeddings, the cache write and one-row (decode) attention go through exo.kernels,
 as do the matmuls of layers held quantized (exo.engine.layers). A prompt of several positions is
-attended with MLX's causal scaled_dot_product_attention.
+attended with MLX's causal scaled_dot_product_attention (exo.engine.base.attend).
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from exo import kernels
+from exo.engine.base import LayerRange, attend
 from exo.engine.cache import KVCache
 from exo.engine.layers import RMSNorm
 
@@ -69,12 +66,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
         q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
         q, k = self.rotate(q, cache.offset), self.rotate(k, cache.offset)
-        if L == 1:
-            keys, values = cache.append(k, v)
-            out = kernels.decode_attention(q, keys, values, length=cache.offset, scale=self.scale)
-        else:
-            keys, values = cache.update_and_fetch(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask="causal")
+        out = attend(q, k, v, cache, scale=self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def rotate(self, x: mx.array, offset: int) -> mx.array:
@@ -106,40 +98,22 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class LlamaShard(nn.Module):
+class LlamaShard(LayerRange):
     """Layers `[start, end)` of a Llama model, with the embedding and head where the range needs them."""
 
     def __init__(self, args: ModelArgs, start: int = 0, end: int | None = None) -> None:
-        super().__init__()
-        end = args.num_hidden_layers if end is None else end
-        if not 0 <= start < end <= args.num_hidden_layers:
-            raise ValueError(f"layer range [{start}, {end}) is not inside [0, {args.num_hidden_layers})")
-        self.args, self.start, self.end = args, start, end
+        super().__init__(args, args.num_hidden_layers, start, end)
         if self.is_first or (self.is_last and args.tie_word_embeddings):
             self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args) for _ in range(start, end)]
+        self.layers = [TransformerBlock(args) for _ in range(self.start, self.end)]
         if self.is_last:
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             if not args.tie_word_embeddings:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
+    def embed(self, ids: mx.array) -> mx.array:
+        return self.embed_tokens(ids)
 
-    @property
-    def is_last(self) -> bool:
-        return self.end == self.args.num_hidden_layers
-
-    def __call__(self, inputs: mx.array, cache: list[KVCache]) -> mx.array:
-        """Token ids `[B, L]` (first range) or hidden states `[B, L, D]` in; hidden states or logits out."""
-        h = self.embed_tokens(inputs) if self.is_first else inputs
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            h = layer(h, layer_cache)
-        if not self.is_last:
-            return h
+    def head(self, h: mx.array) -> mx.array:
         h = self.norm(h)
         return self.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
-
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]

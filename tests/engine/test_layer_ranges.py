@@ -7,8 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
-from shards import run_in_sequence
+from shards import carve, run_in_sequence
 
 from exo.engine.llama import LlamaShard, ModelArgs
 from exo.engine.loading import LoadedModel, load
@@ -24,23 +23,6 @@ def assert_identical(whole: list[mx.array], split: list[mx.array]) -> None:
     for step, (a, b) in enumerate(zip(whole, split, strict=True)):
         assert a.shape == b.shape, f"step {step}"
         assert mx.array_equal(a, b).item(), f"step {step}: max abs diff {mx.abs(a - b).max().item()}"
-
-
-def carve(whole: LlamaShard, start: int, end: int) -> LlamaShard:
-    """The range `[start, end)` of `whole`, sharing its weights (layers renumbered from 0)."""
-    shard = LlamaShard(whole.args, start, end)
-    weights = {}
-    for name, value in tree_flatten(whole.parameters()):
-        if name.startswith("layers."):
-            _, index, rest = name.split(".", 2)
-            if start <= int(index) < end:
-                weights[f"layers.{int(index) - start}.{rest}"] = value
-        elif name.startswith("embed_tokens.") and "embed_tokens" in shard:
-            weights[name] = value
-        elif name.startswith(("norm.", "lm_head.")) and shard.is_last:
-            weights[name] = value
-    shard.load_weights(list(weights.items()), strict=True)
-    return shard
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,76 @@
+"""What every architecture shares: running a contiguous layer range, and attention over the cache.
+
+A `LayerRange` holds layers `[start, end)` of a model. The range that starts at layer 0 embeds
+tokens; the range that ends at the last layer applies the final norm and the output head. Everything
+in between maps a hidden state to a hidden state, so a model split into ranges and run one after
+another computes exactly what the whole does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from exo import kernels
+from exo.engine.cache import KVCache
+
+
+class LayerRange(nn.Module):
+    """Layers `[start, end)` of a model with `n_layers` blocks. Subclasses build `layers` (and, where
+    the range needs them, the embedding and the head) and say how tokens are embedded and read out."""
+
+    def __init__(self, args: Any, n_layers: int, start: int, end: int | None) -> None:
+        super().__init__()
+        end = n_layers if end is None else end
+        if not 0 <= start < end <= n_layers:
+            raise ValueError(f"layer range [{start}, {end}) is not inside [0, {n_layers})")
+        self.args, self.start, self.end, self.n_layers = args, start, end, n_layers
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.n_layers
+
+    def embed(self, ids: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def head(self, h: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache]) -> mx.array:
+        """Token ids `[B, L]` (first range) or hidden states `[B, L, D]` in; hidden states or logits out."""
+        h = self.embed(inputs) if self.is_first else inputs
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            h = layer(h, layer_cache)
+        return self.head(h) if self.is_last else h
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, cache: KVCache, *, scale: float,
+           window: int | None = None) -> mx.array:
+    """Append `k`/`v` `[B, Hkv, L, D]` to the cache and attend `q` `[B, Hq, L, D]` causally over it; with a
+    `window`, each position sees only itself and the `window - 1` positions before it (sliding-window
+    layers). Returns `[B, Hq, L, D]`."""
+    L = q.shape[2]
+    if L == 1:
+        keys, values = cache.append(k, v)
+        length = cache.offset
+        if window is None or length <= window:
+            return kernels.decode_attention(q, keys, values, length=length, scale=scale)
+        seen = slice(length - window, length)
+        return kernels.decode_attention(q, keys[..., seen, :], values[..., seen, :], length=window, scale=scale)
+    keys, values = cache.update_and_fetch(k, v)
+    total = keys.shape[2]
+    if window is None or total <= window:
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask="causal")
+    queries = mx.arange(total - L, total)[:, None]
+    positions = mx.arange(total)[None]
+    mask = (positions <= queries) & (queries - positions < window)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
