@@ -54,6 +54,12 @@ fi
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+if [ -n "$extras" ]; then
+  # --dev builds llama-cpp-python, the engine the tests compare exo with, for this CPU; without its AMX
+  # kernels, which crash in VMs that do not hand AMX state to guests (SIGSEGV in ggml_backend_amx_mul_mat)
+  no_amx="'-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+  export CMAKE_ARGS="${CMAKE_ARGS:-"-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=$no_amx -DCMAKE_CXX_FLAGS=$no_amx"}"
+fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extras"
 .venv/bin/python -c 'import exo.kernels as k; i = k.info(); print(f"setup: kernels {i.path} ({i.reason})")'
 .venv/bin/exo models fetch >/dev/null
