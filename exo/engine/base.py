@@ -8,6 +8,7 @@ another computes exactly what the whole does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -35,6 +36,17 @@ class LayerRange(nn.Module):
     @property
     def is_last(self) -> bool:
         return self.end == self.n_layers
+
+    @classmethod
+    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool) -> Any:
+        """The architecture's ModelArgs from a GGUF file's metadata: `get(key, default=None)` reads
+        `<architecture>.<key>`, and raises if a key without a default is missing."""
+        raise NotImplementedError
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """A Hugging Face checkpoint's weights as this model holds them."""
+        return weights
 
     def embed(self, ids: mx.array) -> mx.array:
         raise NotImplementedError

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,27 @@ class Gemma3Shard(LayerRange):
         if self.is_last:
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.embed_scale = math.sqrt(args.hidden_size)
+
+    @classmethod
+    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool) -> ModelArgs:
+        heads, hidden, layers, head_dim = (get("attention.head_count"), get("embedding_length"), get("block_count"),
+                                           get("attention.key_length", 256))
+        return ModelArgs(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            intermediate_size=get("feed_forward_length"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("attention.head_count_kv", heads),
+            head_dim=head_dim,
+            vocab_size=vocab_size,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=get("rope.freq_base", 1_000_000.0),
+            rope_scaling_factor=get("rope.scaling.factor", 1.0),
+            sliding_window=get("attention.sliding_window", 512),
+            # as llama.cpp: the head size, but for the 27B model (62 layers), whose is hidden / heads
+            query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
+            max_position_embeddings=get("context_length", 32_768),
+        )
 
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids) * self.embed_scale

@@ -47,9 +47,9 @@ class QuantizedEmbedding(_Quantized):
         super().__init__(num_embeddings, dims, group_size=group_size, bits=bits)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        rows = mx.dequantize(self.weight[ids], self.scales[ids], self.biases[ids],
-                             group_size=self.group_size, bits=self.bits)
-        return rows.astype(mx.float32)  # activations stay float32, whatever the scales are stored as
+        # in float32, whatever the scales are stored as: fp16 arithmetic would round the rows
+        return mx.dequantize(self.weight[ids], self.scales[ids].astype(mx.float32),
+                             self.biases[ids].astype(mx.float32), group_size=self.group_size, bits=self.bits)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return self.matmul(x)

@@ -11,6 +11,7 @@ attended with MLX's causal scaled_dot_product_attention (exo.engine.base.attend)
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,24 @@ class LlamaShard(LayerRange):
             self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             if not args.tie_word_embeddings:
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @classmethod
+    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool) -> ModelArgs:
+        heads, hidden = get("attention.head_count"), get("embedding_length")
+        return ModelArgs(
+            hidden_size=hidden,
+            num_hidden_layers=get("block_count"),
+            intermediate_size=get("feed_forward_length"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("attention.head_count_kv", heads),
+            head_dim=get("attention.key_length", hidden // heads),
+            vocab_size=vocab_size,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=get("rope.freq_base", 10000.0),
+            rope_traditional=True,  # GGUF stores q/k permuted for interleaved rotary embeddings
+            tie_word_embeddings=not has_head,
+            max_position_embeddings=get("context_length", 4096),
+        )
 
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids)

@@ -10,15 +10,20 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from exo.engine import gemma3, llama
+from exo.engine.base import LayerRange
+from exo.engine.gemma3 import Gemma3Shard
+from exo.engine.gguf import GROUP_SIZE as GGUF_GROUP_SIZE
+from exo.engine.gguf import GGUFFile
 from exo.engine.layers import quantize
-from exo.engine.llama import LlamaShard, ModelArgs
+from exo.engine.llama import LlamaShard
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.errors import ModelFormatError
 from exo.shared.types import Dtype
@@ -27,14 +32,12 @@ log = logging.getLogger(__name__)
 
 
 _FLOAT_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_GGUF_GROUP_SIZE = 32
-
-_GGUF_NAMES = [
+# GGUF's tensor names → the engine's (Hugging Face's, without the `model.` prefix); first match wins.
+_GGUF_COMMON = [
     (r"^token_embd\.", "embed_tokens."),
     (r"^output_norm\.", "norm."),
     (r"^output\.", "lm_head."),
     (r"^blk\.(\d+)\.attn_norm\.", r"layers.\1.input_layernorm."),
-    (r"^blk\.(\d+)\.ffn_norm\.", r"layers.\1.post_attention_layernorm."),
     (r"^blk\.(\d+)\.attn_q\.", r"layers.\1.self_attn.q_proj."),
     (r"^blk\.(\d+)\.attn_k\.", r"layers.\1.self_attn.k_proj."),
     (r"^blk\.(\d+)\.attn_v\.", r"layers.\1.self_attn.v_proj."),
@@ -43,6 +46,21 @@ _GGUF_NAMES = [
     (r"^blk\.(\d+)\.ffn_up\.", r"layers.\1.mlp.up_proj."),
     (r"^blk\.(\d+)\.ffn_down\.", r"layers.\1.mlp.down_proj."),
 ]
+_GGUF_ARCHITECTURES: dict[str, tuple[Any, list[tuple[str, str]]]] = {
+    "llama": (LlamaShard, [*_GGUF_COMMON, (r"^blk\.(\d+)\.ffn_norm\.", r"layers.\1.post_attention_layernorm.")]),
+    "gemma3": (Gemma3Shard, [
+        *_GGUF_COMMON,
+        (r"^blk\.(\d+)\.attn_q_norm\.", r"layers.\1.self_attn.q_norm."),
+        (r"^blk\.(\d+)\.attn_k_norm\.", r"layers.\1.self_attn.k_norm."),
+        (r"^blk\.(\d+)\.post_attention_norm\.", r"layers.\1.post_attention_layernorm."),
+        (r"^blk\.(\d+)\.ffn_norm\.", r"layers.\1.pre_feedforward_layernorm."),
+        (r"^blk\.(\d+)\.post_ffw_norm\.", r"layers.\1.post_feedforward_layernorm."),
+    ]),
+}
+_DIRECTORY_ARCHITECTURES: dict[str, tuple[Any, Any]] = {
+    "llama": (LlamaShard, llama.ModelArgs), "mistral": (LlamaShard, llama.ModelArgs),
+    "gemma3": (Gemma3Shard, gemma3.ModelArgs), "gemma3_text": (Gemma3Shard, gemma3.ModelArgs),
+}
 _FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
@@ -52,76 +70,56 @@ _PARTS = ("weight", "scales", "biases")
 
 @dataclass
 class LoadedModel:
-    model: LlamaShard
+    model: LayerRange
     tokenizer: Tokenizer
-    args: ModelArgs
+    args: Any  # the architecture's ModelArgs
 
 
 def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "quantized") -> LoadedModel:
     """Load layers `[start, end)` of the model at `path` (a `.gguf` file or a model directory).
-    "quantized" keeps every quantized tensor as stored (GGUF Q4_0/Q4_1/Q8_0 arrive from MLX's reader as
-    its affine format with groups of 32) and float tensors as they are; a float dtype dequantizes all.
-    Raises ModelFormatError, saying what and why, for files that are unsupported, damaged or not a model."""
+    "quantized" keeps every quantized tensor as stored (GGUF types as exo.engine.gguf converts them, an
+    MLX directory's as they are) and float tensors as they are; a float dtype dequantizes all. Only the
+    range's tensors are read. Raises ModelFormatError, saying what and why, for files that are
+    unsupported, damaged or not a model."""
     with _reading(path):
-        if path.is_file() and path.suffix == ".gguf":
-            weights, args, group_size, tokenizer = _read_gguf(path)
-        elif path.is_dir() and (path / "config.json").is_file():
-            weights, args, group_size, tokenizer = _read_directory(path)
-        else:
-            raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
-    model = LlamaShard(args, start, end)  # a range outside the model is the caller's bug: ValueError
+        source = _open(path)
+    model = source.architecture(source.args, start, end)  # a range outside the model is the caller's bug
     with _reading(path):
-        weights = _fuse(_select_range(weights, model))
+        weights = _fuse(source.read(lambda name: _in_range(name, model)), source.group_size)
         if dtype == "quantized":
             prefixes = [name.removesuffix(".scales") for name in weights if name.endswith(".scales")]
-            quantize(model, {prefix: (group_size, _bits(weights, prefix, group_size)) for prefix in prefixes})
+            quantize(model, {p: (source.group_size, _prefix_bits(weights, p, source.group_size)) for p in prefixes})
         else:
-            weights = _dequantize(weights, group_size, _FLOAT_DTYPES[dtype])
+            weights = _dequantize(weights, source.group_size, _FLOAT_DTYPES[dtype])
         model.load_weights(list(weights.items()), strict=True)
         mx.eval(model.parameters())
     log.info("loaded %s layers [%d, %d) of %d as %s", path.name, model.start, model.end,
-             args.num_hidden_layers, dtype)
-    return LoadedModel(model, tokenizer, args)
+             model.n_layers, dtype)
+    return LoadedModel(model, source.tokenizer, source.args)
 
 
-def load_tokenizer(path: Path) -> tuple[Tokenizer, ModelArgs]:
+def load_tokenizer(path: Path) -> tuple[Tokenizer, Any]:
     """The tokenizer and shape of the model at `path`, for a process that renders prompts but holds no layers."""
     with _reading(path):
-        if path.is_file() and path.suffix == ".gguf":
-            _, args, _, tokenizer = _read_gguf(path)  # reads the tensors too; MLX has no metadata-only read
-            return tokenizer, args
-        if path.is_dir() and (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
-            return Tokenizer.from_directory(path), _checked(ModelArgs.from_dict(config), path)
-    raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
-
-
-# What MLX's loader says, and what it means for the person who chose the file.
-_MLX_SAYS = [
-    ("gguf_tensor_to_f16 failed", "it holds tensors of a quantization MLX cannot read (K-quants such as Q3_K, Q5_K "
-                                  "or Q8_K, as in Q4_K_M files); use a Q4_0, Q4_1, Q8_0 or F16 GGUF"),
-    ("gguf_init failed", "it is not a GGUF file (its header cannot be read), or it is cut short"),
-    ("extends past the end of the file", "it is cut short (an incomplete download or a damaged copy)"),
-]
+        source = _open(path, tensors=False)
+        return source.tokenizer, source.args
 
 
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
-    """Turn what reading a damaged or foreign model raises, from MLX, the tokenizer or a config, into
-    one ModelFormatError naming the file and why."""
+    """Turn what reading a damaged or foreign model raises, from the reader, the tokenizer or a config,
+    into one ModelFormatError naming the file and why."""
     try:
         yield
     except ModelFormatError:
         raise
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:
         said = str(e).strip("'\"") or type(e).__name__
-        why = next((meaning for clue, meaning in _MLX_SAYS if clue in said), None)
-        if why is None:
-            why = f"it is missing {said!r}" if isinstance(e, KeyError) else f"it cannot be read: {said}"
+        why = f"it is missing {said!r}" if isinstance(e, KeyError) else f"it cannot be read: {said}"
         raise ModelFormatError(f"{path.name} is not a model exo can serve: {why}") from e
 
 
-def _checked(args: ModelArgs, path: Path) -> ModelArgs:
+def _checked(args: Any, path: Path) -> Any:
     """`args`, if they describe a model at all."""
     sizes = (args.hidden_size, args.num_hidden_layers, args.intermediate_size, args.num_attention_heads,
              args.vocab_size)
@@ -131,89 +129,148 @@ def _checked(args: ModelArgs, path: Path) -> ModelArgs:
     return args
 
 
-def _read_gguf(path: Path) -> tuple[dict[str, mx.array], ModelArgs, int, Tokenizer]:
-    raw, meta = mx.load(str(path), return_metadata=True)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelFormatError(f"{path.name}: architecture {arch!r} is not supported (only 'llama')")
-
-    def num(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}")
-        if value is None and default is None:
-            raise ModelFormatError(f"{path.name}: its metadata lacks llama.{key}")
-        return default if value is None else value.item()
-
-    head_count = num("attention.head_count")
-    hidden = num("embedding_length")
-    args = ModelArgs(
-        hidden_size=hidden,
-        num_hidden_layers=num("block_count"),
-        intermediate_size=num("feed_forward_length"),
-        num_attention_heads=head_count,
-        num_key_value_heads=num("attention.head_count_kv", head_count),
-        head_dim=num("attention.key_length", hidden // head_count),
-        vocab_size=num("vocab_size", len(meta["tokenizer.ggml.tokens"])),
-        rms_norm_eps=num("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=num("rope.freq_base", 10000.0),
-        rope_traditional=True,  # GGUF stores q/k permuted for interleaved rotary embeddings
-        tie_word_embeddings="output.weight" not in raw,
-        max_position_embeddings=num("context_length", 4096),
-    )
-    _checked(args, path)
-    weights = {}
-    for name, value in raw.items():
-        for pattern, repl in _GGUF_NAMES:
-            if re.match(pattern, name):
-                weights[re.sub(pattern, repl, name)] = value
-                break
-    return weights, args, _GGUF_GROUP_SIZE, Tokenizer.from_gguf_metadata(meta)
+Wanted = Callable[[str], str | None]  # a tensor's engine name → its name in the range's model, or None
 
 
-def _read_directory(path: Path) -> tuple[dict[str, mx.array], ModelArgs, int, Tokenizer]:
+@dataclass
+class _Source:
+    """An opened model: what it is, and how to read the tensors a layer range wants."""
+
+    architecture: type[LayerRange]
+    args: Any
+    tokenizer: Tokenizer
+    group_size: int
+    read: Callable[[Wanted], dict[str, mx.array]]
+
+
+def _open(path: Path, *, tensors: bool = True) -> _Source:
+    if path.is_file() and path.suffix == ".gguf":
+        return _open_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _open_directory(path, tensors=tensors)
+    raise ModelFormatError(f"{path} is neither a .gguf file nor a directory with config.json")
+
+
+def _open_gguf(path: Path) -> _Source:
+    file = GGUFFile(path)
+    arch = file.architecture
+    if arch not in _GGUF_ARCHITECTURES:
+        raise ModelFormatError(f"{path.name}: architecture {arch!r} is not supported "
+                               f"(only {', '.join(map(repr, _GGUF_ARCHITECTURES))})")
+    model, names = _GGUF_ARCHITECTURES[arch]
+    meta = file.metadata
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelFormatError(f"{path.name}: its metadata lacks {arch}.{key}")
+        return value
+
+    vocab = get("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
+    args = _checked(model.args_from_gguf(get, vocab_size=vocab, has_head="output.weight" in file.tensors), path)
+    engine_names = {name: engine for name in file.tensors if (engine := _rename(name, names)) is not None}
+
+    def read(wanted: Wanted) -> dict[str, mx.array]:
+        weights = {}
+        for name, engine in engine_names.items():
+            if (target := wanted(engine)) is not None:
+                for part, value in file.tensor(name).parts.items():  # one tensor converted at a time
+                    weights[f"{target.removesuffix('.weight')}.{part}"] = value
+        return weights
+
+    return _Source(model, args, Tokenizer.from_gguf_metadata(meta), GGUF_GROUP_SIZE, read)
+
+
+def _rename(name: str, names: list[tuple[str, str]]) -> str | None:
+    for pattern, repl in names:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def _open_directory(path: Path, *, tensors: bool) -> _Source:
     config = json.loads((path / "config.json").read_text())
-    if config.get("model_type", "llama") not in ("llama", "mistral"):
-        raise ModelFormatError(f"{path.name}: model_type {config['model_type']!r} is not supported")
+    model_type = config.get("model_type", "llama")
+    if model_type not in _DIRECTORY_ARCHITECTURES:
+        raise ModelFormatError(f"{path.name}: model_type {model_type!r} is not supported")
+    model, args_type = _DIRECTORY_ARCHITECTURES[model_type]
     files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if tensors and not files:
         raise ModelFormatError(f"{path} holds no *.safetensors files")
-    weights: dict[str, mx.array] = {}
-    for file in files:
-        weights.update(mx.load(str(file)))
-    weights = {k.removeprefix("model."): v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+
+    def read(wanted: Wanted) -> dict[str, mx.array]:
+        weights: dict[str, mx.array] = {}
+        for file in files:
+            for name, value in mx.load(str(file)).items():
+                name = name.removeprefix("language_model.").removeprefix("model.")
+                if (target := wanted(name)) is not None:
+                    weights[target] = value
+        return model.sanitize(weights)
+
     group_size = config.get("quantization", {}).get("group_size", 64)
-    return weights, _checked(ModelArgs.from_dict(config), path), group_size, Tokenizer.from_directory(path)
+    return _Source(model, _checked(args_type.from_dict(config), path), Tokenizer.from_directory(path), group_size,
+                   read)
 
 
-def _select_range(weights: dict[str, mx.array], model: LlamaShard) -> dict[str, mx.array]:
-    """Keep the tensors of `model`'s range, with its layers renumbered from 0."""
-    kept = {}
-    for name, value in weights.items():
-        if match := re.match(r"layers\.(\d+)\.(.*)", name):
-            index = int(match.group(1))
-            if model.start <= index < model.end:
-                kept[f"layers.{index - model.start}.{match.group(2)}"] = value
-        elif name.startswith("embed_tokens.") and hasattr(model, "embed_tokens"):
-            kept[name] = value
-        elif name.startswith(("norm.", "lm_head.")) and model.is_last:
-            kept[name] = value
-    return kept
+def _in_range(name: str, model: LayerRange) -> str | None:
+    """`name` as `model`'s range holds it (layers renumbered from 0), or None if the range has no use for it."""
+    if match := re.match(r"layers\.(\d+)\.(.*)", name):
+        index = int(match.group(1))
+        return f"layers.{index - model.start}.{match.group(2)}" if model.start <= index < model.end else None
+    if name.startswith("embed_tokens.") and "embed_tokens" in model:
+        return name
+    if name.startswith(("norm.", "lm_head.")) and model.is_last:
+        return name
+    return None
 
 
-def _fuse(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Concatenate q/k/v and gate/up along their output rows (quantized or not, rows stay whole)."""
+def _fuse(weights: dict[str, mx.array], group_size: int) -> dict[str, mx.array]:
+    """Concatenate q/k/v and gate/up along their output rows (quantized or not, rows stay whole). Parts
+    stored differently (a Q4_K_M file's 4-bit q beside its 8-bit v) are first widened to the widest."""
     n_layers = len({k.split(".")[1] for k in weights if k.startswith("layers.")})
     for i in range(n_layers):
         for fused, parts in _FUSED.items():
-            for suffix in _PARTS:
-                names = [f"layers.{i}.{part}.{suffix}" for part in parts]
-                if all(name in weights for name in names):
-                    weights[f"layers.{i}.{fused}.{suffix}"] = mx.concatenate([weights.pop(n) for n in names])
+            prefixes = [f"layers.{i}.{part}" for part in parts]
+            if not all(f"{p}.weight" in weights for p in prefixes):
+                continue
+            tensors = _alike([{s: weights.pop(f"{p}.{s}") for s in _PARTS if f"{p}.{s}" in weights}
+                              for p in prefixes], group_size)
+            for suffix in tensors[0]:
+                weights[f"layers.{i}.{fused}.{suffix}"] = mx.concatenate([t[suffix] for t in tensors])
     return weights
 
 
-def _bits(weights: dict[str, mx.array], prefix: str, group_size: int) -> int:
-    packed, scales = weights[f"{prefix}.weight"], weights[f"{prefix}.scales"]
-    return packed.shape[-1] * 32 // (scales.shape[-1] * group_size)
+def _alike(tensors: list[dict[str, mx.array]], group_size: int) -> list[dict[str, mx.array]]:
+    """`tensors` (weight, and scales and biases if quantized) stored alike, losing nothing: float ones
+    quantized only if another is, 4-bit codes widened to 8, fp16 scales to float32."""
+    quantized = [t for t in tensors if "scales" in t]
+    if not quantized:
+        dtype = max((t["weight"].dtype for t in tensors), key=lambda d: d.size)
+        return [{"weight": t["weight"].astype(dtype)} for t in tensors]
+    bits = {_bits(t, group_size) for t in quantized}
+    scale_types = {t["scales"].dtype for t in quantized}
+    if len(quantized) == len(tensors) and len(bits) == 1 and len(scale_types) == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        if "scales" not in t:  # as 8 bits in the quantized parts' groups: the nearest affine grid
+            w, scales, biases = mx.quantize(t["weight"].astype(mx.float32), group_size=group_size, bits=8)
+            t = {"weight": w, "scales": scales, "biases": biases}
+        elif _bits(t, group_size) == 4:
+            packed = t["weight"].view(mx.uint8)
+            codes = mx.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+            t = {**t, "weight": codes.view(mx.uint32)}
+        out.append({"weight": t["weight"], "scales": t["scales"].astype(mx.float32),
+                    "biases": t["biases"].astype(mx.float32)})
+    return out
+
+
+def _bits(tensor: dict[str, mx.array], group_size: int) -> int:
+    return tensor["weight"].shape[-1] * 32 // (tensor["scales"].shape[-1] * group_size)
+
+
+def _prefix_bits(weights: dict[str, mx.array], prefix: str, group_size: int) -> int:
+    return _bits({"weight": weights[f"{prefix}.weight"], "scales": weights[f"{prefix}.scales"]}, group_size)
 
 
 def _dequantize(weights: dict[str, mx.array], group_size: int, dtype: mx.Dtype) -> dict[str, mx.array]:
@@ -223,7 +280,7 @@ def _dequantize(weights: dict[str, mx.array], group_size: int, dtype: mx.Dtype) 
             continue
         prefix = name.removesuffix(".weight")
         if name.endswith(".weight") and f"{prefix}.scales" in weights:
-            bits = _bits(weights, prefix, group_size)
+            bits = _prefix_bits(weights, prefix, group_size)
             value = mx.dequantize(value, weights[f"{prefix}.scales"], weights[f"{prefix}.biases"],
                                   group_size=group_size, bits=bits)
         out[name] = value.astype(dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import tokenizers
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from exo.shared.errors import ChatTemplateError, ModelFormatError
 
@@ -28,16 +29,18 @@ _GGUF_PRE_TOKENIZERS = {
         pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
-_GGUF_SPECIAL_TYPES = (3, 4)  # CONTROL, USER_DEFINED
+# llama.cpp's token types that are matched in the text before the model sees it: control tokens
+# (<|im_end|>, <start_of_turn>) only in a template's markup, user-defined ones everywhere.
+_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
 
 
 class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, *, chat_template: str | None, bos_id: int | None,
                  eos_ids: Sequence[int], add_bos: bool) -> None:
         self.backend = backend
-        # A twin that reads special tokens' text as plain text: what message contents are encoded with.
-        self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
-        self._plain.encode_special_tokens = True
+        # Message contents are encoded with special tokens' text read as plain text: a flag on the one
+        # backend (a copy costs seconds for a large vocabulary), so encoding takes turns.
+        self._encoding = threading.Lock()
         self._specials = tuple(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
         self.bos_id, self.add_bos = bos_id, add_bos
         self.eos_ids = tuple(dict.fromkeys(eos_ids))
@@ -49,25 +52,29 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-        if kind != "gpt2" or pre not in _GGUF_PRE_TOKENIZERS:
-            raise ModelFormatError(f"GGUF tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        backend.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
-        backend.decoder = decoders.ByteLevel()
-        types = meta["tokenizer.ggml.token_type"].tolist()
+        types: list[int] = list(meta.get("tokenizer.ggml.token_type", ()))
+        if kind == "gpt2" and pre in _GGUF_PRE_TOKENIZERS:
+            backend = _byte_level_bpe(tokens, meta["tokenizer.ggml.merges"], _GGUF_PRE_TOKENIZERS[pre]())
+        elif kind == "llama":
+            backend = _sentencepiece_bpe(tokens, meta["tokenizer.ggml.scores"], types,
+                                         add_space_prefix=meta.get("tokenizer.ggml.add_space_prefix", True))
+        else:
+            raise ModelFormatError(f"GGUF tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported")
+        backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                            for t, ty in zip(tokens, types, strict=False) if ty == _USER_DEFINED])
         backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                    for t, ty in zip(tokens, types, strict=False) if ty in _GGUF_SPECIAL_TYPES])
+                                    for t, ty in zip(tokens, types, strict=False) if ty == _CONTROL])
 
         def token_id(key: str) -> int | None:
             value = meta.get(f"tokenizer.ggml.{key}")
-            return None if value is None else int(value.item())
+            return None if value is None else int(value)
 
         eos = [i for i in (token_id("eos_token_id"), token_id("eot_token_id")) if i is not None]
-        add_bos = meta.get("tokenizer.ggml.add_bos_token")
+        # Gemma's turns end with <end_of_turn>, which its files do not name as eot
+        eos += [i for i, t in enumerate(tokens) if t == "<end_of_turn>" and types[i] == _CONTROL]
         return cls(backend, chat_template=meta.get("tokenizer.chat_template"), bos_id=token_id("bos_token_id"),
-                   eos_ids=eos, add_bos=bool(add_bos.item()) if add_bos is not None else False)
+                   eos_ids=eos, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")))
 
     @classmethod
     def from_directory(cls, path: Path) -> Tokenizer:
@@ -90,8 +97,19 @@ class Tokenizer:
         return cls(backend, chat_template=template, bos_id=token_id(config.get("bos_token")), eos_ids=eos,
                    add_bos=bool(config.get("add_bos_token", False)))
 
-    def encode(self, text: str) -> list[int]:
-        return self._with_bos(self.backend.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, special: bool = True, bos: bool = True) -> list[int]:
+        """`text`'s tokens: with `special`, control tokens' text becomes those tokens (as llama.cpp's
+        `special=True`); with `bos`, the model's BOS token leads if the model asks for one."""
+        ids = self._encode([text], plain=not special)[0]
+        return self._with_bos(ids) if bos else ids
+
+    def _encode(self, texts: list[str], *, plain: bool) -> list[list[int]]:
+        with self._encoding:  # in batches, because the tokenizer lets go of the GIL only for those
+            self.backend.encode_special_tokens = plain
+            try:
+                return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+            finally:
+                self.backend.encode_special_tokens = False
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt for `messages`. Only the chat template's own markup becomes special tokens; the
@@ -108,23 +126,22 @@ class Tokenizer:
                 break
             markup.append(before)
         if len(markup) == len(messages) and _interleave(markup, contents) + rest == prompt:
-            # batches, because the tokenizer lets go of the GIL only for those
-            markup_ids = self.backend.encode_batch([*markup, rest], add_special_tokens=False)
-            content_ids = self._plain.encode_batch(contents, add_special_tokens=False)
-            ids = [i for pair in zip(markup_ids, content_ids, strict=False) for part in pair for i in part.ids]
-            return self._with_bos(ids + markup_ids[-1].ids)
+            markup_ids = self._encode([*markup, rest], plain=False)
+            content_ids = self._encode(contents, plain=True)
+            ids = [i for pair in zip(markup_ids, content_ids, strict=False) for part in pair for i in part]
+            return self._with_bos(ids + markup_ids[-1])
         # The template changes the contents (trims them, say): where none holds a special token's text,
         # the whole prompt may be encoded as it is.
         if any(s in text for text in contents for s in self._specials):
             raise ChatTemplateError("a message holds the text of one of the model's control tokens, which this "
                                     "model's chat template alters; remove it", param="messages")
-        return self._with_bos(self.backend.encode_batch([prompt], add_special_tokens=False)[0].ids)
+        return self._with_bos(self._encode([prompt], plain=False)[0])
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
         """The most UTF-8 bytes one token stands for: a text of n bytes is at least n / this tokens."""
-        vocab = self._plain.get_vocab_size(with_added_tokens=True)
-        pieces = self._plain.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+        vocab = self.backend.get_vocab_size(with_added_tokens=True)
+        pieces = self.backend.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
         return max(1, *(len(piece.encode()) for piece in pieces))
 
     def _with_bos(self, ids: list[int]) -> list[int]:
@@ -145,6 +162,42 @@ class Tokenizer:
                                          bos_token=bos, eos_token=eos)
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", param="messages") from e
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre_tokenizer: Any) -> tokenizers.Tokenizer:
+    """GPT-2 style BPE (`tokenizer.ggml.model` = gpt2: Llama 3, Qwen, SmolLM): merges as listed."""
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], *,
+                       add_space_prefix: bool) -> tokenizers.Tokenizer:
+    """SentencePiece's BPE (`tokenizer.ggml.model` = llama: Llama 2, Mistral, Gemma) as llama.cpp runs it:
+    spaces become ▁, then the adjacent pair whose join is the highest-scoring token merges first, and
+    what no token covers falls back to <0xXX> byte tokens. As Hugging Face merges, every split of a token
+    into two tokens, ranked by the joined token's score."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, token in enumerate(tokens):
+        if types[i] in (_CONTROL, _BYTE):  # control tokens come from markup only, never from merging text
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], i, left, right))
+    ranked.sort()
+    unknown = next((t for t, ty in zip(tokens, types, strict=False) if ty == 2), None)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked],
+                                              unk_token=unknown, byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    steps = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *steps])
+    return backend
 
 
 def _interleave(markup: list[str], contents: list[str]) -> str:

@@ -1,5 +1,6 @@
-"""Model files exo cannot read: a K-quant GGUF, a truncated copy of the real model, a text file named .gguf.
-Each is one clear error saying what and why; a real node given them keeps serving its other model."""
+"""Model files exo cannot read: a GGUF of a tensor type no reader knows, a truncated copy of the real
+model, a text file named .gguf. Each is one clear error saying what and why; a real node given them
+keeps serving its other model."""
 
 from __future__ import annotations
 
@@ -15,19 +16,19 @@ from exo.engine.loading import load, load_tokenizer
 from exo.models.cards import DEFAULT_MODEL
 from exo.shared.errors import ModelFormatError
 
-Q5_K, Q5_K_BLOCK = 13, 176  # ggml's type id and bytes per 256 weights: a K-quant MLX cannot convert
+UNKNOWN_TYPE = 99  # no ggml tensor type has this id
 
 
 def _gguf_string(text: str) -> bytes:
     return struct.pack("<Q", len(text)) + text.encode()
 
 
-def write_k_quant_gguf(path: Path) -> Path:
-    """A GGUF v3 file of one 256-weight Q5_K tensor, as in llama.cpp's Q4_K_M files."""
+def write_unknown_type_gguf(path: Path) -> Path:
+    """A GGUF v3 file of one 256-element tensor of a type id no ggml version defines."""
     metadata = _gguf_string("general.architecture") + struct.pack("<I", 8) + _gguf_string("llama")  # 8: string
-    tensor = _gguf_string("token_embd.weight") + struct.pack("<IQQIQ", 2, 256, 1, Q5_K, 0)
+    tensor = _gguf_string("token_embd.weight") + struct.pack("<IQQIQ", 2, 256, 1, UNKNOWN_TYPE, 0)
     header = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + metadata + tensor
-    path.write_bytes(header + b"\0" * (-len(header) % 32) + b"\1" * Q5_K_BLOCK)  # data aligned to 32 bytes
+    path.write_bytes(header + b"\0" * (-len(header) % 32) + b"\1" * 256)  # data aligned to 32 bytes
     return path
 
 
@@ -39,7 +40,7 @@ def bad_files(tmp_path: Path, model_path: Path) -> Iterator[dict[str, tuple[Path
         truncated.write_bytes(whole.read(model_path.stat().st_size * 2 // 3))
     text = tmp_path / "notes.gguf"
     text.write_text("these are my notes, not a model\n")
-    files = {"kquant": (write_k_quant_gguf(tmp_path / "kquant.gguf"), "a quantization MLX cannot read"),
+    files = {"unknown": (write_unknown_type_gguf(tmp_path / "unknown.gguf"), "a tensor type exo cannot read"),
              "truncated": (truncated, "it is cut short"), "notes": (text, "it is not a GGUF file")}
     yield files
     for path, _ in files.values():
@@ -75,9 +76,9 @@ def test_a_node_given_unreadable_model_files_logs_one_line_each_and_serves_its_o
             "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"], answer.text
         refused = httpx.post(f"{node.url}/v1/chat/completions", timeout=60, json={
-            "model": "kquant", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            "model": "unknown", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         error = refused.json()["error"]
-        assert refused.status_code == 500 and "a quantization MLX cannot read" in error["message"], refused.text
+        assert refused.status_code == 500 and "a tensor type exo cannot read" in error["message"], refused.text
         assert httpx.get(f"{node.url}/health").status_code == 200 and node.process.poll() is None
     finally:
         assert stop_node(node) == 0, node.log_tail()
