@@ -11,7 +11,8 @@ import pytest
 
 from exo.engine.loading import load_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
+from llama_cpp_reference import reference  # noqa: E402
 
 TEXTS = [
     "Hello, world!",
@@ -39,10 +40,8 @@ TEXTS = [
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def model(request: pytest.FixtureRequest, model_path: Path, gemma_path: Path) -> Iterator[tuple[object, object]]:
     path = model_path if request.param == "smollm2" else gemma_path
-    reference = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    tokenizer, _ = load_tokenizer(path)
-    yield tokenizer, reference
-    reference.close()
+    with reference(path, vocab_only=True) as model:
+        yield load_tokenizer(path)[0], model
 
 
 @pytest.mark.parametrize("text", TEXTS)
