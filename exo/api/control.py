@@ -20,7 +20,7 @@ from exo.master.service import ClusterService
 from exo.shared.errors import InvalidRequest, ServiceUnavailable
 from exo.shared.state import NodeMode
 
-WORK_PATHS = ("/v1/chat/completions",)  # what a draining node refuses, and counts while it runs
+WORK_PATHS = ("/v1/chat/completions", "/v1/completions")  # what a draining node refuses, and counts while it runs
 
 
 class Admission:

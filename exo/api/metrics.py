@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 disable_created_metrics()  # a `_created` series per counter and histogram doubles them for nothing Prometheus reads
 
 CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
 CLIENT_CLOSED_REQUEST = 499  # the outcome of a request whose client went away (as the router answers it)
 CODES = ("200", "400", "404", "499", "500", "503")  # the outcomes whose series exist from the start, per model
 NODE_MODES = ("serving", "draining", "stopping")
@@ -81,23 +82,24 @@ class Metrics:
         self.models.add(model)
         for code in CODES:
             for forwarded in ("false", "true"):
-                self.requests.labels(CHAT_ENDPOINT, model, code, forwarded)
+                for endpoint in (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT):
+                    self.requests.labels(endpoint, model, code, forwarded)
         if model:
             self.tokens.labels(model)
             self.ttft.labels(model)
             self.per_token.labels(model)
 
-    def chat(self, *, forwarded: bool) -> ChatRecord:
-        """Start recording a chat request that has just arrived."""
-        return ChatRecord(self, forwarded=forwarded)
+    def chat(self, *, forwarded: bool, endpoint: str = CHAT_ENDPOINT) -> ChatRecord:
+        """Start recording a chat (or text completion) request that has just arrived."""
+        return ChatRecord(self, forwarded=forwarded, endpoint=endpoint)
 
 
 class ChatRecord:
     """One chat request as it is served. Used as a context manager, it counts the request on exit
     with its outcome: the status code of an ExoError, 499 when cancelled, 500 for a bug."""
 
-    def __init__(self, metrics: Metrics, *, forwarded: bool) -> None:
-        self.metrics, self.forwarded = metrics, forwarded
+    def __init__(self, metrics: Metrics, *, forwarded: bool, endpoint: str) -> None:
+        self.metrics, self.forwarded, self.endpoint = metrics, forwarded, endpoint
         self.model = ""  # set once the catalog knows the model, so no client can invent label values
         self.code = 200
         self.started = time.perf_counter()
@@ -130,7 +132,7 @@ class ChatRecord:
     def end(self) -> None:
         if not self.ended:
             self.ended = True
-            self.metrics.requests.labels(CHAT_ENDPOINT, self.model, str(self.code), str(self.forwarded).lower()).inc()
+            self.metrics.requests.labels(self.endpoint, self.model, str(self.code), str(self.forwarded).lower()).inc()
 
     def __enter__(self) -> ChatRecord:
         return self

@@ -239,9 +239,11 @@ async def test_the_series_alerts_divide_by_exist_at_zero_before_their_first_even
         samples = await scrape(client)
     for model in ("", "m"):  # "" for a request refused before its model is known (a draining node's)
         for code in ("200", "499", "503"):
-            [series] = [s for s in samples["exo_requests_total"] if (s.labels["model"], s.labels["code"],
-                                                                    s.labels["forwarded"]) == (model, code, "false")]
-            assert series.value == (1 if (model, code) == ("m", "200") else 0)
+            for endpoint in ("/v1/chat/completions", "/v1/completions"):
+                [series] = [s for s in samples["exo_requests_total"] if (
+                    s.labels["endpoint"], s.labels["model"], s.labels["code"], s.labels["forwarded"]) == (
+                    endpoint, model, code, "false")]
+                assert series.value == (1 if (endpoint, model, code) == ("/v1/chat/completions", "m", "200") else 0)
     assert value(samples, "exo_generated_tokens_total", model="m") == 0
     assert value(samples, "exo_time_to_first_token_seconds_bucket", model="m", le="300.0") == 0  # past 30 s
 

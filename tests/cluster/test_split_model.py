@@ -1,4 +1,4 @@
-"""The default model split across 2 and 3 real nodes on loopback answers exactly as on one node.
+"""The default model, and Gemma 3, split across 2 and 3 real nodes on loopback answer exactly as on one node.
 
 One module-wide cluster of three nodes (static peers, no preload): each case places an
 instance by hand with `POST /instance`, asks through every node (the ones without rank 0 hand
@@ -131,6 +131,31 @@ def test_a_task_that_does_not_fit_or_raises_fails_alone_and_the_runner_keeps_ser
         assert "cannot run while the runner is Ready" in log and "Traceback" not in log
     finally:
         delete(cluster, instance_id)
+
+
+GEMMA = "gemma3-270m"
+GEMMA_SPLITS = {1: [(0, 18)], 2: [(0, 9), (9, 18)], 3: [(0, 6), (6, 12), (12, 18)]}
+GEMMA_PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+
+
+def complete(node: RunningNode, prompt: str) -> str:
+    body = {"model": GEMMA, "prompt": prompt, "temperature": 0, "max_tokens": MAX_TOKENS}
+    response = httpx.post(f"{node.url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["text"])
+
+
+def test_gemma_split_across_two_and_three_nodes_completes_text_as_on_one(cluster: list[RunningNode],
+                                                                         gemma_path: Path) -> None:
+    """The second family (Q4_K_M, sliding-window layers on both sides of each cut) through every node."""
+    answers = {}
+    for n_nodes, splits in GEMMA_SPLITS.items():
+        instance_id = local_cluster.place(cluster, cluster[:n_nodes], GEMMA, splits, timeout=120)
+        try:
+            answers[n_nodes] = [complete(node, prompt) for node in cluster for prompt in GEMMA_PROMPTS]
+        finally:
+            delete(cluster, instance_id)
+    assert all(answers[1]) and answers[2] == answers[1] and answers[3] == answers[1], answers
 
 
 def test_a_node_killed_mid_stream_ends_the_stream_with_an_error_and_the_model_moves(

@@ -1,4 +1,4 @@
-"""Request and response bodies of the OpenAI-compatible chat API."""
+"""Request and response bodies of the OpenAI-compatible chat and text completion APIs."""
 
 from __future__ import annotations
 
@@ -39,11 +39,11 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Request):
+class _GenerationRequest(_Request):
+    """What chat and text completions share: the model, how to sample, when to stop, how to answer."""
+
     model: ModelIdStr
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1, lt=2**31)
-    max_completion_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**64)  # the sampler's key is an unsigned 64-bit int
@@ -67,7 +67,37 @@ class ChatCompletionRequest(_Request):
 
     @property
     def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def limit_name(self) -> str:
+        return "max_tokens"
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, lt=2**31)
+
+    @property
+    def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def limit_name(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+
+class CompletionRequest(_GenerationRequest):
+    """OpenAI's (legacy) text completion: the model continues `prompt` as it is, with no chat template."""
+
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    max_tokens: int | None = Field(default=16, ge=1, lt=2**31)  # OpenAI's default for this endpoint
+    echo: Literal[False] = False
+    best_of: Literal[1] = 1
+
+    @property
+    def text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
 
 class Usage(BaseModel):
@@ -116,13 +146,31 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class TextCompletion(BaseModel):
+    """A text completion, and each chunk of a streamed one (which carries its usage only at the end)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelInfo]
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+def completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible endpoints: /v1/chat/completions and /v1/models."""
+"""The OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions and /v1/models."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from starlette.types import Receive, Scope, Send
 from exo.api.auth import forward_headers
 from exo.api.errors import error_body
 from exo.api.metrics import CLIENT_CLOSED_REQUEST
-from exo.api.openai.protocol import ChatCompletion, ChatCompletionRequest, ModelList
+from exo.api.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
+    TextCompletion,
+)
 from exo.api.openai.serving import ChatService, RemoteChat, Slot
 from exo.models.catalog import ModelCatalog
 from exo.shared.errors import ServiceUnavailable
@@ -36,6 +42,14 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
+        return await serve(body, request)
+
+    @router.post("/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> TextCompletion | Response:
+        return await serve(body, request)
+
+    async def serve(body: ChatCompletionRequest | CompletionRequest,
+                    request: Request) -> ChatCompletion | TextCompletion | Response:
         prepared = await _unless_disconnected(request, chat.prepare(body, forwarded=FORWARDED in request.headers))
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -1,4 +1,4 @@
-"""Chat completions: find the instance, turn the request into a prompt, stream the answer back.
+"""Chat and text completions: find the instance, turn the request into a prompt, stream the answer back.
 
 The node whose runner holds rank 0 of the instance renders the prompt and streams the text;
 any other node hands the request to that node as it came (see `router.py`).
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from exo.api.errors import error_body
-from exo.api.metrics import ChatRecord, Metrics
+from exo.api.metrics import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, ChatRecord, Metrics
 from exo.api.openai.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -22,7 +22,10 @@ from exo.api.openai.protocol import (
     ChatCompletionRequest,
     Choice,
     ChunkChoice,
+    CompletionRequest,
     DeltaMessage,
+    TextChoice,
+    TextCompletion,
     Usage,
     completion_id,
     now,
@@ -55,7 +58,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class PreparedChat:
-    request: ChatCompletionRequest
+    request: ChatCompletionRequest | CompletionRequest
     instance: Instance
     prompt: list[int]
     params: GenerationParams
@@ -76,10 +79,12 @@ class ChatService:
         self.supervisor, self.tokenizers, self.route, self.metrics = supervisor, tokenizers, route, metrics
         self.reserved: Counter[InstanceId] = Counter()  # slots admitted chats hold until they are queued
 
-    async def prepare(self, request: ChatCompletionRequest, *, forwarded: bool = False) -> PreparedChat | RemoteChat:
+    async def prepare(self, request: ChatCompletionRequest | CompletionRequest, *,
+                      forwarded: bool = False) -> PreparedChat | RemoteChat:
         """Find a ready instance; if its rank 0 is here, render and tokenize the conversation and
         check that it fits the model's context."""
-        record = self.metrics.chat(forwarded=forwarded)  # time to first token counts from here
+        endpoint = COMPLETIONS_ENDPOINT if isinstance(request, CompletionRequest) else CHAT_ENDPOINT
+        record = self.metrics.chat(forwarded=forwarded, endpoint=endpoint)  # time to first token counts from here
         try:
             return await self._prepare(request, forwarded, record)
         except BaseException as e:
@@ -87,7 +92,7 @@ class ChatService:
             record.end()
             raise
 
-    async def _prepare(self, request: ChatCompletionRequest, forwarded: bool,
+    async def _prepare(self, request: ChatCompletionRequest | CompletionRequest, forwarded: bool,
                        record: ChatRecord) -> PreparedChat | RemoteChat:
         self.tokenizers.catalog.check(request.model)
         record.served(request.model)
@@ -109,22 +114,25 @@ class ChatService:
             raise Overloaded(f"Instance {instance_id} has {waiting} requests waiting, its limit; retry shortly.")
         return Slot(self.reserved, instance_id)
 
-    async def _tokenize(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
-        """The prompt's tokens and the model's context, off the event loop; a conversation too long for
-        the context by its length alone is refused before it is rendered."""
+    async def _tokenize(self, request: ChatCompletionRequest | CompletionRequest) -> tuple[list[int], int]:
+        """The prompt's tokens and the model's context, off the event loop; a prompt too long for the
+        context by its length alone is refused before it is rendered."""
         tokenizer, args = await self.tokenizers.get(request.model)
         context = args.max_position_embeddings
-        chars = sum(len(m.text) for m in request.messages)
+        param, what = ("prompt", "prompt") if isinstance(request, CompletionRequest) else ("messages", "messages")
+        chars = len(request.text) if isinstance(request, CompletionRequest) else sum(len(m.text)
+                                                                                      for m in request.messages)
         per_token = await anyio.to_thread.run_sync(lambda: tokenizer.max_token_bytes)
         if chars > context * per_token:
-            raise ContextTooLong(f"The messages are {chars} characters long, at least {chars // per_token} tokens, "
-                                 f"but the model's context is {context} tokens. Shorten the messages.",
-                                 param="messages")
+            raise ContextTooLong(f"The {what} are {chars} characters long, at least {chars // per_token} tokens, "
+                                 f"but the model's context is {context} tokens. Shorten the {what}.", param=param)
+        if isinstance(request, CompletionRequest):  # as llama.cpp's server: control tokens' text is markup
+            return await anyio.to_thread.run_sync(tokenizer.encode, request.text), context
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                     for m in request.messages]
         return await anyio.to_thread.run_sync(tokenizer.encode_chat, messages), context
 
-    async def complete(self, chat: PreparedChat) -> ChatCompletion:
+    async def complete(self, chat: PreparedChat) -> ChatCompletion | TextCompletion:
         text, n, finish = [], 0, "length"
         with chat.record:
             chat.slot.release()  # the chat takes its place in the queue as it starts, with no wait between
@@ -132,12 +140,19 @@ class ChatService:
                 chat.record.generated(delta.n_tokens)
                 text.append(delta.text)
                 n, finish = delta.n_tokens, delta.finish_reason or finish
+        if isinstance(chat.request, CompletionRequest):
+            return TextCompletion(id=completion_id("cmpl"), created=now(), model=chat.request.model,
+                                  choices=[TextChoice(text="".join(text), finish_reason=finish)], usage=_usage(chat, n))
         return ChatCompletion(id=completion_id(), created=now(), model=chat.request.model,
                               choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=finish)],
                               usage=_usage(chat, n))
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        if isinstance(chat.request, CompletionRequest):
+            async for event in self._stream_text(chat):
+                yield event
+            return
         request = chat.request
         chunk = ChatCompletionChunk(id=completion_id(), created=now(), model=request.model,
                                     choices=[ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
@@ -160,14 +175,35 @@ class ChatService:
             yield "data: [DONE]\n\n"
 
 
-def _params(request: ChatCompletionRequest, prompt: list[int], context: int) -> GenerationParams:
+    async def _stream_text(self, chat: PreparedChat) -> AsyncIterator[str]:
+        request = chat.request
+        chunk = TextCompletion(id=completion_id("cmpl"), created=now(), model=request.model, choices=[])
+        with chat.record:
+            try:
+                chat.slot.release()  # as in `complete`
+                async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
+                    chat.record.generated(delta.n_tokens)
+                    usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
+                    if delta.text or delta.finish_reason:
+                        yield _event(chunk.model_copy(update={"choices": [TextChoice(
+                            text=delta.text, finish_reason=delta.finish_reason)], "usage": usage}))
+                    if usage and request.stream_options and request.stream_options.include_usage:
+                        yield _event(chunk.model_copy(update={"choices": [], "usage": usage}))
+            except ExoError as e:
+                chat.record.fail(e)
+                yield f"data: {json.dumps(error_body(e))}\n\n"
+            yield "data: [DONE]\n\n"
+
+
+def _params(request: ChatCompletionRequest | CompletionRequest, prompt: list[int], context: int) -> GenerationParams:
     room = context - len(prompt)
+    param = "prompt" if isinstance(request, CompletionRequest) else "messages"
     if room <= 0:
         raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
-                             "tokens. Shorten the messages.", param="messages")
+                             f"tokens. Shorten the {param}.", param=param)
     limit = request.token_limit
     if limit is not None and limit > room:
-        name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        name = request.limit_name
         raise ContextTooLong(f"{name} is {limit}, but only {room} tokens are left in the model's context of "
                              f"{context} after the {len(prompt)}-token prompt. Lower {name}.", param=name)
     return GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
@@ -179,5 +215,5 @@ def _usage(chat: PreparedChat, completion_tokens: int) -> Usage:
                  total_tokens=len(chat.prompt) + completion_tokens)
 
 
-def _event(chunk: ChatCompletionChunk) -> str:
+def _event(chunk: ChatCompletionChunk | TextCompletion) -> str:
     return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
