@@ -65,6 +65,20 @@ class LayerRange(nn.Module):
         return [KVCache() for _ in self.layers]
 
 
+class GatedMLP(nn.Module):
+    """`down(activation(gate(x)) * up(x))`, with gate and up one fused matrix (one product, not two)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: Callable[[mx.array], mx.array]) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.activation = activation
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(self.activation(gate) * up)
+
+
 def attend(q: mx.array, k: mx.array, v: mx.array, cache: KVCache, *, scale: float,
            window: int | None = None) -> mx.array:
     """Append `k`/`v` `[B, Hkv, L, D]` to the cache and attend `q` `[B, Hq, L, D]` causally over it; with a

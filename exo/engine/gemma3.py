@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from exo import kernels
-from exo.engine.base import LayerRange, attend
+from exo.engine.base import GatedMLP, LayerRange, attend
 from exo.engine.cache import KVCache
 from exo.engine.layers import RMSNorm
 
@@ -94,22 +94,11 @@ class Attention(nn.Module):
                             offset=offset)
 
 
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(nn.gelu_approx(gate) * up)
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
-        self.mlp = MLP(args)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, nn.gelu_approx)
         dims, eps = args.hidden_size, args.rms_norm_eps
         self.input_layernorm = RMSNorm(dims, eps)
         self.post_attention_layernorm = RMSNorm(dims, eps)

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from exo import kernels
-from exo.engine.base import LayerRange, attend
+from exo.engine.base import GatedMLP, LayerRange, attend
 from exo.engine.cache import KVCache
 from exo.engine.layers import RMSNorm
 
@@ -75,22 +75,11 @@ class Attention(nn.Module):
                             offset=offset)
 
 
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(nn.silu(gate) * up)
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, nn.silu)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

@@ -23,10 +23,11 @@ LONG = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Tell m
 
 
 def requests_counted(node: RunningNode) -> dict[tuple[str, str], float]:
-    """exo_requests_total of the node's model by (code, forwarded)."""
+    """exo_requests_total of the node's model's chats by (code, forwarded)."""
     text = httpx.get(f"{node.url}/metrics", timeout=10).text
     return {(s.labels["code"], s.labels["forwarded"]): s.value for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == "exo_requests_total" and s.labels["model"] == DEFAULT_MODEL}
+            for s in family.samples if s.name == "exo_requests_total" and s.labels["model"] == DEFAULT_MODEL
+            and s.labels["endpoint"] == "/v1/chat/completions"}
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from exo.api.openai.protocol import (
     completion_id,
     now,
 )
+from exo.engine.generate import FinishReason
 from exo.shared.errors import ContextTooLong, ExoError, Overloaded
 from exo.shared.generation import GenerationParams
 from exo.shared.state import Instance
@@ -148,45 +149,35 @@ class ChatService:
                               usage=_usage(chat, n))
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        if isinstance(chat.request, CompletionRequest):
-            async for event in self._stream_text(chat):
-                yield event
-            return
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`: for a chat, a first
+        chunk with the role, then the text; for a text completion, the text alone."""
         request = chat.request
-        chunk = ChatCompletionChunk(id=completion_id(), created=now(), model=request.model,
-                                    choices=[ChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+        chunk: ChatCompletionChunk | TextCompletion
+        if isinstance(request, CompletionRequest):
+            chunk = TextCompletion(id=completion_id("cmpl"), created=now(), model=request.model, choices=[])
+            opening = None
+
+            def choice(text: str, finish: FinishReason | None) -> TextChoice | ChunkChoice:
+                return TextChoice(text=text, finish_reason=finish)
+        else:
+            chunk = ChatCompletionChunk(id=completion_id(), created=now(), model=request.model, choices=[])
+            opening = chunk.model_copy(update={"choices": [ChunkChoice(delta=DeltaMessage(role="assistant",
+                                                                                          content=""))]})
+
+            def choice(text: str, finish: FinishReason | None) -> TextChoice | ChunkChoice:
+                return ChunkChoice(delta=DeltaMessage(content=text or None), finish_reason=finish)
+
         with chat.record:  # counts the request when the stream ends, or is cancelled as its client goes away
-            yield _event(chunk)
+            if opening is not None:
+                yield _event(opening)
             try:
                 chat.slot.release()  # as in `complete`
                 async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
                     chat.record.generated(delta.n_tokens)
                     usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
                     if delta.text or delta.finish_reason:
-                        yield _event(chunk.model_copy(update={"choices": [ChunkChoice(
-                            delta=DeltaMessage(content=delta.text or None), finish_reason=delta.finish_reason)],
-                            "usage": usage}))
-                    if usage and request.stream_options and request.stream_options.include_usage:
-                        yield _event(chunk.model_copy(update={"choices": [], "usage": usage}))
-            except ExoError as e:
-                chat.record.fail(e)
-                yield f"data: {json.dumps(error_body(e))}\n\n"
-            yield "data: [DONE]\n\n"
-
-
-    async def _stream_text(self, chat: PreparedChat) -> AsyncIterator[str]:
-        request = chat.request
-        chunk = TextCompletion(id=completion_id("cmpl"), created=now(), model=request.model, choices=[])
-        with chat.record:
-            try:
-                chat.slot.release()  # as in `complete`
-                async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
-                    chat.record.generated(delta.n_tokens)
-                    usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
-                    if delta.text or delta.finish_reason:
-                        yield _event(chunk.model_copy(update={"choices": [TextChoice(
-                            text=delta.text, finish_reason=delta.finish_reason)], "usage": usage}))
+                        yield _event(chunk.model_copy(update={"choices": [choice(delta.text, delta.finish_reason)],
+                                                              "usage": usage}))
                     if usage and request.stream_options and request.stream_options.include_usage:
                         yield _event(chunk.model_copy(update={"choices": [], "usage": usage}))
             except ExoError as e:
