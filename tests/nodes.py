@@ -57,12 +57,13 @@ def sse_events(response: httpx.Response) -> Iterator[dict[str, Any] | str]:
 
 
 @contextmanager
-def serving_node(home: Path, models_dir: Path, env: Mapping[str, str] | None = None) -> Iterator[RunningNode]:
-    """A node alone (no discovery) serving the default model; at the end it must stop with exit code 0 and
-    a clean log."""
-    node = start_node(home, models_dir, "--no-discovery", env=env)
+def serving_node(home: Path, models_dir: Path, *args: str, env: Mapping[str, str] | None = None,
+                 timeout: float = 120) -> Iterator[RunningNode]:
+    """A node alone (no discovery) serving the default model, or what `args` name; at the end it must stop
+    with exit code 0 and a clean log."""
+    node = start_node(home, models_dir, "--no-discovery", *args, env=env)
     try:
-        wait_for(lambda: whole_runner_ready(node), 120, "the node's runner to be ready")
+        wait_for(lambda: whole_runner_ready(node), timeout, "the node's runner to be ready")
         yield node
     finally:
         assert stop_node(node) == 0, node.log_tail(60)

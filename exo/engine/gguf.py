@@ -1,4 +1,5 @@
-"""GGUF files read with llama.cpp's own reader (the `gguf` package), one tensor at a time.
+"""GGUF files: the header parsed here, each tensor's blocks read with the layouts and dequantizer of
+llama.cpp's own `gguf` package, one tensor at a time.
 
 Quantized tensors become MLX's affine format (`w = scale * q + bias`, groups of 32, codes packed into
 uint32 with the first element in the lowest bits), which exo.kernels multiplies as it is:
@@ -32,13 +33,6 @@ _FLOATS = {T.F32: (np.float32, mx.float32), T.F16: (np.float16, mx.float16), T.B
 # GGUF's metadata value types: fixed-size scalars by their struct code; 8 is a string, 9 an array.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """A converted tensor: `weight` alone (float), or `weight`, `scales` and `biases` (affine)."""
-
-    parts: dict[str, mx.array]
 
 
 @dataclass(frozen=True)
@@ -142,12 +136,13 @@ class GGUFFile:
             tensors[name] = TensorInfo(name, shape, kind, data_start + offset, nbytes)
         return metadata, tensors
 
-    def tensor(self, name: str) -> Tensor:
+    def tensor(self, name: str) -> dict[str, mx.array]:
+        """Tensor `name` converted: `weight` alone (float), or `weight`, `scales` and `biases` (affine)."""
         info = self.tensors[name]
         data = np.frombuffer(self._map, np.uint8, info.nbytes, info.offset)
         if info.type in _FLOATS:
             numpy_type, mlx_type = _FLOATS[info.type]
-            return Tensor({"weight": mx.array(data.view(numpy_type).reshape(info.shape)).view(mlx_type)})
+            return {"weight": mx.array(data.view(numpy_type).reshape(info.shape)).view(mlx_type)}
         convert = _EXACT.get(info.type)
         if convert is None:
             try:
@@ -155,32 +150,32 @@ class GGUFFile:
             except NotImplementedError as e:
                 raise self._error(f"its tensor {name} is of type {info.type.name}, a tensor type exo cannot "
                                   "read") from e
-            return Tensor(_requantized(values.reshape(info.shape).astype(np.float32)))
+            return _requantized(values.reshape(info.shape).astype(np.float32))
         codes, scales, biases, bits = convert(data.reshape(-1, GGML_QUANT_SIZES[info.type][1]))
-        rows = int(np.prod(info.shape[:-1]))
-        return Tensor({"weight": mx.array(_pack(codes.reshape(rows, -1), bits)),
-                       "scales": mx.array(scales.reshape(rows, -1)), "biases": mx.array(biases.reshape(rows, -1))})
+        return _affine(codes, scales, biases, bits, info.shape)
 
 
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Codes `[rows, cols]` (uint8) packed into uint32 words, the first element in the lowest bits."""
+def _affine(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+            shape: tuple[int, ...]) -> dict[str, mx.array]:
+    """Codes (uint8, one per element) and per-group scales and biases as MLX's affine tensor of `shape`:
+    codes packed into uint32 words, the first element in the lowest bits."""
+    rows = int(np.prod(shape[:-1]))
+    codes = codes.reshape(rows, -1)
     if bits == 4:
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return np.ascontiguousarray(codes, dtype=np.uint8).view(np.uint32)
+    return {"weight": mx.array(np.ascontiguousarray(codes, dtype=np.uint8).view(np.uint32)),
+            "scales": mx.array(scales.reshape(rows, -1)), "biases": mx.array(biases.reshape(rows, -1))}
 
 
 def _requantized(values: np.ndarray) -> dict[str, mx.array]:
     """`values` as 8-bit affine groups of 32 spanning each group's range (error at most half a step:
     mx.quantize's grid, fitted to keep zero exact, errs up to a whole one)."""
-    shape = values.shape
     groups = values.reshape(-1, GROUP_SIZE)
     low, high = groups.min(axis=1, keepdims=True), groups.max(axis=1, keepdims=True)
     step = (high - low) / 255
     step[step == 0] = 1  # a constant group: every code 0, the bias its value
     codes = np.rint((groups - low) / step).clip(0, 255).astype(np.uint8)
-    rows = int(np.prod(shape[:-1]))
-    return {"weight": mx.array(_pack(codes.reshape(rows, -1), 8)), "scales": mx.array(step.reshape(rows, -1)),
-            "biases": mx.array(low.reshape(rows, -1))}
+    return _affine(codes, step, low, 8, values.shape)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:

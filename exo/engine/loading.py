@@ -174,7 +174,7 @@ def _open_gguf(path: Path) -> _Source:
         weights = {}
         for name, engine in engine_names.items():
             if (target := wanted(engine)) is not None:
-                for part, value in file.tensor(name).parts.items():  # one tensor converted at a time
+                for part, value in file.tensor(name).items():  # one tensor converted at a time
                     weights[f"{target.removesuffix('.weight')}.{part}"] = value
         return weights
 
@@ -203,6 +203,8 @@ def _open_directory(path: Path, *, tensors: bool) -> _Source:
         for file in files:
             for name, value in mx.load(str(file)).items():
                 name = name.removeprefix("language_model.").removeprefix("model.")
+                if "rotary_emb.inv_freq" in name:  # older checkpoints save what the engine computes
+                    continue
                 if (target := wanted(name)) is not None:
                     weights[target] = value
         return model.sanitize(weights)

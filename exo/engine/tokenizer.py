@@ -31,7 +31,7 @@ _GGUF_PRE_TOKENIZERS = {
 }
 # llama.cpp's token types that are matched in the text before the model sees it: control tokens
 # (<|im_end|>, <start_of_turn>) only in a template's markup, user-defined ones everywhere.
-_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+_UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 2, 3, 4, 6
 
 
 class Tokenizer:
@@ -135,7 +135,7 @@ class Tokenizer:
         if any(s in text for text in contents for s in self._specials):
             raise ChatTemplateError("a message holds the text of one of the model's control tokens, which this "
                                     "model's chat template alters; remove it", param="messages")
-        return self._with_bos(self._encode([prompt], plain=False)[0])
+        return self.encode(prompt)
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
@@ -189,7 +189,7 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int],
             if left in vocab and right in vocab:
                 ranked.append((-scores[i], i, left, right))
     ranked.sort()
-    unknown = next((t for t, ty in zip(tokens, types, strict=False) if ty == 2), None)
+    unknown = next((t for t, ty in zip(tokens, types, strict=False) if ty == _UNKNOWN), None)
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in ranked],
                                               unk_token=unknown, byte_fallback=True, fuse_unk=True))
     steps = [normalizers.Prepend("▁")] if add_space_prefix else []

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from nodes import RunningNode, assert_clean_log, sse_events, start_node, stop_node, wait_for, whole_runner_ready
+from nodes import RunningNode, serving_node, sse_events
 
 from exo.engine.generate import GenerationParams, generate_text
 from exo.engine.loading import load
@@ -23,13 +23,8 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def gemma_node(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, gemma_path: Path) -> Iterator[RunningNode]:
-    node = start_node(tmp_path_factory.mktemp("gemma"), models_dir, "--no-discovery", "--model", MODEL)
-    try:
-        wait_for(lambda: whole_runner_ready(node), 180, "Gemma's runner to be ready")
+    with serving_node(tmp_path_factory.mktemp("gemma"), models_dir, "--model", MODEL, timeout=180) as node:
         yield node
-    finally:
-        assert stop_node(node) == 0, node.log_tail(60)
-        assert_clean_log(node)
 
 
 @pytest.fixture(scope="module")

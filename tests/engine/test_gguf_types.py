@@ -43,7 +43,7 @@ def converted(kind: T, raw: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, int
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    parts = GGUFFile(path).tensor("t").parts
+    parts = GGUFFile(path).tensor("t")
     w, scales, biases = parts["weight"], parts["scales"], parts["biases"]
     bits = w.shape[-1] * 32 // (scales.shape[-1] * GROUP_SIZE)
     values = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=GROUP_SIZE, bits=bits)
@@ -85,6 +85,6 @@ def test_float_types_are_kept_as_they_are(tmp_path: Path) -> None:
     writer.close()
     file = GGUFFile(path)
     for name, value in tensors.items():
-        [weight] = file.tensor(name).parts.values()
+        [weight] = file.tensor(name).values()
         assert weight.dtype == {"f32": mx.float32, "f16": mx.float16}[name]
         np.testing.assert_array_equal(np.array(weight), value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -77,6 +77,11 @@ class _GenerationRequest(_Request):
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, lt=2**31)
+    prompt_field: ClassVar[str] = "messages"  # the field a prompt too long for the model is blamed on
+
+    @property
+    def prompt_chars(self) -> int:
+        return sum(len(m.text) for m in self.messages)
 
     @property
     def token_limit(self) -> int | None:
@@ -94,6 +99,11 @@ class CompletionRequest(_GenerationRequest):
     max_tokens: int | None = Field(default=16, ge=1, lt=2**31)  # OpenAI's default for this endpoint
     echo: Literal[False] = False
     best_of: Literal[1] = 1
+    prompt_field: ClassVar[str] = "prompt"
+
+    @property
+    def prompt_chars(self) -> int:
+        return len(self.text)
 
     @property
     def text(self) -> str:

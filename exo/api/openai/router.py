@@ -50,7 +50,9 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
 
     async def serve(body: ChatCompletionRequest | CompletionRequest,
                     request: Request) -> ChatCompletion | TextCompletion | Response:
-        prepared = await _unless_disconnected(request, chat.prepare(body, forwarded=FORWARDED in request.headers))
+        endpoint = request.scope["route"].path  # the metrics' endpoint label: one of these two routes
+        prepared = await _unless_disconnected(request, chat.prepare(body, forwarded=FORWARDED in request.headers,
+                                                                  endpoint=endpoint))
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(prepared, RemoteChat):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from exo.api.errors import error_body
-from exo.api.metrics import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, ChatRecord, Metrics
+from exo.api.metrics import CHAT_ENDPOINT, ChatRecord, Metrics
 from exo.api.openai.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -80,11 +80,10 @@ class ChatService:
         self.supervisor, self.tokenizers, self.route, self.metrics = supervisor, tokenizers, route, metrics
         self.reserved: Counter[InstanceId] = Counter()  # slots admitted chats hold until they are queued
 
-    async def prepare(self, request: ChatCompletionRequest | CompletionRequest, *,
-                      forwarded: bool = False) -> PreparedChat | RemoteChat:
+    async def prepare(self, request: ChatCompletionRequest | CompletionRequest, *, forwarded: bool = False,
+                      endpoint: str = CHAT_ENDPOINT) -> PreparedChat | RemoteChat:
         """Find a ready instance; if its rank 0 is here, render and tokenize the conversation and
         check that it fits the model's context."""
-        endpoint = COMPLETIONS_ENDPOINT if isinstance(request, CompletionRequest) else CHAT_ENDPOINT
         record = self.metrics.chat(forwarded=forwarded, endpoint=endpoint)  # time to first token counts from here
         try:
             return await self._prepare(request, forwarded, record)
@@ -120,13 +119,11 @@ class ChatService:
         context by its length alone is refused before it is rendered."""
         tokenizer, args = await self.tokenizers.get(request.model)
         context = args.max_position_embeddings
-        param, what = ("prompt", "prompt") if isinstance(request, CompletionRequest) else ("messages", "messages")
-        chars = len(request.text) if isinstance(request, CompletionRequest) else sum(len(m.text)
-                                                                                      for m in request.messages)
+        chars, field = request.prompt_chars, request.prompt_field
         per_token = await anyio.to_thread.run_sync(lambda: tokenizer.max_token_bytes)
         if chars > context * per_token:
-            raise ContextTooLong(f"The {what} are {chars} characters long, at least {chars // per_token} tokens, "
-                                 f"but the model's context is {context} tokens. Shorten the {what}.", param=param)
+            raise ContextTooLong(f"The {field} are {chars} characters long, at least {chars // per_token} tokens, "
+                                 f"but the model's context is {context} tokens. Shorten the {field}.", param=field)
         if isinstance(request, CompletionRequest):  # as llama.cpp's server: control tokens' text is markup
             return await anyio.to_thread.run_sync(tokenizer.encode, request.text), context
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
@@ -188,10 +185,9 @@ class ChatService:
 
 def _params(request: ChatCompletionRequest | CompletionRequest, prompt: list[int], context: int) -> GenerationParams:
     room = context - len(prompt)
-    param = "prompt" if isinstance(request, CompletionRequest) else "messages"
     if room <= 0:
         raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
-                             f"tokens. Shorten the {param}.", param=param)
+                             f"tokens. Shorten the {request.prompt_field}.", param=request.prompt_field)
     limit = request.token_limit
     if limit is not None and limit > room:
         name = request.limit_name
