@@ -139,7 +139,8 @@ def container(tmp_path: Path, wheel: Path) -> Iterator[Container]:
 
 def stream_chat(url: str, max_tokens: int) -> Iterator[str]:
     body = {"model": DEFAULT_MODEL, "stream": True, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": "Tell a long story."}]}
+            "temperature": 0,  # greedy: this prompt runs to hundreds of tokens, so a stop lands mid-stream
+            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
         yield from (line for line in response.iter_lines() if line)
 
