@@ -38,9 +38,16 @@ class LayerRange(nn.Module):
         return self.end == self.n_layers
 
     @classmethod
-    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool) -> Any:
+    def args_from_config(cls, config: dict[str, Any]) -> Any:
+        """The architecture's ModelArgs from a Hugging Face `config.json`."""
+        raise NotImplementedError
+
+    @classmethod
+    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool,
+                       rope_factors: tuple[float, ...] | None = None) -> Any:
         """The architecture's ModelArgs from a GGUF file's metadata: `get(key, default=None)` reads
-        `<architecture>.<key>`, and raises if a key without a default is missing."""
+        `<architecture>.<key>`, and raises if a key without a default is missing. `rope_factors` are
+        the file's `rope_freqs` tensor, where it has one (what each rotary frequency is divided by)."""
         raise NotImplementedError
 
     @staticmethod

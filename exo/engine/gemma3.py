@@ -23,6 +23,7 @@ from exo import kernels
 from exo.engine.base import GatedMLP, LayerRange, attend
 from exo.engine.cache import KVCache
 from exo.engine.layers import RMSNorm
+from exo.shared.errors import ModelFormatError
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,14 @@ class Gemma3Shard(LayerRange):
         self.embed_scale = math.sqrt(args.hidden_size)
 
     @classmethod
-    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool) -> ModelArgs:
+    def args_from_config(cls, config: dict[str, Any]) -> ModelArgs:
+        return ModelArgs.from_dict(config)
+
+    @classmethod
+    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool,
+                       rope_factors: tuple[float, ...] | None = None) -> ModelArgs:
+        if rope_factors is not None:
+            raise ModelFormatError("a Gemma 3 file with per-frequency rotary factors (rope_freqs) is not supported")
         heads, hidden, layers, head_dim = (get("attention.head_count"), get("embedding_length"), get("block_count"),
                                            get("attention.key_length", 256))
         return ModelArgs(

@@ -31,13 +31,17 @@ class _Quantized(nn.Module):
 
 
 class QuantizedLinear(_Quantized):
-    """`x @ W.T` with `W` `[out, in]` held quantized."""
+    """`x @ W.T (+ bias)` with `W` `[out, in]` held quantized and the bias, where there is one, in float."""
 
-    def __init__(self, in_dims: int, out_dims: int, *, group_size: int, bits: int) -> None:
+    def __init__(self, in_dims: int, out_dims: int, *, group_size: int, bits: int, bias: bool = False) -> None:
         super().__init__(out_dims, in_dims, group_size=group_size, bits=bits)
+        if bias:
+            self.bias = mx.zeros((out_dims,))
+            self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.matmul(x)
+        y = self.matmul(x)
+        return y + self.bias if "bias" in self else y
 
 
 class QuantizedEmbedding(_Quantized):
@@ -75,7 +79,7 @@ def quantize(model: nn.Module, quantization: dict[str, tuple[int, int]]) -> None
         group_size, bits = quantization[path]
         if isinstance(module, nn.Linear):
             out_dims, in_dims = module.weight.shape
-            return QuantizedLinear(in_dims, out_dims, group_size=group_size, bits=bits)
+            return QuantizedLinear(in_dims, out_dims, group_size=group_size, bits=bits, bias="bias" in module)
         if isinstance(module, nn.Embedding):
             n, dims = module.weight.shape
             return QuantizedEmbedding(n, dims, group_size=group_size, bits=bits)

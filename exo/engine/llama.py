@@ -1,7 +1,10 @@
-"""A Llama-family transformer (Llama, Mistral, SmolLM) over one contiguous layer range `[start, end)`.
+"""A Llama-family transformer (Llama 2 and 3, Mistral, SmolLM) over one contiguous layer range `[start, end)`.
 
 The q/k/v and gate/up projections are stored fused (one matmul each instead of five): on a CPU
-the per-op cost dominates a small model's decode step.
+the per-op cost dominates a small model's decode step. What the families built on it change is in
+`ModelArgs`: biases on q/k/v (Qwen 2), q and k normalised per head (Qwen 3), rotary embeddings over
+part of each head (Phi), and rescaled rotary frequencies (Llama 3's long-context scaling, linear
+scaling).
 
 Norms, rotary embeddings, the cache write and one-row (decode) attention go through exo.kernels,
 as do the matmuls of layers held quantized (exo.engine.layers). A prompt of several positions is
@@ -11,8 +14,9 @@ attended with MLX's causal scaled_dot_product_attention (exo.engine.base.attend)
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
@@ -22,6 +26,7 @@ from exo import kernels
 from exo.engine.base import GatedMLP, LayerRange, attend
 from exo.engine.cache import KVCache
 from exo.engine.layers import RMSNorm
+from exo.shared.errors import ModelFormatError
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,20 @@ class ModelArgs:
     rope_traditional: bool = False
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 4096
+    attention_bias: bool = False  # q, k and v projections add a bias
+    qk_norm: bool = False  # q and k RMS-normalised per head before the rotation
+    rope_dims: int | None = None  # rotate only the first `rope_dims` of each head (all, if None)
+    rope_factors: tuple[float, ...] | None = None  # each rotary frequency divided by its factor
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
+        """From a Hugging Face `config.json`."""
         known = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in params.items() if k in known})
+        args = cls(**{k: v for k, v in params.items() if k in known and k != "rope_factors" and v is not None})
+        rope_dims = int(args.dim_per_head * params.get("partial_rotary_factor", 1.0))
+        return replace(args, rope_dims=rope_dims,
+                       rope_factors=rope_factors(params.get("rope_scaling"), rope_dims, args.rope_theta),
+                       tie_word_embeddings=params.get("tie_word_embeddings", False))  # Hugging Face's default
 
     @property
     def n_kv_heads(self) -> int:
@@ -53,26 +67,65 @@ class ModelArgs:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
+def rope_factors(scaling: dict[str, Any] | None, dims: int, base: float) -> tuple[float, ...] | None:
+    """What a Hugging Face `rope_scaling` divides each of the `dims / 2` rotary frequencies by: the same
+    factor for all ("linear"), or Llama 3's: high frequencies kept, low ones divided by the factor, and a
+    smooth blend between (by wavelength against the original context length)."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind in ("default", None):
+        return None
+    if kind == "linear":
+        return (factor,) * (dims // 2)
+    if kind != "llama3":
+        raise ModelFormatError(f"rope scaling {kind!r} is not supported (only linear and llama3)")
+    original = scaling["original_max_position_embeddings"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    factors = []
+    for i in range(0, dims, 2):
+        wavelength = 2 * math.pi * base ** (i / dims)
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return tuple(factors)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.n_kv_heads, args.dim_per_head
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                                  bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.rope_traditional, self.rope_base = args.rope_traditional, args.rope_theta
+        self.rope_dims = args.rope_dims or self.head_dim
+        self._rope_periods = None if args.rope_factors is None else (
+            self.rope_base ** (mx.arange(0, self.rope_dims, 2) / self.rope_dims) * mx.array(args.rope_factors))
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
-        qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
-        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim)
+        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = self.rotate(q, cache.offset), self.rotate(k, cache.offset)
         out = attend(q, k, v, cache, scale=self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def rotate(self, x: mx.array, offset: int) -> mx.array:
-        return kernels.rope(x, dims=self.head_dim, traditional=self.rope_traditional, base=self.rope_base,
-                            offset=offset)
+        return kernels.rope(x, dims=self.rope_dims, traditional=self.rope_traditional, base=self.rope_base,
+                            offset=offset, periods=self._rope_periods)
 
 
 class TransformerBlock(nn.Module):
@@ -102,21 +155,31 @@ class LlamaShard(LayerRange):
                 self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     @classmethod
-    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool) -> ModelArgs:
+    def args_from_config(cls, config: dict[str, Any]) -> ModelArgs:
+        return ModelArgs.from_dict(config)
+
+    @classmethod
+    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool,
+                       rope_factors: tuple[float, ...] | None = None) -> ModelArgs:
         heads, hidden = get("attention.head_count"), get("embedding_length")
+        head_dim = get("attention.key_length", hidden // heads)
+        if rope_factors is None and get("rope.scaling.type", "none") == "linear":
+            rope_factors = (float(get("rope.scaling.factor")),) * (get("rope.dimension_count", head_dim) // 2)
         return ModelArgs(
             hidden_size=hidden,
             num_hidden_layers=get("block_count"),
             intermediate_size=get("feed_forward_length"),
             num_attention_heads=heads,
             num_key_value_heads=get("attention.head_count_kv", heads),
-            head_dim=get("attention.key_length", hidden // heads),
+            head_dim=head_dim,
             vocab_size=vocab_size,
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=get("rope.freq_base", 10000.0),
             rope_traditional=True,  # GGUF stores q/k permuted for interleaved rotary embeddings
             tie_word_embeddings=not has_head,
             max_position_embeddings=get("context_length", 4096),
+            rope_dims=get("rope.dimension_count", head_dim),
+            rope_factors=rope_factors,
         )
 
     def embed(self, ids: mx.array) -> mx.array:

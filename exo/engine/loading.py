@@ -17,13 +17,15 @@ from typing import Any
 
 import mlx.core as mx
 
-from exo.engine import gemma3, llama
 from exo.engine.base import LayerRange
 from exo.engine.gemma3 import Gemma3Shard
 from exo.engine.gguf import GROUP_SIZE as GGUF_GROUP_SIZE
 from exo.engine.gguf import GGUFFile
 from exo.engine.layers import quantize
 from exo.engine.llama import LlamaShard
+from exo.engine.phi3 import Phi3Shard
+from exo.engine.qwen2 import Qwen2Shard
+from exo.engine.qwen3 import Qwen3Shard
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.errors import ModelFormatError
 from exo.shared.types import Dtype
@@ -46,26 +48,37 @@ _GGUF_COMMON = [
     (r"^blk\.(\d+)\.ffn_up\.", r"layers.\1.mlp.up_proj."),
     (r"^blk\.(\d+)\.ffn_down\.", r"layers.\1.mlp.down_proj."),
 ]
-_GGUF_ARCHITECTURES: dict[str, tuple[Any, list[tuple[str, str]]]] = {
-    "llama": (LlamaShard, [*_GGUF_COMMON, (r"^blk\.(\d+)\.ffn_norm\.", r"layers.\1.post_attention_layernorm.")]),
+_GGUF_LLAMA = [*_GGUF_COMMON, (r"^blk\.(\d+)\.ffn_norm\.", r"layers.\1.post_attention_layernorm.")]
+_GGUF_QK_NORMS = [
+    (r"^blk\.(\d+)\.attn_q_norm\.", r"layers.\1.self_attn.q_norm."),
+    (r"^blk\.(\d+)\.attn_k_norm\.", r"layers.\1.self_attn.k_norm."),
+]
+_GGUF_ARCHITECTURES: dict[str, tuple[type[LayerRange], list[tuple[str, str]]]] = {
+    "llama": (LlamaShard, _GGUF_LLAMA),
+    "qwen2": (Qwen2Shard, _GGUF_LLAMA),
+    "qwen3": (Qwen3Shard, [*_GGUF_QK_NORMS, *_GGUF_LLAMA]),
+    "phi3": (Phi3Shard, [  # q/k/v and gate/up stored fused, as the engine holds them
+        (r"^blk\.(\d+)\.attn_qkv\.", r"layers.\1.self_attn.qkv_proj."),
+        (r"^blk\.(\d+)\.ffn_up\.", r"layers.\1.mlp.gate_up_proj."),
+        *_GGUF_LLAMA,
+    ]),
     "gemma3": (Gemma3Shard, [
         *_GGUF_COMMON,
-        (r"^blk\.(\d+)\.attn_q_norm\.", r"layers.\1.self_attn.q_norm."),
-        (r"^blk\.(\d+)\.attn_k_norm\.", r"layers.\1.self_attn.k_norm."),
+        *_GGUF_QK_NORMS,
         (r"^blk\.(\d+)\.post_attention_norm\.", r"layers.\1.post_attention_layernorm."),
         (r"^blk\.(\d+)\.ffn_norm\.", r"layers.\1.pre_feedforward_layernorm."),
         (r"^blk\.(\d+)\.post_ffw_norm\.", r"layers.\1.post_feedforward_layernorm."),
     ]),
 }
-_DIRECTORY_ARCHITECTURES: dict[str, tuple[Any, Any]] = {
-    "llama": (LlamaShard, llama.ModelArgs), "mistral": (LlamaShard, llama.ModelArgs),
-    "gemma3": (Gemma3Shard, gemma3.ModelArgs), "gemma3_text": (Gemma3Shard, gemma3.ModelArgs),
+_DIRECTORY_ARCHITECTURES: dict[str, type[LayerRange]] = {
+    "llama": LlamaShard, "mistral": LlamaShard, "qwen2": Qwen2Shard, "qwen3": Qwen3Shard, "phi3": Phi3Shard,
+    "gemma3": Gemma3Shard, "gemma3_text": Gemma3Shard,
 }
 _FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
-_PARTS = ("weight", "scales", "biases")
+_PARTS = ("weight", "scales", "biases")  # a weight as stored: float, or MLX's affine codes and their groups
 
 
 @dataclass
@@ -166,16 +179,27 @@ def _open_gguf(path: Path) -> _Source:
             raise ModelFormatError(f"{path.name}: its metadata lacks {arch}.{key}")
         return value
 
+    if long_context := [name for name in file.tensors if name.startswith("rope_factors_")]:
+        raise ModelFormatError(f"{path.name}: its long-context rotary factors ({', '.join(long_context)}) are not "
+                               "supported")
     vocab = get("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
-    args = _checked(model.args_from_gguf(get, vocab_size=vocab, has_head="output.weight" in file.tensors), path)
+    factors = None
+    if "rope_freqs.weight" in file.tensors:  # Llama 3's rescaled frequencies
+        factors = tuple(file.tensor("rope_freqs.weight")["weight"].astype(mx.float32).tolist())
+    args = _checked(model.args_from_gguf(get, vocab_size=vocab, has_head="output.weight" in file.tensors,
+                                         rope_factors=factors), path)
     engine_names = {name: engine for name in file.tensors if (engine := _rename(name, names)) is not None}
 
     def read(wanted: Wanted) -> dict[str, mx.array]:
         weights = {}
         for name, engine in engine_names.items():
-            if (target := wanted(engine)) is not None:
-                for part, value in file.tensor(name).items():  # one tensor converted at a time
-                    weights[f"{target.removesuffix('.weight')}.{part}"] = value
+            if (target := wanted(engine)) is None:
+                continue
+            parts = file.tensor(name)  # one tensor converted at a time
+            if target.endswith(".weight"):
+                weights.update({f"{target.removesuffix('.weight')}.{part}": value for part, value in parts.items()})
+            else:  # a bias or a norm's weight: always float
+                weights[target] = parts["weight"]
         return weights
 
     return _Source(model, args, Tokenizer.from_gguf_metadata(meta), GGUF_GROUP_SIZE, read)
@@ -192,8 +216,9 @@ def _open_directory(path: Path, *, tensors: bool) -> _Source:
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type", "llama")
     if model_type not in _DIRECTORY_ARCHITECTURES:
-        raise ModelFormatError(f"{path.name}: model_type {model_type!r} is not supported")
-    model, args_type = _DIRECTORY_ARCHITECTURES[model_type]
+        raise ModelFormatError(f"{path.name}: model_type {model_type!r} is not supported "
+                               f"(only {', '.join(map(repr, _DIRECTORY_ARCHITECTURES))})")
+    model = _DIRECTORY_ARCHITECTURES[model_type]
     files = sorted(path.glob("*.safetensors"))
     if tensors and not files:
         raise ModelFormatError(f"{path} holds no *.safetensors files")
@@ -210,8 +235,11 @@ def _open_directory(path: Path, *, tensors: bool) -> _Source:
         return model.sanitize(weights)
 
     group_size = config.get("quantization", {}).get("group_size", 64)
-    return _Source(model, _checked(args_type.from_dict(config), path), Tokenizer.from_directory(path), group_size,
-                   read)
+    try:
+        args = model.args_from_config(config)
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{path.name}: {e}") from e
+    return _Source(model, _checked(args, path), Tokenizer.from_directory(path), group_size, read)
 
 
 def _in_range(name: str, model: LayerRange) -> str | None:
@@ -227,8 +255,9 @@ def _in_range(name: str, model: LayerRange) -> str | None:
 
 
 def _fuse(weights: dict[str, mx.array], group_size: int) -> dict[str, mx.array]:
-    """Concatenate q/k/v and gate/up along their output rows (quantized or not, rows stay whole). Parts
-    stored differently (a Q4_K_M file's 4-bit q beside its 8-bit v) are first widened to the widest."""
+    """Concatenate q/k/v and gate/up along their output rows (quantized or not, rows stay whole), and their
+    biases where they have them. Parts stored differently (a Q4_K_M file's 4-bit q beside its 8-bit v) are
+    first widened to the widest."""
     n_layers = len({k.split(".")[1] for k in weights if k.startswith("layers.")})
     for i in range(n_layers):
         for fused, parts in _FUSED.items():
@@ -239,6 +268,9 @@ def _fuse(weights: dict[str, mx.array], group_size: int) -> dict[str, mx.array]:
                               for p in prefixes], group_size)
             for suffix in tensors[0]:
                 weights[f"layers.{i}.{fused}.{suffix}"] = mx.concatenate([t[suffix] for t in tensors])
+            if all(f"{p}.bias" in weights for p in prefixes):  # Qwen 2's q/k/v
+                weights[f"layers.{i}.{fused}.bias"] = mx.concatenate(
+                    [weights.pop(f"{p}.bias").astype(mx.float32) for p in prefixes])
     return weights
 
 

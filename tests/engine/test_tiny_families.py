@@ -1,21 +1,29 @@
-"""Tiny random-weight models of each family, written by the test with the gguf package's writer (the
-real models' vocabularies, every tensor of a different GGUF type as Q4_K_M files mix them), read by
+"""Tiny random-weight models of each family (Llama, with and without Llama 3's rotary factors, Qwen 2,
+Qwen 3, Phi 3, Gemma 3), written by the test with the gguf package's writer (the real models'
+vocabularies, every tensor of a different GGUF type as Q4_K_M files mix them), read by
 exo and by llama.cpp: the logits at every position within a stated tolerance of llama.cpp's, and the
 same top token at every position but where the two engines' own noise can reorder a near-tie."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
 
 from exo.engine.gguf import GGUFFile
-from exo.engine.loading import load
+from exo.engine.loading import load, load_tokenizer
+from exo.shared.errors import ModelFormatError
 
 pytest.importorskip("llama_cpp")
 from llama_cpp_reference import reference  # noqa: E402
@@ -23,9 +31,12 @@ from llama_cpp_reference import reference  # noqa: E402
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 256, 4, 2, 64, 512  # rows of 256: whole K-quant super-blocks
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest."
 # llama.cpp multiplies with its activations quantized to 8 bits; exo keeps them float32. As fractions of
-# the logits' spread (their standard deviation over the vocabulary) at each position; measured: mean
-# 0.008 and largest 0.053 (llama, 2 layers), mean 0.02 and largest 0.153 (gemma3, 6 layers), the same
-# at every position (so nothing but that noise: a window or mask error would grow past the window).
+# the logits' spread (their standard deviation over the vocabulary) at each position; measured: means
+# 0.006-0.010 and largest 0.036-0.076 (the 2-layer families), mean 0.018 and largest 0.175 (gemma3,
+# 6 layers), the same at every position (so nothing but that noise: a window or mask error would grow
+# past the window). Leaving out what sets a family apart fails them: Llama 3's rotary factors (mean
+# 0.056, largest 0.63), Phi's partial rotation (0.081, 0.76), Qwen 3's q/k norms (0.046, 0.38), Qwen 2's
+# biases (0.88, 5.3).
 MEAN_TOLERANCE, MAX_TOLERANCE = 0.03, 0.2
 
 # Per type: where its blocks hold fp16 scales, and the scale that keeps random codes' weights near ±0.05.
@@ -44,22 +55,101 @@ def random_tensor(kind: T, rows: int, cols: int, rng: np.random.Generator) -> np
     return raw.reshape(rows, -1)
 
 
-def write_model(path: Path, architecture: str, n_layers: int, vocabulary: Path, types: dict[str, T],
-                extra: Callable[[GGUFWriter], None], norms: list[str]) -> Path:
+# The attention input's norm scales q and k up, so attention is sharp (as a trained model's): soft attention
+# over random weights hardly depends on where the keys are, and so would not catch a wrong rotation.
+ATTENTION_GAIN = 3.0
+# Each layer's projections as llama.cpp names them, `[rows, cols]`; Phi 3 stores q/k/v and gate/up fused.
+SHAPES = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
+          "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
+          "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
+FUSED_SHAPES = {"attn_qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
+                "ffn_up": (2 * FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
+# q and k 4-bit beside an 8-bit v (a Q4_K_M file's mix), gate and up of different 8-bit types.
+TYPES = {"attn_q": T.Q4_K, "attn_k": T.Q4_0, "attn_v": T.Q6_K, "attn_output": T.F16,
+         "ffn_gate": T.Q5_0, "ffn_up": T.Q5_1, "ffn_down": T.Q4_1}
+FUSED_TYPES = {"attn_qkv": T.Q4_K, "attn_output": T.Q5_0, "ffn_up": T.Q4_0, "ffn_down": T.Q6_K}
+LLAMA_NORMS = ["attn_norm", "ffn_norm"]
+
+
+# Llama 3.1's scaling, its original context shortened so that the prompt's positions span kept, slowed
+# and blended frequencies.
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def llama3_factors(scaling: dict[str, Any], dims: int, base: float) -> np.ndarray:
+    """What each rotary frequency is divided by, from the rescaled inverse frequencies as Meta defines them:
+    those of wavelength under original / high kept, over original / low divided by the factor, a blend
+    between."""
+    inverse = base ** -(np.arange(0, dims, 2) / dims)
+    wavelength = 2 * np.pi / inverse
+    original, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    smooth = np.clip((original / wavelength - low) / (high - low), 0, 1)
+    scaled = (1 - smooth) * inverse / factor + smooth * inverse
+    return (inverse / scaled).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to write a tiny model of one architecture."""
+
+    architecture: str
+    vocabulary: str  # the real model whose vocabulary it takes: "smollm" or "gemma"
+    n_layers: int = 2
+    norms: list[str] = field(default_factory=lambda: LLAMA_NORMS)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=lambda: SHAPES)
+    types: dict[str, T] = field(default_factory=lambda: TYPES)
+    biases: tuple[str, ...] = ()  # projections with a bias
+    head: bool = False  # an output matrix of its own (else the head is the tied embedding)
+    rope_factors: bool = False  # a `rope_freqs` tensor: Llama 3's rescaled rotary frequencies
+    metadata: Callable[[GGUFWriter], None] = lambda writer: writer.add_rope_freq_base(10000.0)
+    config: dict[str, Any] = field(default_factory=dict)  # the same model's Hugging Face config.json
+    permuted: bool = False  # q and k rows stored permuted for interleaved rotation (llama.cpp's llama)
+
+
+def gemma3_metadata(writer: GGUFWriter) -> None:
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_sliding_window(8)  # shorter than the prompt: the local layers' window is exercised
+
+
+def phi3_metadata(writer: GGUFWriter) -> None:
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(HEAD_DIM // 2)  # rotary over half of each head, as Phi 4 mini's
+
+
+FAMILIES = {
+    "llama": Family("llama", "smollm", permuted=True, config={"model_type": "llama"}),
+    "llama3": Family("llama", "smollm", head=True, rope_factors=True, permuted=True,
+                     config={"model_type": "llama", "rope_scaling": LLAMA3_SCALING}),
+    "qwen2": Family("qwen2", "smollm", biases=("attn_q", "attn_k", "attn_v"), config={"model_type": "qwen2"}),
+    "qwen3": Family("qwen3", "smollm", norms=[*LLAMA_NORMS, "attn_q_norm", "attn_k_norm"], head=True,
+                    config={"model_type": "qwen3"}),
+    "phi3": Family("phi3", "smollm", shapes=FUSED_SHAPES, types=FUSED_TYPES, head=True, metadata=phi3_metadata,
+                   config={"model_type": "phi3", "partial_rotary_factor": 0.5}),
+    "gemma3": Family("gemma3", "gemma", n_layers=6, metadata=gemma3_metadata,  # layer 5 is the one global layer
+                     norms=["attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm",
+                            "post_ffw_norm"],
+                     config={"model_type": "gemma3_text", "sliding_window": 8, "query_pre_attn_scalar": HEAD_DIM,
+                             "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0}),
+}
+
+
+def write_model(path: Path, family: Family, vocabulary: Path) -> Path:
     rng = np.random.default_rng(0)
     source = GGUFFile(vocabulary).metadata
     tokens = source["tokenizer.ggml.tokens"]
-    writer = GGUFWriter(path, architecture)
+    writer = GGUFWriter(path, family.architecture)
     writer.add_context_length(512)
     writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(n_layers)
+    writer.add_block_count(family.n_layers)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_key_length(HEAD_DIM)
     writer.add_value_length(HEAD_DIM)
     writer.add_layer_norm_rms_eps(1e-6)
-    extra(writer)
+    family.metadata(writer)
     writer.add_tokenizer_model(source["tokenizer.ggml.model"])
     writer.add_tokenizer_pre(source.get("tokenizer.ggml.pre", "default"))
     writer.add_token_list(tokens)
@@ -73,22 +163,28 @@ def write_model(path: Path, architecture: str, n_layers: int, vocabulary: Path, 
     writer.add_add_bos_token(bool(source.get("tokenizer.ggml.add_bos_token", False)))
     writer.add_add_space_prefix(bool(source.get("tokenizer.ggml.add_space_prefix", False)))
 
-    shapes = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
-              "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
-              "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
+    def norm(size: int, gain: float = 1.0) -> np.ndarray:
+        return (gain * (1 + 0.1 * rng.standard_normal(size))).astype(np.float32)
+
     writer.add_tensor("token_embd.weight", random_tensor(T.Q8_0, len(tokens), HIDDEN, rng), raw_dtype=T.Q8_0)
-    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
-    for i in range(n_layers):
-        for name in norms:
-            size = HEAD_DIM if name.endswith(("q_norm", "k_norm")) else HIDDEN
-            writer.add_tensor(f"blk.{i}.{name}.weight", (1 + 0.1 * rng.standard_normal(size)).astype(np.float32))
-        for name, (rows, cols) in shapes.items():
-            kind = types[name]
+    writer.add_tensor("output_norm.weight", norm(HIDDEN))
+    if family.head:
+        writer.add_tensor("output.weight", random_tensor(T.Q6_K, len(tokens), HIDDEN, rng), raw_dtype=T.Q6_K)
+    if family.rope_factors:
+        writer.add_tensor("rope_freqs.weight", llama3_factors(LLAMA3_SCALING, HEAD_DIM, 10000.0))
+    for i in range(family.n_layers):
+        for name in family.norms:
+            size = HEAD_DIM if name in ("attn_q_norm", "attn_k_norm") else HIDDEN
+            writer.add_tensor(f"blk.{i}.{name}.weight", norm(size, ATTENTION_GAIN if name == "attn_norm" else 1.0))
+        for name, (rows, cols) in family.shapes.items():
+            kind = family.types[name]
             if kind == T.F16:
                 weight = (0.05 * rng.standard_normal((rows, cols))).astype(np.float16)
                 writer.add_tensor(f"blk.{i}.{name}.weight", weight)
             else:
                 writer.add_tensor(f"blk.{i}.{name}.weight", random_tensor(kind, rows, cols, rng), raw_dtype=kind)
+            if name in family.biases:
+                writer.add_tensor(f"blk.{i}.{name}.bias", (0.5 * rng.standard_normal(rows)).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -96,42 +192,84 @@ def write_model(path: Path, architecture: str, n_layers: int, vocabulary: Path, 
     return path
 
 
-# q and k 4-bit beside an 8-bit v (a Q4_K_M file's mix), gate and up of different 8-bit types.
-TYPES = {"attn_q": T.Q4_K, "attn_k": T.Q4_0, "attn_v": T.Q6_K, "attn_output": T.F16,
-         "ffn_gate": T.Q5_0, "ffn_up": T.Q5_1, "ffn_down": T.Q4_1}
+# GGUF's names → Hugging Face's, as llama.cpp's converter maps them (`{}` is the layer).
+HF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "ffn_norm": "post_attention_layernorm",
+}
+GEMMA_HF_NAMES = {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                  "post_ffw_norm": "post_feedforward_layernorm"}
 
 
-def tiny_llama(path: Path, vocabulary: Path) -> Path:
-    def extra(writer: GGUFWriter) -> None:
-        writer.add_rope_freq_base(10000.0)
-        writer.add_rope_dimension_count(HEAD_DIM)
-    return write_model(path, "llama", 2, vocabulary, TYPES, extra, ["attn_norm", "ffn_norm"])
+def write_directory(path: Path, gguf: Path, family: Family) -> Path:
+    """The tiny GGUF model as a Hugging Face checkpoint: float32 safetensors under Hugging Face's names,
+    q and k in Hugging Face's row order, Gemma's norms without their 1, its config and tokenizer files."""
+    names = {**HF_NAMES, **(GEMMA_HF_NAMES if family.architecture == "gemma3" else {})}
+    if family.architecture == "phi3":
+        names["ffn_up"] = "mlp.gate_up_proj"
+    weights = {}
+    raw = np.memmap(gguf, np.uint8, mode="r")
+    for tensor in GGUFFile(gguf).tensors.values():
+        if tensor.name == "rope_freqs.weight":
+            continue  # what the config's rope_scaling says
+        data = raw[tensor.offset : tensor.offset + tensor.nbytes]
+        if tensor.type in (T.F32, T.F16):
+            data = data.view(np.float32 if tensor.type == T.F32 else np.float16)
+        values = dequantize(data, tensor.type).reshape(tensor.shape).astype(np.float32)
+        stem, kind = tensor.name.rsplit(".", 1)
+        if (layer := re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)) is not None:
+            part = layer.group(2)
+            name = f"model.layers.{layer.group(1)}.{names[part]}.{kind}"
+            if family.permuted and part in ("attn_q", "attn_k"):  # undo the converter's permutation
+                heads = HEADS if part == "attn_q" else KV_HEADS
+                values = values.reshape(heads, HEAD_DIM // 2, 2, -1).swapaxes(1, 2).reshape(values.shape)
+        else:
+            part, name = stem, f"{names[stem]}.{kind}"
+        if family.architecture == "gemma3" and "norm" in part:
+            values = values - 1
+        weights[name] = mx.array(values)
+    path.mkdir()
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    tokenizer = load_tokenizer(gguf)[0]
+    tokenizer.backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tokenizer.backend.id_to_token(tokenizer.bos_id), "add_bos_token": tokenizer.add_bos,
+        "eos_token": tokenizer.backend.id_to_token(tokenizer.eos_ids[0])}))
+    (path / "config.json").write_text(json.dumps({
+        "hidden_size": HIDDEN, "num_hidden_layers": family.n_layers, "intermediate_size": FFN,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+        "vocab_size": tokenizer.backend.get_vocab_size(), "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": not family.head, "max_position_embeddings": 512, **family.config}))
+    return path
 
 
-def tiny_gemma3(path: Path, vocabulary: Path) -> Path:
-    def extra(writer: GGUFWriter) -> None:
-        writer.add_rope_freq_base(1_000_000.0)
-        writer.add_sliding_window(8)  # shorter than the prompt: the local layers' window is exercised
-    return write_model(path, "gemma3", 6, vocabulary, TYPES, extra,  # layer 5 is the one global layer
-                       ["attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm",
-                        "post_ffw_norm"])
-
-
-@pytest.fixture(params=["llama", "gemma3"])
-def tiny(request: pytest.FixtureRequest, tmp_path: Path, model_path: Path, gemma_path: Path) -> Iterator[Path]:
-    if request.param == "llama":
-        path = tiny_llama(tmp_path / "tiny-llama.gguf", model_path)
+@pytest.fixture(params=[(name, form) for name in FAMILIES for form in ("gguf", "directory")],
+                ids=lambda param: "-".join(param))
+def tiny(request: pytest.FixtureRequest, tmp_path: Path, model_path: Path,
+         gemma_path: Path) -> Iterator[tuple[Path, Path]]:
+    """The tiny model as exo reads it (its GGUF file or Hugging Face directory), and its GGUF file for llama.cpp."""
+    name, form = request.param
+    family = FAMILIES[name]
+    gguf = write_model(tmp_path / f"tiny-{name}.gguf", family,
+                       gemma_path if family.vocabulary == "gemma" else model_path)
+    if form == "gguf":
+        yield gguf, gguf
     else:
-        path = tiny_gemma3(tmp_path / "tiny-gemma3.gguf", gemma_path)
-    yield path
-    path.unlink()
+        directory = write_directory(tmp_path / f"tiny-{name}", gguf, family)
+        yield directory, gguf
+        shutil.rmtree(directory)
+    gguf.unlink()
 
 
-def test_logits_match_llama_cpp_at_every_position(tiny: Path) -> None:
-    model = load(tiny)
+def test_logits_match_llama_cpp_at_every_position(tiny: tuple[Path, Path]) -> None:
+    path, gguf = tiny
+    model = load(path)
     ids = model.tokenizer.encode(TEXT)
     ours = np.array(model.model(mx.array(ids)[None], model.model.make_cache())[0], dtype=np.float32)
-    with reference(tiny, n_ctx=128, n_threads=2, logits_all=True) as llm:
+    with reference(gguf, n_ctx=128, n_threads=2, logits_all=True) as llm:
         assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == ids
         llm.eval(ids)
         theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -144,3 +282,13 @@ def test_logits_match_llama_cpp_at_every_position(tiny: Path) -> None:
     noise = np.abs(ours - theirs).max(axis=1)
     assert (gap <= 2 * noise).all(), (gap, noise)
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() >= 0.75
+
+
+def test_rotary_scaling_exo_cannot_apply_is_refused_by_name(tmp_path: Path, model_path: Path) -> None:
+    family = FAMILIES["phi3"]
+    gguf = write_model(tmp_path / "tiny-phi3.gguf", family, model_path)
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [4.0] * 16}
+    directory = write_directory(tmp_path / "tiny-phi3", gguf, replace(family, config={
+        **family.config, "rope_scaling": longrope}))
+    with pytest.raises(ModelFormatError, match="tiny-phi3: rope scaling 'longrope' is not supported"):
+        load(directory)
