@@ -7,6 +7,7 @@ import json
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,13 @@ class Tokenizer:
         self.bos_id, self.add_bos = bos_id, add_bos
         self.eos_ids = tuple(dict.fromkeys(eos_ids))
         self.chat_template = chat_template
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # What Hugging Face renders templates with, and what real templates rely on: loop controls
+        # (`{% break %}`), JSON without HTML escaping, the date, and a way to refuse messages.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
         self._template = env.from_string(chat_template) if chat_template else None
 
     @classmethod
@@ -111,13 +117,15 @@ class Tokenizer:
             finally:
                 self.backend.encode_special_tokens = False
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """The prompt for `messages`. Only the chat template's own markup becomes special tokens; the
-        messages' text never does, so `<|im_end|>` typed by a user cannot forge a turn."""
-        prompt = self.apply_chat_template(messages)
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None) -> list[int]:
+        """The prompt for `messages` (and the `tools` a template describes to the model). Only the chat
+        template's own markup becomes special tokens; the messages' text never does, so `<|im_end|>`
+        typed by a user cannot forge a turn."""
+        prompt = self.apply_chat_template(messages, tools=tools)
         nonce = uuid.uuid4().hex
         markers = [f"\ue000{nonce}{i}\ue000" for i in range(len(messages))]
-        skeleton = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, markers, strict=True)])
+        skeleton = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, markers, strict=True)],
+                                            tools=tools)
         contents = [str(m["content"]) for m in messages]
         markup, rest = [], skeleton
         for mark in markers:
@@ -152,14 +160,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Any] | None = None) -> str:
         if self._template is None:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self.backend.id_to_token(self.eos_ids[0]) if self.eos_ids else ""
         try:
-            return self._template.render(messages=list(messages), add_generation_prompt=True,
-                                         bos_token=bos, eos_token=eos)
+            return self._template.render(messages=list(messages), tools=list(tools) if tools else None,
+                                         add_generation_prompt=True, bos_token=bos, eos_token=eos)
         except TemplateError as e:
             raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", param="messages") from e
 
@@ -202,6 +210,12 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int],
 
 def _interleave(markup: list[str], contents: list[str]) -> str:
     return "".join(part for pair in zip(markup, contents, strict=True) for part in pair)
+
+
+def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    """Jinja's `tojson` as Hugging Face's templates expect it: plain JSON, not escaped for HTML."""
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
 
 
 def _raise_template_error(message: str) -> None:

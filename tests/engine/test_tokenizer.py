@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
+
 import pytest
 
 from exo.engine.loading import LoadedModel
@@ -159,3 +162,20 @@ def test_no_token_stands_for_more_bytes_than_max_token_bytes(tokenizer: Tokenize
     longest = max(len(tokenizer.backend.decode([i], skip_special_tokens=False).encode())
                   for i in range(tokenizer.backend.get_vocab_size()))
     assert tokenizer.max_token_bytes == longest
+
+
+def test_template_sees_the_tools_and_writes_them_as_plain_json(tokenizer: Tokenizer) -> None:
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Rain & <sun> in Zürich"}}]
+    template = "{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}{% endif %}|{{ messages[0].content }}"
+    rendered = with_template(tokenizer, template).apply_chat_template(FRANCE, tools=tools)
+    assert rendered == json.dumps(tools[0], ensure_ascii=False) + "|What is the capital of France?"
+    assert with_template(tokenizer, template).apply_chat_template(FRANCE) == "|What is the capital of France?"
+
+
+def test_template_can_read_the_date_and_break_out_of_loops(tokenizer: Tokenizer) -> None:
+    template = "{{ strftime_now('%Y-%m-%d') }}|{% for m in messages %}{{ m.content }}{% break %}{% endfor %}"
+    messages = [*FRANCE, {"role": "assistant", "content": "Paris."}]
+    before = datetime.now().strftime("%Y-%m-%d")
+    rendered = with_template(tokenizer, template).apply_chat_template(messages)
+    assert rendered.split("|") in ([before, FRANCE[0]["content"]],
+                                   [datetime.now().strftime("%Y-%m-%d"), FRANCE[0]["content"]])  # past midnight
