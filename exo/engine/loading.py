@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 
 from exo.engine.base import LayerRange
+from exo.engine.converted import ConvertedCache
 from exo.engine.gemma3 import Gemma3Shard
 from exo.engine.gguf import GROUP_SIZE as GGUF_GROUP_SIZE
 from exo.engine.gguf import GGUFFile
@@ -98,7 +100,10 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "qua
         source = _open(path)
     model = source.architecture(source.args, start, end)  # a range outside the model is the caller's bug
     with _reading(path):
-        weights = _fuse(source.read(lambda name: _in_range(name, model)), source.group_size)
+        def convert() -> dict[str, mx.array]:
+            return _fuse(source.read(lambda name: _in_range(name, model)), source.group_size)
+
+        weights = source.converted.weights(model.start, model.end, convert) if source.converted else convert()
         if dtype == "quantized":
             prefixes = [name.removesuffix(".scales") for name in weights if name.endswith(".scales")]
             quantize(model, {p: (source.group_size, _prefix_bits(weights, p, source.group_size)) for p in prefixes})
@@ -154,6 +159,7 @@ class _Source:
     tokenizer: Tokenizer
     group_size: int
     read: Callable[[Wanted], dict[str, mx.array]]
+    converted: ConvertedCache | None = None  # where a file's converted ranges are kept
 
 
 def _open(path: Path, *, tensors: bool = True) -> _Source:
@@ -191,18 +197,37 @@ def _open_gguf(path: Path) -> _Source:
     engine_names = {name: engine for name in file.tensors if (engine := _rename(name, names)) is not None}
 
     def read(wanted: Wanted) -> dict[str, mx.array]:
+        targets = {name: target for name, engine in engine_names.items() if (target := wanted(engine)) is not None}
+        progress = _Progress(path.name, sum(file.tensors[name].nbytes for name in targets))
         weights = {}
-        for name, engine in engine_names.items():
-            if (target := wanted(engine)) is None:
-                continue
+        for name, target in targets.items():
             parts = file.tensor(name)  # one tensor converted at a time
+            progress.advance(file.tensors[name].nbytes)
             if target.endswith(".weight"):
                 weights.update({f"{target.removesuffix('.weight')}.{part}": value for part, value in parts.items()})
             else:  # a bias or a norm's weight: always float
                 weights[target] = parts["weight"]
         return weights
 
-    return _Source(model, args, Tokenizer.from_gguf_metadata(meta), GGUF_GROUP_SIZE, read)
+    return _Source(model, args, Tokenizer.from_gguf_metadata(meta), GGUF_GROUP_SIZE, read, ConvertedCache(path))
+
+
+class _Progress:
+    """Logs how far a conversion has come, every few seconds while it lasts."""
+
+    EVERY_S = 5.0
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.done = name, total, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.EVERY_S:
+            self.last = now
+            log.info("converting %s: %d%% of %d MB, %.0f s", self.name, 100 * self.done // max(self.total, 1),
+                     self.total // 1_000_000, now - self.start)
 
 
 def _rename(name: str, names: list[tuple[str, str]]) -> str | None:
