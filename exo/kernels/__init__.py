@@ -115,14 +115,14 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 def rope(x: mx.array, *, dims: int, traditional: bool, base: float, scale: float = 1.0,
          offset: int | mx.array = 0, periods: mx.array | None = None) -> mx.array:
     """Rotary embedding of `x` `[B, H, L, D]`, positions from `offset`. Frequency `i` of `dims / 2` is
-    `base ** (-2i / dims)`, or `1 / periods[i]` where `periods` are given (rescaled frequencies: those
-    take MLX's own rope)."""
+    `base ** (-2i / dims)`, or `1 / periods[i]` where float32 `periods` are given (rescaled frequencies)."""
+    if _native_ok(x):
+        extra = [] if periods is None else [periods]
+        if isinstance(offset, mx.array):
+            return _native.rope(x, dims, traditional, base, scale, 0, [offset], extra)
+        return _native.rope(x, dims, traditional, base, scale, offset, [], extra)
     if periods is not None:
         return mx.fast.rope(x, dims, traditional=traditional, base=None, scale=scale, offset=offset, freqs=periods)
-    if _native_ok(x):
-        if isinstance(offset, mx.array):
-            return _native.rope(x, dims, traditional, base, scale, 0, [offset])
-        return _native.rope(x, dims, traditional, base, scale, offset, [])
     return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
 
 

@@ -31,6 +31,17 @@ def test_rope_matches_mlx(path, traditional, dims, d, offset):
     _close(got, want, 1e-4)  # angles of positions in the hundreds: float32 sin/cos from other code
 
 
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("offset", [0, 37, mx.array(300)])
+def test_rope_with_rescaled_frequencies_matches_mlx(path, traditional, offset):
+    """Each frequency divided by its own factor (Llama 3's scaling), over part of each head."""
+    x = mx.random.normal((1, 4, 3, 48))
+    periods = 10000.0 ** (mx.arange(0, 32, 2) / 32) * mx.linspace(1, 8, 16)
+    got = kernels.rope(x, dims=32, traditional=traditional, base=10000.0, offset=offset, periods=periods)
+    want = mx.fast.rope(x, 32, traditional=traditional, base=None, scale=1.0, offset=offset, freqs=periods)
+    _close(got, want, 1e-4)
+
+
 def test_rope_of_a_prefill_chunk(path):
     x = mx.random.normal((1, 9, 128, 64))
     _close(kernels.rope(x, dims=64, traditional=False, base=100000.0, offset=5),

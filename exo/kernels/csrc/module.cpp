@@ -208,14 +208,17 @@ class RMSNorm : public CpuPrimitive {
 
 class RoPE : public CpuPrimitive {
  public:
-  RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool array_offset)
+  // With `periods` (float32 [dims / 2], the last input), frequency i is 1 / periods[i] instead of
+  // base^(-2i / dims): rescaled frequencies, as Llama 3's.
+  RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool array_offset, bool periods)
       : CpuPrimitive(s), dims_(dims), trad_(traditional), base_(base), scale_(scale), offset_(offset),
-        array_offset_(array_offset) {}
+        array_offset_(array_offset), periods_(periods) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc(out);
     mx::array off = array_offset_ ? in[1] : in[0];
-    encode(in, out, [x = in[0], off, y = out.data<float>(), dims = dims_, trad = trad_, base = base_, scale = scale_,
-                     offset = offset_, array_offset = array_offset_]() {
+    mx::array per = periods_ ? in.back() : in[0];
+    encode(in, out, [x = in[0], off, per, y = out.data<float>(), dims = dims_, trad = trad_, base = base_,
+                     scale = scale_, offset = offset_, array_offset = array_offset_, periods = periods_]() {
       int64_t start = offset;
       if (array_offset) {
         auto t = off.dtype();
@@ -229,10 +232,13 @@ class RoPE : public CpuPrimitive {
       // cos and sin per position and frequency, in float32 as mx.fast.rope computes them
       std::vector<float> cs(L * half), sn(L * half);
       const float lb = std::log(base) / (float)half;
+      std::vector<float> inv(half);
+      for (int64_t i = 0; i < half; i++)
+        inv[i] = periods ? 1.0f / per.data<float>()[i * per.strides()[0]] : std::exp(-(float)i * lb);
       for (int64_t l = 0; l < L; l++) {
         const float pos = (float)(start + l) * scale;
         for (int64_t i = 0; i < half; i++) {
-          const float th = pos * std::exp(-(float)i * lb);
+          const float th = pos * inv[i];
           cs[l * half + i] = std::cos(th);
           sn[l * half + i] = std::sin(th);
         }
@@ -257,7 +263,7 @@ class RoPE : public CpuPrimitive {
   bool is_equivalent(const mx::Primitive& o) const override {
     auto& p = static_cast<const RoPE&>(o);
     return dims_ == p.dims_ && trad_ == p.trad_ && base_ == p.base_ && scale_ == p.scale_ && offset_ == p.offset_ &&
-           array_offset_ == p.array_offset_;
+           array_offset_ == p.array_offset_ && periods_ == p.periods_;
   }
 
  private:
@@ -265,7 +271,7 @@ class RoPE : public CpuPrimitive {
   bool trad_;
   float base_, scale_;
   int offset_;
-  bool array_offset_;
+  bool array_offset_, periods_;
 };
 
 class CacheAppend : public CpuPrimitive {
@@ -397,7 +403,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
 }
 
 mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset,
-               const std::vector<mx::array>& array_offset) {
+               const std::vector<mx::array>& array_offset, const std::vector<mx::array>& periods) {
   need(x.dtype() == mx::float32 && x.ndim() >= 2, "rope: x must be float32 [..., L, D]");
   need(dims > 0 && dims % 2 == 0 && dims <= x.shape(-1), "rope: dims must be even and at most D");
   std::vector<mx::array> inputs{x};
@@ -405,8 +411,14 @@ mx::array rope(const mx::array& x, int dims, bool traditional, float base, float
     need(array_offset[0].size() == 1, "rope: an array offset must be a scalar");
     inputs.push_back(array_offset[0]);
   }
+  if (!periods.empty()) {
+    need(periods[0].dtype() == mx::float32 && periods[0].ndim() == 1 && periods[0].size() == (size_t)dims / 2,
+         "rope: periods must be float32 [dims / 2]");
+    inputs.push_back(periods[0]);
+  }
   return mx::array(x.shape(), mx::float32,
-                   std::make_shared<RoPE>(mx::to_stream({}), dims, traditional, base, scale, offset, !array_offset.empty()),
+                   std::make_shared<RoPE>(mx::to_stream({}), dims, traditional, base, scale, offset,
+                                          !array_offset.empty(), !periods.empty()),
                    inputs);
 }
 
@@ -465,7 +477,8 @@ NB_MODULE(_native, m) {
   m.def("path", [] { return std::string(g_table->name); });
   m.def("quantized_matmul", &quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a);
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a);
-  m.def("rope", &rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "array_offset"_a);
+  m.def("rope", &rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "array_offset"_a,
+        "periods"_a);
   m.def("cache_append", &cache_append, "cache"_a, "new"_a, "offset"_a);
   m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "length"_a, "scale"_a);
 }
