@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parent
 
 
 class CMakeKernels(build_ext):
+    def build_extensions(self) -> None:
+        super().build_extensions()
+        # a kernel build that failed leaves no library, and an install must not then try to copy one
+        self.extensions = [ext for ext in self.extensions if Path(self.get_ext_fullpath(ext.name)).is_file()]
+
     def build_extension(self, ext: Extension) -> None:
         out = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build = Path(self.build_temp).resolve() / "kernels"
