@@ -17,7 +17,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -142,7 +142,12 @@ class TransformerBlock(nn.Module):
 
 
 class LlamaShard(LayerRange):
-    """Layers `[start, end)` of a Llama model, with the embedding and head where the range needs them."""
+    """Layers `[start, end)` of a Llama model, with the embedding and head where the range needs them.
+    A family built on it names what it changes in `ModelArgs` (`family`) and whether its GGUF files
+    store q/k permuted for interleaved rotation (llama.cpp's converter does so only for Llama)."""
+
+    family: ClassVar[dict[str, Any]] = {}
+    gguf_interleaved: ClassVar[bool] = True
 
     def __init__(self, args: ModelArgs, start: int = 0, end: int | None = None) -> None:
         super().__init__(args, args.num_hidden_layers, start, end)
@@ -156,7 +161,7 @@ class LlamaShard(LayerRange):
 
     @classmethod
     def args_from_config(cls, config: dict[str, Any]) -> ModelArgs:
-        return ModelArgs.from_dict(config)
+        return replace(ModelArgs.from_dict(config), **cls.family)
 
     @classmethod
     def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool,
@@ -165,7 +170,7 @@ class LlamaShard(LayerRange):
         head_dim = get("attention.key_length", hidden // heads)
         if rope_factors is None and get("rope.scaling.type", "none") == "linear":
             rope_factors = (float(get("rope.scaling.factor")),) * (get("rope.dimension_count", head_dim) // 2)
-        return ModelArgs(
+        args = ModelArgs(
             hidden_size=hidden,
             num_hidden_layers=get("block_count"),
             intermediate_size=get("feed_forward_length"),
@@ -175,12 +180,13 @@ class LlamaShard(LayerRange):
             vocab_size=vocab_size,
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=get("rope.freq_base", 10000.0),
-            rope_traditional=True,  # GGUF stores q/k permuted for interleaved rotary embeddings
+            rope_traditional=cls.gguf_interleaved,
             tie_word_embeddings=not has_head,
             max_position_embeddings=get("context_length", 4096),
             rope_dims=get("rope.dimension_count", head_dim),
             rope_factors=rope_factors,
         )
+        return replace(args, **cls.family)
 
     def embed(self, ids: mx.array) -> mx.array:
         return self.embed_tokens(ids)

@@ -8,16 +8,10 @@ supported: such files are refused by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from typing import ClassVar
 
-from exo.engine.llama import LlamaShard, ModelArgs
+from exo.engine.llama import LlamaShard
 
 
 class Phi3Shard(LlamaShard):
-    @classmethod
-    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool,
-                       rope_factors: tuple[float, ...] | None = None) -> ModelArgs:
-        args = super().args_from_gguf(get, vocab_size=vocab_size, has_head=has_head, rope_factors=rope_factors)
-        return replace(args, rope_traditional=False)
+    gguf_interleaved: ClassVar[bool] = False

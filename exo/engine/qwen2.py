@@ -7,20 +7,11 @@ not say that q/k/v have biases: Qwen 2 always has them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
-from exo.engine.llama import LlamaShard, ModelArgs
+from exo.engine.llama import LlamaShard
 
 
 class Qwen2Shard(LlamaShard):
-    @classmethod
-    def args_from_config(cls, config: dict[str, Any]) -> ModelArgs:
-        return replace(ModelArgs.from_dict(config), attention_bias=True)
-
-    @classmethod
-    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool,
-                       rope_factors: tuple[float, ...] | None = None) -> ModelArgs:
-        args = super().args_from_gguf(get, vocab_size=vocab_size, has_head=has_head, rope_factors=rope_factors)
-        return replace(args, attention_bias=True, rope_traditional=False)
+    family: ClassVar[dict[str, Any]] = {"attention_bias": True}
+    gguf_interleaved: ClassVar[bool] = False

@@ -6,20 +6,11 @@ As with Qwen 2, GGUF files store q and k unpermuted: the rotation pairs each hea
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
-from exo.engine.llama import LlamaShard, ModelArgs
+from exo.engine.llama import LlamaShard
 
 
 class Qwen3Shard(LlamaShard):
-    @classmethod
-    def args_from_config(cls, config: dict[str, Any]) -> ModelArgs:
-        return replace(ModelArgs.from_dict(config), qk_norm=True)
-
-    @classmethod
-    def args_from_gguf(cls, get: Callable[..., Any], *, vocab_size: int, has_head: bool,
-                       rope_factors: tuple[float, ...] | None = None) -> ModelArgs:
-        args = super().args_from_gguf(get, vocab_size=vocab_size, has_head=has_head, rope_factors=rope_factors)
-        return replace(args, qk_norm=True, rope_traditional=False)
+    family: ClassVar[dict[str, Any]] = {"qk_norm": True}
+    gguf_interleaved: ClassVar[bool] = False
