@@ -54,16 +54,16 @@ class ConvertedCache:
             except (RuntimeError, ValueError) as e:
                 log.warning("rebuilding %s: %s", path, e)
         weights = convert()
-        self._write(path, lambda tmp: mx.save_safetensors(str(tmp), weights))
+        self._keep(path, weights)
         return weights
 
-    def _write(self, path: Path, write: Callable[[Path], None]) -> None:
-        """`write` into a temporary file renamed to `path`; then of this file's entries only the
+    def _keep(self, path: Path, weights: dict[str, mx.array]) -> None:
+        """`weights` written to a temporary file renamed to `path`; then of this file's entries only the
         RANGES_KEPT used last remain (entries of a replaced file go at once)."""
         tmp = path.with_name(f".{os.getpid()}.{path.name}")  # MLX would add .safetensors to another suffix
         try:
             self.directory.mkdir(exist_ok=True)
-            write(tmp)
+            mx.save_safetensors(str(tmp), weights)
             tmp.replace(path)
         except (OSError, RuntimeError) as e:  # MLX's writer raises RuntimeError
             with contextlib.suppress(OSError):

@@ -52,7 +52,7 @@ class ModelArgs:
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
         """From a Hugging Face `config.json`."""
         known = inspect.signature(cls).parameters
-        args = cls(**{k: v for k, v in params.items() if k in known and k != "rope_factors" and v is not None})
+        args = cls(**{k: v for k, v in params.items() if k in known and v is not None})
         rope_dims = int(args.dim_per_head * params.get("partial_rotary_factor", 1.0))
         return replace(args, rope_dims=rope_dims,
                        rope_factors=rope_factors(params.get("rope_scaling"), rope_dims, args.rope_theta),
