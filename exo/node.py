@@ -30,13 +30,14 @@ from exo.config import Config
 from exo.master.coordinator import Coordinator
 from exo.master.service import ClusterService
 from exo.models.catalog import ModelCatalog
+from exo.models.peers import Holder, PeerFetcher
 from exo.models.store import ModelStore
 from exo.net.auth import ClusterAuth
 from exo.net.discovery import Discovery
 from exo.net.transport import PeerTransport
 from exo.shared.errors import ExoError, ServiceUnavailable
 from exo.shared.runners import RunnerStatus, runner_id
-from exo.shared.state import NodeMode, NodeProfile
+from exo.shared.state import NodeMode, NodeProfile, SharedModel
 from exo.worker.profile import TermStore, load_node_id, measure_profile, ring_host
 from exo.worker.supervisor import Limits, Supervisor
 from exo.worker.tokenizers import Tokenizers
@@ -55,7 +56,7 @@ class Node:
 
         def measure() -> NodeProfile:
             return measure_profile(node_id, address=config.api_host, api_port=config.api_port,
-                                   memory_cap=config.max_memory)
+                                   memory_cap=config.max_memory).model_copy(update={"models": self.catalog.shared()})
 
         frame_key = config.cluster_secret or config.api_key  # peers prove the secret, or else the API key
         self.transport = PeerTransport(auth=ClusterAuth(frame_key, node_id=node_id, cluster=config.cluster)
@@ -73,6 +74,8 @@ class Node:
                                       heartbeat_interval=config.heartbeat_interval, dtype=config.dtype,
                                       queues=self.supervisor.queues,
                                       on_state=self.supervisor.update)
+        self.catalog.advertised = self._advertised
+        self.catalog.peers = PeerFetcher(config.models_dir, self._holders, self.transport.auth)
         self.admission = Admission(self.cluster)
         self.app = create_app(self.cluster, self.supervisor, self.tokenizers, api_key=config.api_key,
                               admission=self.admission, max_body_bytes=config.max_body_bytes)
@@ -82,6 +85,17 @@ class Node:
     @property
     def node_id(self) -> str:
         return self.cluster.coordinator.node_id
+
+    def _advertised(self) -> dict[str, SharedModel]:
+        """The models other nodes of the cluster serve from their own files."""
+        return {m.model_id: m for node in self.cluster.coordinator.state.nodes.values() if node.node_id != self.node_id
+                for m in node.models}
+
+    def _holders(self, model_id: str) -> list[Holder]:
+        """The other nodes that serve `model_id` from their files now, and where their APIs are."""
+        return [Holder(node.node_id, url, m) for node in self.cluster.coordinator.state.nodes.values()
+                if node.node_id != self.node_id and (url := self.transport.url(node.node_id)) is not None
+                for m in node.models if m.model_id == model_id]
 
     async def run(self) -> None:
         config = self.config

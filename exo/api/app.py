@@ -21,9 +21,11 @@ from exo.api.limits import BodyLimitMiddleware
 from exo.api.metrics import Metrics, metrics_router
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
+from exo.api.peer_models import peer_models_router
 from exo.api.runners import runners_router
 from exo.config import Config
 from exo.master.service import ClusterService
+from exo.models.peers import ModelServer
 from exo.net.transport import MESSAGE_PATH
 from exo.shared.runners import SERVING, RunnerStatus
 from exo.worker.supervisor import Supervisor
@@ -62,6 +64,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
     app.include_router(instances_router(cluster))
     app.include_router(runners_router(cluster, supervisor))
     app.include_router(metrics_router(metrics))
+    app.include_router(peer_models_router(ModelServer(lambda: tokenizers.catalog.local), cluster.transport.auth))
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:

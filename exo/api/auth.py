@@ -2,8 +2,9 @@
 the static files under /dashboard/, which hold no data and must load to ask for the key) asks for
 `Authorization: Bearer <key>`, and answers 401 in OpenAI's error shape without it.
 
-`/cluster/message` is not the API's: peers' frames there prove the cluster secret instead, or where a node
-has none, the API key, by a MAC keyed with it (exo/net/auth.py); the key itself is never sent there.
+`/cluster/message` and `/cluster/models/` are not the API's: peers' frames and model requests there prove
+the cluster secret instead, or where a node has none, the API key, by a MAC keyed with it
+(exo/net/auth.py); the key itself is never sent there.
 All nodes of a cluster are configured with the same key: a node handing a request to another (a master
 command, a chat to the node that serves it) sends its own key along, through `forward_headers()`, and only
 to addresses learned from frames that proved the key or the secret (exo/net/transport.py).
@@ -22,7 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from exo.net.transport import MESSAGE_PATH
 
 PUBLIC = {("GET", "/health"), ("HEAD", "/health"), ("GET", "/"), ("HEAD", "/"), ("POST", MESSAGE_PATH)}
-PUBLIC_PREFIX = "/dashboard/"  # GET and HEAD only
+# GET and HEAD only: the dashboard's static files, and peers' model requests (which prove the cluster secret)
+PUBLIC_PREFIXES = ("/dashboard/", "/cluster/models/")
 
 # The key this node sends to others. Node-to-node calls happen deep in handlers and in the preload task;
 # a context variable, set per request by the middleware, carries it there without a global.
@@ -86,4 +88,4 @@ class ApiKeyMiddleware:
 
 def _public(scope: Scope) -> bool:
     method, path = scope.get("method"), scope["path"]
-    return (method, path) in PUBLIC or (method in ("GET", "HEAD") and path.startswith(PUBLIC_PREFIX))
+    return (method, path) in PUBLIC or (method in ("GET", "HEAD") and path.startswith(PUBLIC_PREFIXES))

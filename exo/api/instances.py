@@ -16,10 +16,10 @@ from exo.api.limits import MAX_ID_CHARS, MAX_SHARDS, ModelIdStr
 from exo.master.planner import committed_bytes, previews
 from exo.master.replan import draining_nodes, eligible_nodes
 from exo.master.service import ClusterService
-from exo.models.cards import CARDS, ModelCard
+from exo.models.cards import ModelCard
 from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
 from exo.shared.runners import SERVING, RunnerStatus, runner_id
-from exo.shared.state import Instance, ShardAssignment, State
+from exo.shared.state import Instance, ShardAssignment, SharedModel, State
 from exo.shared.types import InstanceId, new_instance_id
 from exo.worker.tokenizers import Tokenizers
 
@@ -45,10 +45,10 @@ class CreateInstance(_Body):
     n_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)  # for a model outside the registry
 
 
-def _card(model_id: str) -> ModelCard:
-    if (card := CARDS.get(model_id)) is None:
-        raise ModelNotFound(f"The model {model_id!r} is not in the registry; GET /v1/models lists them.",
-                            param="model_id")
+def _card(cluster: ClusterService, model_id: str) -> ModelCard | SharedModel:
+    if (card := cluster.placeable(model_id)) is None:
+        raise ModelNotFound(f"The model {model_id!r} is neither in the registry nor served by a node from its own "
+                            "files; GET /v1/models lists them.", param="model_id")
     return card
 
 
@@ -57,14 +57,14 @@ async def _ask_master(cluster: ClusterService, method: str, path: str, body: byt
 
 
 async def ensure_instance(cluster: ClusterService, tokenizers: Tokenizers, model_id: str) -> None:
-    """Place `model_id` unless an instance of it exists: a registry model where the planner says,
-    a model from this node's own files on this node alone."""
+    """Place `model_id` unless an instance of it exists: a model from this node's own files on this node
+    alone, a registry model or another node's own where the planner says."""
     coordinator = cluster.coordinator
     if any(i.model_id == model_id for i in coordinator.state.instances.values()):
         return
-    if model_id in CARDS:
+    if model_id not in tokenizers.catalog.local:  # a registry model, or another node's own
         if coordinator.is_master:
-            cluster.place_instance(CARDS[model_id])
+            cluster.place_instance(_card(cluster, model_id))
             return
         path, body = "/place_instance", PlaceInstance(model_id=model_id, if_absent=True).model_dump_json()
     else:
@@ -155,13 +155,13 @@ def instances_router(cluster: ClusterService) -> APIRouter:
         existing = [i for i in coordinator.state.instances.values() if i.model_id == body.model_id]
         if body.if_absent and existing:
             return existing[0]
-        return cluster.place_instance(_card(body.model_id), min_nodes=body.min_nodes)
+        return cluster.place_instance(_card(cluster, body.model_id), min_nodes=body.min_nodes)
 
     @router.post("/instance", response_model=None)
     async def create_instance(body: CreateInstance, request: Request) -> Instance | Response:
         if not coordinator.is_master:
             return await forward(request)
-        n_layers = body.n_layers or _card(body.model_id).n_layers
+        n_layers = body.n_layers or _card(cluster, body.model_id).n_layers
         instance = Instance(instance_id=new_instance_id(), model_id=body.model_id, n_layers=n_layers,
                             shards=tuple(sorted(body.shards, key=lambda s: s.rank)))
         _check_explicit(instance, set(coordinator.state.nodes))
@@ -169,7 +169,7 @@ def instances_router(cluster: ClusterService) -> APIRouter:
 
     @router.get("/instance/previews")
     async def instance_previews(model_id: Annotated[ModelIdStr, Query()]) -> dict[str, Any]:
-        card = _card(model_id)
+        card = _card(cluster, model_id)
         nodes = eligible_nodes(coordinator.state)
         model_bytes = card.memory_bytes(cluster.dtype)
         committed, loading = committed_bytes(coordinator.state, cluster.model_bytes)  # as place_instance counts

@@ -45,6 +45,16 @@ function layerBar(instance, view) {
   ];
 }
 
+// A runner whose layers still come from a node that has the model's files: how far, and from where.
+function fetching(runner, view) {
+  const d = runner.download;
+  if (!d || d.bytesDone >= d.bytesTotal) return null;
+  const from = view.labels.get(d.fromNode) ?? shortId(d.fromNode);
+  const percent = Math.floor((100 * d.bytesDone) / Math.max(d.bytesTotal, 1));
+  return h("span", { class: "muted", "data-download": percent },
+    ` · fetching ${percent}% of ${Math.ceil(d.bytesTotal / 1e6)} MB from ${from}`);
+}
+
 function runnerList(instance, view) {
   const runners = Object.entries(view.state.runners ?? {})
     .filter(([, r]) => r.instanceId === instance.instanceId).sort(([, a], [, b]) => a.rank - b.rank);
@@ -55,6 +65,7 @@ function runnerList(instance, view) {
       h("span", {}, `rank ${r.rank} · ${view.labels.get(r.nodeId) ?? shortId(r.nodeId)} · `),
       h("strong", {}, r.status),
       r.restarts ? h("span", { class: "muted" }, ` · ${r.restarts} restart${r.restarts > 1 ? "s" : ""}`) : null,
+      fetching(r, view),
       r.error ? h("span", { class: "chip-error" }, ` — ${r.error}`) : null)));
 }
 

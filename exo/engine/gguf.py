@@ -136,6 +136,16 @@ class GGUFFile:
             tensors[name] = TensorInfo(name, shape, kind, data_start + offset, nbytes)
         return metadata, tensors
 
+    def floats(self, name: str) -> np.ndarray:
+        """Float tensor `name` as float32 numpy values."""
+        info = self.tensors[name]
+        if info.type not in _FLOATS:
+            raise self._error(f"its tensor {name} is {info.type.name}, not a float type")
+        values = np.frombuffer(self._map, np.uint8, info.nbytes, info.offset).view(_FLOATS[info.type][0])
+        if info.type == T.BF16:  # the high half of a float32
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        return values.reshape(info.shape).astype(np.float32)
+
     def tensor(self, name: str) -> dict[str, mx.array]:
         """Tensor `name` converted: `weight` alone (float), or `weight`, `scales` and `biases` (affine)."""
         info = self.tensors[name]

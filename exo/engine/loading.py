@@ -7,8 +7,10 @@ prefix), then narrowed to the layer range, fused, and converted to the engine's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +78,9 @@ _DIRECTORY_ARCHITECTURES: dict[str, type[LayerRange]] = {
     "llama": LlamaShard, "mistral": LlamaShard, "qwen2": Qwen2Shard, "qwen3": Qwen3Shard, "phi3": Phi3Shard,
     "gemma3": Gemma3Shard, "gemma3_text": Gemma3Shard,
 }
+# What a model directory's loader reads: its weights, config, tokenizer and template (not other formats'
+# weights, such as PyTorch's *.bin beside the safetensors).
+_DIRECTORY_FILES = (".safetensors", ".json", ".jinja")
 _FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
@@ -98,6 +103,7 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "qua
     unsupported, damaged or not a model."""
     with _reading(path):
         source = _open(path)
+        tokenizer = source.tokenizer
     model = source.architecture(source.args, start, end)  # a range outside the model is the caller's bug
     with _reading(path):
         def convert() -> dict[str, mx.array]:
@@ -113,7 +119,7 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "qua
         mx.eval(model.parameters())
     log.info("loaded %s layers [%d, %d) of %d as %s", path.name, model.start, model.end,
              model.n_layers, dtype)
-    return LoadedModel(model, source.tokenizer, source.args)
+    return LoadedModel(model, tokenizer, source.args)
 
 
 def load_tokenizer(path: Path) -> tuple[Tokenizer, Any]:
@@ -121,6 +127,89 @@ def load_tokenizer(path: Path) -> tuple[Tokenizer, Any]:
     with _reading(path):
         source = _open(path, tensors=False)
         return source.tokenizer, source.args
+
+
+@dataclass(frozen=True)
+class Extent:
+    """The bytes of one of a model's files that loading a layer range reads."""
+
+    name: str  # the file's name (in the model's directory, for a directory)
+    size: int  # the whole file's
+    spans: tuple[tuple[int, int], ...]  # (offset, length), in order, not overlapping
+
+
+def extents(path: Path, layers: tuple[int, int] | None) -> list[Extent]:
+    """What loading layers `[start, end)` of the model at `path` reads, file by file; with `layers` None,
+    what its tokenizer and shape alone need (the header, the small files). A node that lacks the model
+    fetches just these bytes from one that has it (exo/models/peers.py)."""
+    with _reading(path):
+        source = _open(path, tensors=False)
+        wants = None if layers is None else _Wants.of(source.args, *layers)
+
+        def wanted(engine_name: str) -> bool:
+            return wants is not None and _in_range(engine_name, wants) is not None
+
+        if path.is_file():
+            file = GGUFFile(path)
+            names = _GGUF_ARCHITECTURES[file.architecture][1]
+            header = min((t.offset for t in file.tensors.values()), default=path.stat().st_size)
+            spans = [(0, header)] + sorted(
+                (t.offset, t.nbytes) for name, t in file.tensors.items()
+                if name == "rope_freqs.weight" or ((engine := _rename(name, names)) is not None and wanted(engine)))
+            return [Extent(path.name, path.stat().st_size, _merged(spans))]
+        out = []
+        for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _DIRECTORY_FILES):
+            size = file.stat().st_size
+            if file.suffix != ".safetensors":
+                out.append(Extent(file.name, size, ((0, size),) if size else ()))
+                continue
+            with file.open("rb") as f:
+                header_bytes = 8 + int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_bytes - 8))
+            spans = [(0, header_bytes)] + sorted(
+                (header_bytes + begin, end - begin) for name, info in header.items() if name != "__metadata__"
+                for begin, end in [info["data_offsets"]]
+                if wanted(name.removeprefix("language_model.").removeprefix("model.")))
+            out.append(Extent(file.name, size, _merged(spans)))
+        return out
+
+
+def footprint(path: Path) -> tuple[int, int, int]:
+    """The model at `path`: bytes of weights as stored, parameters, and layers. A quantized directory's
+    parameters are counted from its groups (each scale stands for `group_size` weights)."""
+    with _reading(path):
+        source = _open(path, tensors=False)
+        if path.is_file():
+            tensors = GGUFFile(path).tensors.values()
+            return (sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors),
+                    source.args.num_hidden_layers)
+        stored = params = 0
+        for file in sorted(path.glob("*.safetensors")):
+            stored += file.stat().st_size
+            with file.open("rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                prefix, _, part = name.rpartition(".")
+                if part in ("scales", "biases") and f"{prefix}.weight" in header:
+                    params += math.prod(info["shape"]) * source.group_size if part == "scales" else 0
+                elif not (part == "weight" and f"{prefix}.scales" in header):
+                    params += math.prod(info["shape"])
+        return stored, params, source.args.num_hidden_layers
+
+
+def _merged(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sorted (offset, length) spans with touching or overlapping ones joined, empty ones dropped."""
+    out: list[tuple[int, int]] = []
+    for offset, length in spans:
+        if length <= 0:
+            continue
+        if out and offset <= out[-1][0] + out[-1][1]:
+            last_offset, last_length = out[-1]
+            out[-1] = (last_offset, max(last_length, offset + length - last_offset))
+        else:
+            out.append((offset, length))
+    return tuple(out)
 
 
 @contextlib.contextmanager
@@ -156,10 +245,14 @@ class _Source:
 
     architecture: type[LayerRange]
     args: Any
-    tokenizer: Tokenizer
+    make_tokenizer: Callable[[], Tokenizer]  # built when asked for: a large vocabulary takes most of a second
     group_size: int
     read: Callable[[Wanted], dict[str, mx.array]]
     converted: ConvertedCache | None = None  # where a file's converted ranges are kept
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        return self.make_tokenizer()
 
 
 def _open(path: Path, *, tensors: bool = True) -> _Source:
@@ -191,7 +284,7 @@ def _open_gguf(path: Path) -> _Source:
     vocab = get("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
     factors = None
     if "rope_freqs.weight" in file.tensors:  # Llama 3's rescaled frequencies
-        factors = tuple(file.tensor("rope_freqs.weight")["weight"].astype(mx.float32).tolist())
+        factors = tuple(file.floats("rope_freqs.weight").tolist())  # numpy: no MLX where only the shape is asked
     args = _checked(model.args_from_gguf(get, vocab_size=vocab, has_head="output.weight" in file.tensors,
                                          rope_factors=factors), path)
     engine_names = {name: engine for name in file.tensors if (engine := _rename(name, names)) is not None}
@@ -209,7 +302,8 @@ def _open_gguf(path: Path) -> _Source:
                 weights[target] = parts["weight"]
         return weights
 
-    return _Source(model, args, Tokenizer.from_gguf_metadata(meta), GGUF_GROUP_SIZE, read, ConvertedCache(path))
+    return _Source(model, args, lambda: Tokenizer.from_gguf_metadata(meta), GGUF_GROUP_SIZE, read,
+                   ConvertedCache(path))
 
 
 class _Progress:
@@ -264,10 +358,29 @@ def _open_directory(path: Path, *, tensors: bool) -> _Source:
         args = model.args_from_config(config)
     except ModelFormatError as e:
         raise ModelFormatError(f"{path.name}: {e}") from e
-    return _Source(model, _checked(args, path), Tokenizer.from_directory(path), group_size, read)
+    return _Source(model, _checked(args, path), lambda: Tokenizer.from_directory(path), group_size, read)
 
 
-def _in_range(name: str, model: LayerRange) -> str | None:
+@dataclass(frozen=True)
+class _Wants:
+    """What a range's model holds, told without building it (no MLX arrays: the node's own process asks,
+    and MLX threads started there abort it at exit)."""
+
+    start: int
+    end: int
+    is_last: bool
+    embeds: bool
+
+    @classmethod
+    def of(cls, args: Any, start: int, end: int) -> _Wants:
+        is_last = end == args.num_hidden_layers
+        return cls(start, end, is_last, start == 0 or (is_last and getattr(args, "tie_word_embeddings", False)))
+
+    def __contains__(self, name: str) -> bool:
+        return name == "embed_tokens" and self.embeds
+
+
+def _in_range(name: str, model: LayerRange | _Wants) -> str | None:
     """`name` as `model`'s range holds it (layers renumbered from 0), or None if the range has no use for it."""
     if match := re.match(r"layers\.(\d+)\.(.*)", name):
         index = int(match.group(1))

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
+from typing import Protocol
 
-from exo.models.cards import ModelCard
 from exo.shared.errors import PlacementRefused
 from exo.shared.runners import RunnerStatus, runner_id
 from exo.shared.state import NodeProfile, ShardAssignment, State
@@ -31,6 +31,16 @@ RESERVE_BYTES = 128 * 1024**2
 _HOLDING_WEIGHTS = (RunnerStatus.LOADED, RunnerStatus.WARMING_UP, RunnerStatus.READY, RunnerStatus.RUNNING)
 
 _GB = 1_000_000_000
+
+
+class Placeable(Protocol):
+    """What the planner needs of a model: a registry card, or a node's own model as it advertises it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def n_layers(self) -> int: ...
 
 
 def max_nodes_for(model_bytes: int) -> int:
@@ -104,7 +114,7 @@ def allocate_layers(n_layers: int, weights: Sequence[float]) -> list[int]:
 
 
 def place(
-    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int, min_nodes: int = 1,
+    model: Placeable, nodes: Sequence[NodeProfile], *, model_bytes: int, min_nodes: int = 1,
     committed: Mapping[NodeId, int] | None = None, loading: Mapping[NodeId, int] | None = None,
 ) -> tuple[ShardAssignment, ...]:
     """Layer ranges on the fewest nodes (at least `min_nodes`) that hold `model_bytes` of weights,
@@ -149,7 +159,7 @@ def place(
 
 
 def previews(
-    model: ModelCard, nodes: Sequence[NodeProfile], *, model_bytes: int,
+    model: Placeable, nodes: Sequence[NodeProfile], *, model_bytes: int,
     committed: Mapping[NodeId, int] | None = None, loading: Mapping[NodeId, int] | None = None,
 ) -> list[tuple[ShardAssignment, ...]]:
     """One placement per node count, from the fewest that fit up to what the model's size allows."""
@@ -166,7 +176,7 @@ def previews(
     return [placement for k, placement in fitting.items() if k <= upto]
 
 
-def _check(model: ModelCard, model_bytes: int) -> None:
+def _check(model: Placeable, model_bytes: int) -> None:
     if model.n_layers < 1:
         raise ValueError(f"model card {model.id} has {model.n_layers} layers; fix the card")
     if model_bytes <= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from exo.net.transport import PeerTransport
 from exo.shared.errors import PlacementRefused, ServiceUnavailable
 from exo.shared.events import InstanceCreated, InstanceDeleted
 from exo.shared.runners import RunnerInfo, TaskInfo
-from exo.shared.state import Instance, InstanceKind, NodeMode, NodeProfile, State
+from exo.shared.state import Instance, InstanceKind, NodeMode, NodeProfile, SharedModel, State
 from exo.shared.types import Dtype, FrozenModel, InstanceId, NodeId, new_instance_id
 
 log = logging.getLogger(__name__)
@@ -121,18 +122,37 @@ class ClusterService:
 
     # -- master commands (the API forwards them to the master) -----------------------------------
 
-    def place_instance(self, card: ModelCard, *, min_nodes: int = 1) -> Instance:
+    def place_instance(self, card: ModelCard | SharedModel, *, min_nodes: int = 1) -> Instance:
+        """Place `card` where the planner says; a node's own model first on the nodes that have its files
+        (nothing to fetch), and only where those cannot hold it on others, which fetch their layers."""
         self._require_master()
         state = self.coordinator.state
         committed, loading = committed_bytes(state, self.model_bytes)
-        shards = place(card, eligible_nodes(state), model_bytes=card.memory_bytes(self.dtype), min_nodes=min_nodes,
+        nodes = eligible_nodes(state)
+        holders = [n for n in nodes if any(m.model_id == card.id for m in n.models)]
+        if isinstance(card, SharedModel) and holders:
+            with contextlib.suppress(PlacementRefused):
+                return self._place(card, holders, min_nodes, committed, loading)
+        return self._place(card, nodes, min_nodes, committed, loading)
+
+    def _place(self, card: ModelCard | SharedModel, nodes: list[NodeProfile], min_nodes: int,
+               committed: dict[NodeId, int], loading: dict[NodeId, int]) -> Instance:
+        shards = place(card, nodes, model_bytes=card.memory_bytes(self.dtype), min_nodes=min_nodes,
                        committed=committed, loading=loading)
         return self.add_instance(Instance(instance_id=new_instance_id(), model_id=card.id,
                                           n_layers=card.n_layers, shards=shards))
 
+    def placeable(self, model_id: str) -> ModelCard | SharedModel | None:
+        """What the planner knows of `model_id`: its registry card, or what a node serving it from its own
+        files advertises."""
+        if (card := CARDS.get(model_id)) is not None:
+            return card
+        return next((m for node in self.coordinator.state.nodes.values() for m in node.models
+                     if m.model_id == model_id), None)
+
     def model_bytes(self, model_id: str) -> int | None:
-        """What a model's weights take in memory here, if it is in the registry."""
-        return card.memory_bytes(self.dtype) if (card := CARDS.get(model_id)) else None
+        """What a model's weights take in memory here, if the registry or a node serving it knows."""
+        return card.memory_bytes(self.dtype) if (card := self.placeable(model_id)) else None
 
     def add_instance(self, instance: Instance) -> Instance:
         self._require_master()
@@ -155,9 +175,9 @@ class ClusterService:
         for instance, reason in instances_to_move(self.coordinator.state, self.all_queues()):
             log.warning("instance=%s model=%s %s: placing it again", instance.instance_id, instance.model_id, reason)
             self.delete_instance(instance.instance_id)
-            if (card := CARDS.get(instance.model_id)) is None:
-                log.warning("instance=%s model=%s is not in the registry: place it again by hand",
-                            instance.instance_id, instance.model_id)
+            if (card := self.placeable(instance.model_id)) is None:
+                log.warning("instance=%s model=%s is neither in the registry nor served by a node from its files: "
+                            "place it again by hand", instance.instance_id, instance.model_id)
                 continue
             nodes = eligible_nodes(self.coordinator.state)
             if not nodes:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from exo.shared.types import Dtype, FrozenModel
-
-_BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
+from exo.shared.types import BYTES_PER_PARAM, Dtype, FrozenModel
 
 
 class WheelMember(FrozenModel):
@@ -46,7 +44,7 @@ class ModelCard(FrozenModel):
 
     def memory_bytes(self, dtype: Dtype) -> int:
         """Bytes the weights take in memory once loaded as `dtype` (quantized: as in the file)."""
-        return self.bytes if dtype == "quantized" else self.n_params * _BYTES_PER_PARAM[dtype]
+        return self.bytes if dtype == "quantized" else self.n_params * BYTES_PER_PARAM[dtype]
 
     @property
     def filename(self) -> str:

@@ -1,15 +1,19 @@
-"""The models a node can serve: the registry's cards plus local model files and directories."""
+"""The models a node can serve: the registry's cards, its own model files and directories, and the ones
+other nodes serve from theirs (fetched from them by layer range, exo/models/peers.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from exo.models.cards import CARDS
+from exo.models.peers import PeerFetcher, Progress, describe, version_of
 from exo.models.store import ModelStore
-from exo.shared.errors import ModelNotFound
+from exo.shared.errors import ExoError, ModelNotFound
+from exo.shared.state import SharedModel
 
 
 class ModelInfo(BaseModel):
@@ -33,6 +37,10 @@ class ModelCatalog:
     def __init__(self, store: ModelStore, local: list[Path] | None = None) -> None:
         self.store = store
         self.local: dict[str, Path] = {}
+        self._shared: dict[str, SharedModel] = {}
+        # Set by the node: the models peers serve from their files, and how to fetch from them.
+        self.advertised: Callable[[], dict[str, SharedModel]] = dict
+        self.peers: PeerFetcher | None = None
         for path in local or []:
             self.add_local(path)
 
@@ -41,6 +49,7 @@ class ModelCatalog:
         path = path.expanduser().resolve()
         model_id = path.stem if path.is_file() else path.name
         self.local[model_id] = path
+        self._shared.pop(model_id, None)
         return model_id
 
     def register(self, spec: str) -> str:
@@ -52,16 +61,36 @@ class ModelCatalog:
             raise ModelNotFound(f"{spec!r} is neither a model id (see `exo models`) nor an existing path.")
         return self.add_local(path)
 
-    def path(self, model_id: str) -> Path:
-        """The local path of `model_id`'s files, fetched into the cache first if needed."""
+    def shared(self) -> tuple[SharedModel, ...]:
+        """This node's own models as its profile advertises them (their shape read once, their version
+        whenever asked: a file replaced meanwhile is a new version). Files that cannot be read as models
+        are not advertised; a chat for one says why."""
+        out = []
+        for model_id, path in self.local.items():
+            try:
+                if (known := self._shared.get(model_id)) is None or version_of(path) != known.version:
+                    known = self._shared[model_id] = describe(model_id, path)
+                out.append(known)
+            except (ExoError, OSError):
+                continue
+        return tuple(out)
+
+    def path(self, model_id: str, *, layers: tuple[int, int] | None = None,
+             progress: Progress | None = None) -> Path:
+        """The local path of `model_id`'s files, fetched first if needed: a registry model whole into the
+        cache, a peer's model as far as `layers` read (None: its tokenizer and shape)."""
         if model_id in self.local:
             return self.local[model_id]
+        if model_id in CARDS:
+            return self.store.ensure(CARDS[model_id])
         self.check(model_id)
-        return self.store.ensure(CARDS[model_id])
+        if self.peers is None:
+            raise ModelNotFound(f"{model_id!r} is served by another node, and this one fetches from none.")
+        return self.peers.ensure(model_id, layers, progress)
 
     def check(self, model_id: str) -> None:
         """Raise ModelNotFound unless this node can serve `model_id`."""
-        if model_id not in self.local and model_id not in CARDS:
+        if model_id not in self.local and model_id not in CARDS and model_id not in self.advertised():
             raise ModelNotFound(f"The model {model_id!r} does not exist. GET /v1/models lists the models this node "
                                 "can serve; start the node with --model PATH to serve a local one.", param="model")
 
@@ -70,4 +99,6 @@ class ModelCatalog:
                            downloaded=self.store.is_present(c)) for c in CARDS.values()]
         infos += [ModelInfo(id=i, name=i, context_length=None, license=None, local_path=str(p), downloaded=True)
                   for i, p in self.local.items()]
+        infos += [ModelInfo(id=i, name=i, context_length=None, license=None, downloaded=False)
+                  for i in sorted(self.advertised()) if i not in self.local and i not in CARDS]
         return infos

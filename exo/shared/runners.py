@@ -49,6 +49,14 @@ def runner_id(instance_id: InstanceId, rank: int) -> str:
     return f"{instance_id}.{rank}"
 
 
+class Download(FrozenModel):
+    """A runner's model, coming from a node that has its files (exo/models/peers.py)."""
+
+    from_node: NodeId
+    bytes_done: Count
+    bytes_total: Count  # what its layer range reads
+
+
 class RunnerInfo(FrozenModel):
     """One runner process: its rank and layers `[start, end)` in its instance, where its ring
     listens, and how it is."""
@@ -65,6 +73,7 @@ class RunnerInfo(FrozenModel):
     error: str | None = None
     restarts: Count = 0       # times its node's watchdog restarted it
     gave_up: bool = False   # failed past its restarts: only a new placement can bring the instance back
+    download: Download | None = None  # its layers' bytes, fetched from a peer before it loads them
 
     @property
     def runner_id(self) -> str:

@@ -16,12 +16,31 @@ from pydantic import (
 )
 
 from exo.shared.runners import RunnerInfo, TaskInfo, runner_id
-from exo.shared.types import Count, FrozenModel, Index, InstanceId, NodeId, Port, Small
+from exo.shared.types import BYTES_PER_PARAM, Count, Dtype, FrozenModel, Index, InstanceId, NodeId, Port, Small
 
 
 class NodeMode(StrEnum):
     NORMAL = "normal"
     DRAIN = "drain"  # takes no new work; its instances move elsewhere once idle (maintenance, or stopping)
+
+
+class SharedModel(FrozenModel):
+    """A model a node serves from its own files (`exo --model PATH`): nodes of the cluster that lack them
+    fetch from it the bytes their layer range reads (exo/models/peers.py)."""
+
+    model_id: str
+    version: str  # changes whenever its files do (their names, sizes and modification times)
+    bytes: Count  # of weights, as stored
+    n_params: Count
+    n_layers: Small
+
+    def memory_bytes(self, dtype: Dtype) -> int:
+        """Bytes the weights take in memory once loaded as `dtype` (quantized: as in the file)."""
+        return self.bytes if dtype == "quantized" else self.n_params * BYTES_PER_PARAM[dtype]
+
+    @property
+    def id(self) -> str:  # as a registry card names its model, for the planner
+        return self.model_id
 
 
 class NodeProfile(FrozenModel):
@@ -41,6 +60,7 @@ class NodeProfile(FrozenModel):
     kernel_path: str = "stock"  # exo.kernels' code path on this node: "avx512-vnni", "avx2", ... or "stock"
     kernel_reason: str = ""  # why that path: what was found, or why the native kernels are not used
     mode: NodeMode = NodeMode.NORMAL
+    models: tuple[SharedModel, ...] = ()  # what it serves from its own files, for nodes that lack them
 
     @property
     def memory_offered(self) -> int:

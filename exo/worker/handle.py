@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import Process
 
 from exo.shared.errors import ExoError, ServiceUnavailable
-from exo.shared.runners import RunnerInfo, RunnerStatus, TaskInfo, runner_id
+from exo.shared.runners import Download, RunnerInfo, RunnerStatus, TaskInfo, runner_id
 from exo.shared.types import NodeId
 from exo.worker.plan import LocalRunner
 from exo.worker.runner.messages import Cancel, Generated, RunnerSpec, Task, TaskChanged, pack_frame
@@ -118,6 +118,7 @@ class RunnerHandle:
     restarts: int = 0
     hosts: tuple[str, ...] | None = None  # the ring it was asked to join
     lifecycle: str | None = None          # the id of the lifecycle task in flight (while Busy)
+    download: Download | None = None      # its model's bytes, while and after they come from a peer
     last_progress: float = field(default_factory=time.monotonic)
     tasks: dict[str, TaskInfo] = field(default_factory=dict)
     chats: dict[str, ChatChannel] = field(default_factory=dict)
@@ -169,7 +170,7 @@ class RunnerHandle:
         return RunnerInfo(instance_id=self.spec.instance_id, rank=self.spec.rank, node_id=self.node_id,
                           start=self.spec.start, end=self.spec.end, status=self.status, host=self.host, port=self.port,
                           pid=self.process.pid if self.process else None, error=self.error,
-                          restarts=self.restarts, gave_up=self.gave_up)
+                          restarts=self.restarts, gave_up=self.gave_up, download=self.download)
 
     @property
     def local(self) -> LocalRunner:

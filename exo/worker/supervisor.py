@@ -14,6 +14,7 @@ runner is reported as given up and the master places its instance again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from exo.shared.errors import ExoError, ModelError, Overloaded, ServiceUnavailab
 from exo.shared.generation import GenerationParams
 from exo.shared.runners import (
     SERVING,
+    Download,
     RunnerInfo,
     RunnerStatus,
     TaskInfo,
@@ -235,7 +237,9 @@ class Supervisor:
     async def _supervise(self, handle: RunnerHandle, model_id: str) -> None:
         """Run one runner process from start to exit, whatever ends it."""
         try:
-            path = await anyio.to_thread.run_sync(self.catalog.path, model_id)
+            spec = handle.spec
+            path = await anyio.to_thread.run_sync(functools.partial(
+                self.catalog.path, model_id, layers=(spec.start, spec.end), progress=self._download_progress(handle)))
             handle.spec = handle.spec.model_copy(update={"model_path": str(path)})
             if handle.leaving.is_set():
                 return  # stopped before it started
@@ -257,6 +261,20 @@ class Supervisor:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._reap(handle)
+
+    def _download_progress(self, handle: RunnerHandle) -> Callable[[int, int, str], None]:
+        """What a fetch of the runner's layers from a peer calls, in its thread, as pieces arrive: the
+        runner's download in the state, sent on at most every half second and when it completes."""
+        last = 0.0
+
+        def progress(done: int, total: int, holder: NodeId) -> None:
+            nonlocal last
+            handle.download = Download(from_node=holder, bytes_done=done, bytes_total=total)
+            if done >= total or time.monotonic() - last >= 0.5:
+                last = time.monotonic()
+                anyio.from_thread.run_sync(self._publish)
+
+        return progress
 
     async def _end_when_leaving(self, handle: RunnerHandle, process: Process) -> None:
         await handle.leaving.wait()

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
+from mlx.utils import tree_flatten
 
 from exo.engine.gguf import GGUFFile
 from exo.engine.loading import load, load_tokenizer
+from exo.models.peers import ModelServer
 from exo.shared.errors import ModelFormatError
 
 pytest.importorskip("llama_cpp")
@@ -251,7 +254,13 @@ def write_directory(path: Path, gguf: Path, family: Family) -> Path:
 def tiny(request: pytest.FixtureRequest, tmp_path: Path, model_path: Path,
          gemma_path: Path) -> Iterator[tuple[Path, Path]]:
     """The tiny model as exo reads it (its GGUF file or Hugging Face directory), and its GGUF file for llama.cpp."""
-    name, form = request.param
+    with tiny_model(*request.param, tmp_path, model_path, gemma_path) as paths:
+        yield paths
+
+
+@contextmanager
+def tiny_model(name: str, form: str, tmp_path: Path, model_path: Path,
+               gemma_path: Path) -> Iterator[tuple[Path, Path]]:
     family = FAMILIES[name]
     gguf = write_model(tmp_path / f"tiny-{name}.gguf", family,
                        gemma_path if family.vocabulary == "gemma" else model_path)
@@ -282,6 +291,42 @@ def test_logits_match_llama_cpp_at_every_position(tiny: tuple[Path, Path]) -> No
     noise = np.abs(ours - theirs).max(axis=1)
     assert (gap <= 2 * noise).all(), (gap, noise)
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() >= 0.75
+
+
+# A tied and an untied head, Llama 3's rope_freqs tensor, fused projections, Gemma's last range (its head is
+# always the embedding); both forms. The first and the last range: the ones that hold more than layers.
+@pytest.mark.parametrize(("name", "form"), [("llama", "gguf"), ("llama3", "gguf"), ("llama3", "directory"),
+                                            ("phi3", "gguf"), ("gemma3", "gguf")])
+def test_each_range_loads_alike_from_a_copy_holding_only_the_pieces_its_manifest_names(
+        name: str, form: str, tmp_path: Path, model_path: Path, gemma_path: Path) -> None:
+    """What a node lacking the files fetches from one that has them (exo/models/peers.py) is all a range
+    reads: a sparse copy with only the manifest's pieces loads to the same weights as the original."""
+    with tiny_model(name, form, tmp_path, model_path, gemma_path) as (path, _):
+        n = FAMILIES[name].n_layers
+        for layers in [(0, 1), (n - 1, n)]:
+            _check_copy(path, layers, tmp_path)
+
+
+def _check_copy(path: Path, layers: tuple[int, int], tmp_path: Path) -> None:
+    manifest = ModelServer(lambda: {"tiny": path}, piece_bytes=4096).manifest("tiny", layers)
+    copy = tmp_path / f"copy-{layers[0]}"
+    copy.mkdir()
+    for file in manifest.files:
+        source = path if path.is_file() else path / file.name
+        with source.open("rb") as src, (copy / file.name).open("wb") as dst:
+            dst.truncate(file.size)
+            for piece in file.pieces:
+                src.seek(piece.offset)
+                dst.seek(piece.offset)
+                dst.write(src.read(piece.length))
+    held = sum(p.length for f in manifest.files for p in f.pieces)
+    assert held < sum(f.size for f in manifest.files), "the range's pieces, not the whole model"
+    copied = load(copy / manifest.files[0].name if manifest.is_file else copy, *layers).model
+    original = load(path, *layers).model
+    ours, theirs = dict(tree_flatten(copied.parameters())), dict(tree_flatten(original.parameters()))
+    assert ours.keys() == theirs.keys()
+    assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours), layers
+    shutil.rmtree(copy)
 
 
 def test_rotary_scaling_exo_cannot_apply_is_refused_by_name(tmp_path: Path, model_path: Path) -> None:
