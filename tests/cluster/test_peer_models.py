@@ -101,12 +101,17 @@ def held_pieces(copy: Path) -> list[str]:
     return (copy.parent / f".{copy.name}.pieces").read_text().splitlines()
 
 
+@pytest.fixture(scope="module")
+def alone(pair: list[RunningNode]) -> str:
+    """The answer of A's own instance (its preload), the whole model in one runner."""
+    return ask(pair[0])
+
+
 def test_a_split_across_a_node_without_the_file_answers_as_the_holder_alone(pair: list[RunningNode],
-                                                                             source: Path) -> None:
+                                                                             source: Path, alone: str) -> None:
     a, b = pair
     models = {m["id"]: m for m in httpx.get(f"{b.url}/v1/models", timeout=5).json()["data"]}
     assert models[MODEL]["downloaded"] is False, "B lists A's model, not held here"
-    alone = ask(a)
     delete_all(pair)
 
     instance_id = local_cluster.place(pair, [b, a], MODEL, [(0, 12), (12, N_LAYERS)], timeout=120)
@@ -129,6 +134,23 @@ def test_a_split_across_a_node_without_the_file_answers_as_the_holder_alone(pair
     assert ask(a) == alone
     added = held_pieces(copy)[len(first):]
     assert set(added) == needed - set(first) and needed & set(first), "only the pieces B lacked were fetched"
+    delete_all(pair)
+
+
+def test_the_master_places_another_nodes_model_first_where_its_files_are(pair: list[RunningNode],
+                                                                          alone: str) -> None:
+    a, b = pair
+    delete_all(pair)
+    assert ask(b) == alone, "a chat for it through B places it"
+    [instance] = instances(a)
+    assert [s["nodeId"] for s in instance["shards"]] == [a.state()["nodeId"]], "on A alone: nothing to fetch"
+    delete_all(pair)
+
+    answer = httpx.post(f"{b.url}/place_instance", json={"model_id": MODEL, "min_nodes": 2}, timeout=15)
+    assert answer.status_code == 200, answer.text
+    assert {s["nodeId"] for s in local_cluster.untag(answer.json())["shards"]} == {a.state()["nodeId"],
+                                                                                    b.state()["nodeId"]}
+    assert ask(b) == alone
     delete_all(pair)
 
 

@@ -24,8 +24,8 @@ from exo.shared.events import (
     RunnerUpdated,
     TaskUpdated,
 )
-from exo.shared.runners import RunnerInfo, RunnerStatus, TaskInfo, TaskKind, TaskStatus
-from exo.shared.state import Instance, NodeProfile, ShardAssignment, State
+from exo.shared.runners import Download, RunnerInfo, RunnerStatus, TaskInfo, TaskKind, TaskStatus
+from exo.shared.state import Instance, NodeProfile, ShardAssignment, SharedModel, State
 from exo.shared.types import FrozenModel, InstanceId, NodeId
 
 
@@ -41,15 +41,18 @@ INSTANCE = Instance(instance_id=InstanceId("3f2a9c01bd7e"), model_id="mlx-commun
                     n_layers=30, shards=(ShardAssignment(node_id=NodeId("a"), rank=0, start=0, end=18),
                                          ShardAssignment(node_id=NodeId("b"), rank=1, start=18, end=30)))
 
+OWN_MODEL = SharedModel(model_id="my-finetune.Q4_K_M", version="56b11b5adcccb673", bytes=96_576_768,
+                        n_params=134_515_008, n_layers=30)
 RUNNER = RunnerInfo(instance_id=INSTANCE.instance_id, rank=1, node_id=NodeId("b"), status=RunnerStatus.READY,
-                    start=18, end=30, host="192.168.1.8", port=53117, pid=4242)
+                    start=18, end=30, host="192.168.1.8", port=53117, pid=4242,
+                    download=Download(from_node=NodeId("a"), bytes_done=1 << 20, bytes_total=52 << 20))
 TASK = TaskInfo(task_id="t-1", instance_id=INSTANCE.instance_id, rank=0, kind=TaskKind.LOAD,
                 status=TaskStatus.FAILED, error="a Load task cannot run while the runner is Ready")
 
 EVENTS: list[BaseEvent] = [
     MasterElected(index=0, term=3, node_id=NodeId("a")),
     NodeJoined(index=1, term=3, profile=profile("a", memory_cap=32 << 30)),
-    NodeProfileUpdated(index=2, term=3, profile=profile("a", memory_available=1 << 30)),
+    NodeProfileUpdated(index=2, term=3, profile=profile("a", memory_available=1 << 30, models=(OWN_MODEL,))),
     NodeLeft(index=3, term=3, node_id=NodeId("c")),
     InstanceCreated(index=4, term=3, instance=INSTANCE),
     InstanceDeleted(index=5, term=3, instance_id=InstanceId("0123456789ab")),
