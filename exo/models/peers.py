@@ -207,35 +207,48 @@ class PeerFetcher:
         model_id = holder.model.model_id
         home = self.root / _quote(model_id)
         home.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(home / ".lock")), httpx.Client(base_url=holder.url, timeout=self.timeout) as client:
+        with httpx.Client(base_url=holder.url, timeout=self.timeout) as client:
             start, end = layers if layers is not None else (None, None)
             manifest = Manifest.model_validate_json(self._get(client, holder, f"/cluster/models/{_quote(model_id)}"
                                                               "/manifest", {"start": start, "end": end}))
             copy = home / manifest.version
-            for stale in home.iterdir():  # the holder's files changed since: their old copy is no use
-                if stale.is_dir() and stale.name != manifest.version:
-                    log.info("model=%s removing the copy of version %s", model_id, stale.name)
-                    shutil.rmtree(stale, ignore_errors=True)
-            copy.mkdir(exist_ok=True)
-            held = {file.name: _held(copy, file) for file in manifest.files}
             needed = sum(p.length for file in manifest.files for p in file.pieces)
-            done = sum(p.length for file in manifest.files for p in file.pieces if p in held[file.name])
-            if progress is not None:
-                progress(done, needed, holder.node_id)
-            if done < needed:
-                log.info("model=%s fetching %d of %d MB for layers %s from %s", model_id, (needed - done) // 10**6,
-                         needed // 10**6, layers, holder.node_id)
-            for file in manifest.files:
-                for piece in file.pieces:
-                    if piece in held[file.name]:
-                        continue
-                    data = self._piece(client, holder, file.name, piece)
-                    _write(copy, file.name, piece, data)
-                    held[file.name].add(piece)
-                    done += piece.length
-                    if progress is not None:
-                        progress(done, needed, holder.node_id)
-            return copy / manifest.files[0].name if manifest.is_file else copy
+            if all(set(file.pieces) <= _recorded(copy, file) for file in manifest.files):
+                # all there already (a prompt's header, after a range): no waiting behind a fetch in progress
+                if progress is not None:
+                    progress(needed, needed, holder.node_id)
+                return _model_path(copy, manifest)
+            with FileLock(str(home / ".lock")):
+                self._fill(client, holder, manifest, home, layers, progress)
+            return _model_path(copy, manifest)
+
+    def _fill(self, client: httpx.Client, holder: Holder, manifest: Manifest, home: Path,
+              layers: tuple[int, int] | None, progress: Progress | None) -> None:
+        """Fetch into the copy the manifest's pieces it lacks (under the model's lock)."""
+        model_id, copy = manifest.model_id, home / manifest.version
+        for stale in home.iterdir():  # the holder's files changed since: their old copy is no use
+            if stale.is_dir() and stale.name != manifest.version:
+                log.info("model=%s removing the copy of version %s", model_id, stale.name)
+                shutil.rmtree(stale, ignore_errors=True)
+        copy.mkdir(exist_ok=True)
+        held = {file.name: _held(copy, file) for file in manifest.files}
+        needed = sum(p.length for file in manifest.files for p in file.pieces)
+        done = sum(p.length for file in manifest.files for p in file.pieces if p in held[file.name])
+        if progress is not None:
+            progress(done, needed, holder.node_id)
+        if done < needed:
+            log.info("model=%s fetching %d of %d MB for layers %s from %s", model_id, (needed - done) // 10**6,
+                     needed // 10**6, layers, holder.node_id)
+        for file in manifest.files:
+            for piece in file.pieces:
+                if piece in held[file.name]:
+                    continue
+                data = self._piece(client, holder, file.name, piece)
+                _write(copy, file.name, piece, data)
+                held[file.name].add(piece)
+                done += piece.length
+                if progress is not None:
+                    progress(done, needed, holder.node_id)
 
     def _piece(self, client: httpx.Client, holder: Holder, name: str, piece: Piece) -> bytes:
         params = {"file": name, "offset": piece.offset, "length": piece.length}
@@ -256,20 +269,33 @@ class PeerFetcher:
         return response.content
 
 
+def _model_path(copy: Path, manifest: Manifest) -> Path:
+    return copy / manifest.files[0].name if manifest.is_file else copy
+
+
 def _held(copy: Path, file: ManifestFile) -> set[Piece]:
-    """The pieces of `file` its copy holds; a copy of another size is started afresh."""
-    target, record = copy / file.name, copy / f".{file.name}.pieces"
+    """The pieces of `file` its copy holds; a copy missing or of another size is started afresh (under the
+    model's lock)."""
+    target = copy / file.name
     if not target.is_file() or target.stat().st_size != file.size:
-        record.unlink(missing_ok=True)
+        (copy / f".{file.name}.pieces").unlink(missing_ok=True)
         with target.open("wb") as f:
             f.truncate(file.size)  # sparse: only the pieces fetched take disk
         return set()
+    return _recorded(copy, file)
+
+
+def _recorded(copy: Path, file: ManifestFile) -> set[Piece]:
+    """The pieces of `file` its copy's record lists (none if the copy is missing or of another size); a
+    line being written, incomplete, names no piece."""
+    target, record = copy / file.name, copy / f".{file.name}.pieces"
+    if not target.is_file() or target.stat().st_size != file.size or not record.is_file():
+        return set()
     held = set()
-    if record.is_file():
-        for line in record.read_text().splitlines():
-            offset, length, sha256 = (line.split() + ["", "", ""])[:3]
-            if offset.isdigit() and length.isdigit() and sha256:
-                held.add(Piece(offset=int(offset), length=int(length), sha256=sha256))
+    for line in record.read_text().splitlines():
+        offset, length, sha256 = (line.split() + ["", "", ""])[:3]
+        if offset.isdigit() and length.isdigit() and len(sha256) == 64:
+            held.add(Piece(offset=int(offset), length=int(length), sha256=sha256))
     return held
 
 

@@ -223,6 +223,9 @@ def test_a_fetch_cut_short_resumes_and_a_damaged_piece_is_refused(pair: list[Run
     assert calls[0] == (three, sum(p.length for p in pieces)), "the resumed fetch starts from the pieces held"
     assert len(calls) - 1 == len(pieces) - 3, "and fetches only the others"
     assert calls[-1][0] == calls[-1][1]
+    calls.clear()
+    assert fetcher.ensure(MODEL, layers, lambda done, total, _: calls.append((done, total))) == path
+    assert calls == [(calls[0][1], calls[0][1])], "a range held already is there at once"
 
     # A piece damaged on the way (here: at its source, its time kept, so the manifest still says the old hash).
     held = (path.parent / f".{path.name}.pieces").read_text().splitlines()
