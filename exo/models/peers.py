@@ -36,6 +36,7 @@ from filelock import FileLock
 
 from exo.engine.loading import Extent, extents, footprint
 from exo.net.auth import HEADER, ClusterAuth
+from exo.net.transport import error_message
 from exo.shared.errors import InvalidRequest, ModelFetchError, ModelNotFound
 from exo.shared.state import SharedModel
 from exo.shared.types import FrozenModel
@@ -138,9 +139,9 @@ class ModelServer:
 
     def piece(self, model_id: str, name: str, offset: int, length: int) -> bytes:
         path = self._path(model_id)
-        file = path if path.is_file() else path / name
-        if (path.is_file() and name != path.name) or (path.is_dir() and (name not in _files(path))):
+        if name not in {f.name for f in self.manifest(model_id, None).files}:  # kept: no parse per piece
             raise ModelNotFound(f"{model_id} has no file {name!r}.", param="file")
+        file = path if path.is_file() else path / name
         size = file.stat().st_size
         if not (0 <= offset and 0 < length <= PIECE_BYTES and offset + length <= size):
             raise InvalidRequest(f"Bytes [{offset}, {offset + length}) are not a piece of {name} ({size} bytes; "
@@ -148,10 +149,6 @@ class ModelServer:
         with file.open("rb") as f:
             f.seek(offset)
             return f.read(length)
-
-
-def _files(directory: Path) -> set[str]:
-    return {e.name for e in extents(directory, None)}
 
 
 def _pieces(root: Path, extent: Extent, size: int) -> Iterable[Piece]:
@@ -265,7 +262,7 @@ class PeerFetcher:
         headers = {HEADER: self.auth.sign(signed_frame("GET", line), holder.node_id)} if self.auth else {}
         response = client.get(line, headers=headers)
         if response.status_code != 200:
-            raise ModelFetchError(f"GET {path} answered {response.status_code}: {_reason(response)}")
+            raise ModelFetchError(f"GET {path} answered {response.status_code}: {error_message(response)}")
         return response.content
 
 
@@ -316,10 +313,3 @@ def _write(copy: Path, name: str, piece: Piece, data: bytes) -> None:
 def _quote(model_id: str) -> str:
     """A model id as one path segment (of a URL, or of a directory name)."""
     return urllib.parse.quote(model_id, safe="")
-
-
-def _reason(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]

@@ -109,13 +109,14 @@ class PeerTransport:
         if (node := response.headers.get(NODE_HEADER)) and _NODE_ID.fullmatch(node):
             self._answered[(host, port)] = node  # frames sent there from now on name it (see exo/net/auth.py)
         if response.status_code == 401 and self._refused(f"{host}:{port}"):
-            log.warning("peer %s:%d refused our messages (401): %s", host, port, _reason(response))
+            log.warning("peer %s:%d refused our messages (401): %s", host, port, error_message(response))
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-def _reason(response: httpx.Response) -> str:
+def error_message(response: httpx.Response) -> str:
+    """The message of a peer's error answer (exo's error shape), or the start of its body."""
     try:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
