@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Literal, cast
 import psutil
 
 from exo.engine.blas import PRELOADED_MARKER, find_blas, preload_env
+from exo.llama_cpp_engine import open_llama_cpp
 from exo.models.cards import CARDS, DEFAULT_MODEL
 from exo.models.store import ModelStore
 from exo.shared.types import FrozenModel
@@ -116,7 +118,9 @@ def _spawn(worker_args: list[str], env: dict[str, str]) -> Measurement:
     cmd = [sys.executable, "-m", "exo.bench", "--worker", *worker_args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"the {worker_args[0]} measurement failed:\n{done.stderr.strip()}")
+        why = done.stderr.strip() or (f"killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
+                                      else f"exit status {done.returncode}")
+        raise RuntimeError(f"the {worker_args[0]} measurement failed:\n{why}")
     return Measurement.model_validate_json(done.stdout.strip().splitlines()[-1])
 
 
@@ -194,17 +198,15 @@ def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, n_prompt: i
 
 
 def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, prompt: list[int]) -> Measurement:
-    from llama_cpp import Llama
-
     threads = os.cpu_count() or 1
-    llm = Llama(str(path), n_ctx=len(prompt) + max_tokens + 8, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    with open_llama_cpp(path, n_ctx=len(prompt) + max_tokens + 8, n_batch=512, n_threads=threads,
+                        n_threads_batch=threads) as llm:
 
-    def generate() -> Iterator[int]:
-        llm.reset()  # otherwise llama-cpp-python reuses the previous run's prompt from its cache
-        return llm.generate(prompt, top_k=1, temp=0.0, reset=False)
+        def generate() -> Iterator[int]:
+            llm.reset()  # otherwise llama-cpp-python reuses the previous run's prompt from its cache
+            return llm.generate(prompt, top_k=1, temp=0.0, reset=False)
 
-    timings, tokens = _time_runs(generate, runs, max_tokens, lambda: None)
+        timings, tokens = _time_runs(generate, runs, max_tokens, lambda: None)
     return _summarize("llama.cpp", f"GGUF as stored, {threads} threads", len(prompt), max_tokens, timings, tokens,
                       None)
 

@@ -16,7 +16,7 @@ from exo.engine.generate import generate_step
 from exo.engine.loading import LoadedModel, load
 
 pytest.importorskip("llama_cpp")
-from llama_cpp_reference import reference  # noqa: E402
+from exo.llama_cpp_engine import open_llama_cpp  # noqa: E402
 
 N_TOKENS = 32
 NEAR_TIE = 0.25  # logits; partings measured: margins 0.012 (Gemma) and 0.111 (SmolLM2, the haiku's first word)
@@ -56,7 +56,7 @@ def gemma(gemma_path: Path) -> LoadedModel:
 
 
 def reference_for(path: Path) -> Iterator[object]:
-    with reference(path, n_ctx=512, n_threads=2, seed=0) as model:
+    with open_llama_cpp(path, n_ctx=512, n_threads=2, seed=0) as model:
         yield model
 
 

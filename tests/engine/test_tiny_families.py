@@ -29,7 +29,7 @@ from exo.models.peers import ModelServer
 from exo.shared.errors import ModelFormatError
 
 pytest.importorskip("llama_cpp")
-from llama_cpp_reference import reference  # noqa: E402
+from exo.llama_cpp_engine import open_llama_cpp  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 256, 4, 2, 64, 512  # rows of 256: whole K-quant super-blocks
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest."
@@ -278,7 +278,7 @@ def test_logits_match_llama_cpp_at_every_position(tiny: tuple[Path, Path]) -> No
     model = load(path)
     ids = model.tokenizer.encode(TEXT)
     ours = np.array(model.model(mx.array(ids)[None], model.model.make_cache())[0], dtype=np.float32)
-    with reference(gguf, n_ctx=128, n_threads=2, logits_all=True) as llm:
+    with open_llama_cpp(gguf, n_ctx=128, n_threads=2, logits_all=True) as llm:
         assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == ids
         llm.eval(ids)
         theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)

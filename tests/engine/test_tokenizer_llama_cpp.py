@@ -12,7 +12,7 @@ import pytest
 from exo.engine.loading import load_tokenizer
 
 pytest.importorskip("llama_cpp")
-from llama_cpp_reference import reference  # noqa: E402
+from exo.llama_cpp_engine import open_llama_cpp  # noqa: E402
 
 TEXTS = [
     "Hello, world!",
@@ -40,7 +40,7 @@ TEXTS = [
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def model(request: pytest.FixtureRequest, model_path: Path, gemma_path: Path) -> Iterator[tuple[object, object]]:
     path = model_path if request.param == "smollm2" else gemma_path
-    with reference(path, vocab_only=True) as model:
+    with open_llama_cpp(path, vocab_only=True) as model:
         yield load_tokenizer(path)[0], model
 
 
