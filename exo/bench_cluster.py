@@ -61,6 +61,7 @@ class ClusterMeasurement(FrozenModel):
     """Medians over the timed single-stream runs on one node count, and one concurrent round."""
 
     nodes: int
+    pinned: bool  # node i on core i alone, as if each were a machine of one core
     layers: list[tuple[int, int]]
     runs: int
     prompt_tokens: int
@@ -80,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed requests, after one untimed warm-up")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
     parser.add_argument("--concurrent", type=int, default=4, help="requests at once for the aggregate rate")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin node i to CPU core i (taskset), modelling machines of one core each; "
+                             "needs a core per node")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -94,6 +98,10 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
     if args.runs < 1 or args.max_tokens < 2 or args.concurrent < 1:
         print("exo bench-cluster: needs --runs >= 1, --max-tokens >= 2 and --concurrent >= 1", file=sys.stderr)
         return 2
+    if args.pin and max(args.nodes) > len(_cores()):
+        print(f"exo bench-cluster: --pin needs a core per node; {len(_cores())} cores for {max(args.nodes)} nodes",
+              file=sys.stderr)
+        return 2
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     card = CARDS[args.model]
     ModelStore(models_dir).ensure(card)  # once here, not by N nodes at once
@@ -101,7 +109,7 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
     for n in args.nodes:
         try:
             results.append(measure(n, card.id, card.n_layers, models_dir, args.runs, args.max_tokens,
-                                   args.concurrent))
+                                   args.concurrent, pin=args.pin))
         except (RuntimeError, TimeoutError, httpx.HTTPError) as e:
             print(f"exo bench-cluster: {n} node(s): {e}", file=sys.stderr)
             return 1
@@ -117,8 +125,8 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
 
 
 def measure(n: int, model_id: str, n_layers: int, models_dir: Path, runs: int, max_tokens: int,
-            concurrent: int) -> ClusterMeasurement:
-    with cluster(n, models_dir) as nodes:
+            concurrent: int, *, pin: bool = False) -> ClusterMeasurement:
+    with cluster(n, models_dir, pin=pin) as nodes:
         layers = [(i * n_layers // n, (i + 1) * n_layers // n) for i in range(n)]
         instance_id = place(nodes, nodes, model_id, layers, READY_TIMEOUT)
         ask = _Chat(nodes[0].url, model_id, max_tokens)
@@ -131,7 +139,8 @@ def measure(n: int, model_id: str, n_layers: int, models_dir: Path, runs: int, m
         remove(nodes, instance_id)
     last = streams[-1]
     return ClusterMeasurement(
-        nodes=n, layers=layers, runs=runs, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+        nodes=n, pinned=pin, layers=layers, runs=runs, prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
         ttft_s=statistics.median(s.ttft_s for s in streams),
         decode_tps=statistics.median(s.decode_tps for s in streams), concurrent=concurrent,
         aggregate_tps=sum(s.completion_tokens for s in together) / wall, text=last.text,
@@ -168,11 +177,18 @@ def table(results: list[ClusterMeasurement]) -> str:
                      f"{c['hop_ms']:.1f} ms per token per hop ({n} hops a token)")
     if any(not r.consistent for r in results):
         lines.append("WARNING: greedy requests gave different texts within one node count")
-    cores = os.cpu_count() or 1
+    if any(r.pinned for r in results):
+        lines.append("each node pinned to a core of its own, as if each were a machine of one core")
+    cores = len(_cores())
     if crowded := [str(r.nodes) for r in results if r.nodes > cores]:
         lines.append(f"{' and '.join(crowded)} nodes on {cores} cores: those rows measure CPU contention, "
                      "not the cost of a hop")
     return "\n".join(lines)
+
+
+def _cores() -> list[int]:
+    """The CPU cores this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 @dataclass
@@ -211,9 +227,10 @@ class _Chat:
 
 
 @contextmanager
-def cluster(n: int, models_dir: Path) -> Iterator[list[LocalNode]]:
+def cluster(n: int, models_dir: Path, *, pin: bool = False) -> Iterator[list[LocalNode]]:
     """N nodes on loopback naming each other as peers, agreed on a master; stopped and removed after.
-    Each runs in its own session, so a Ctrl-C reaches only this process, which then stops them."""
+    Each runs in its own session, so a Ctrl-C reaches only this process, which then stops them.
+    Pinned, node i and its runners run on core i only (the kernels then size their pool to it)."""
     tmp = Path(tempfile.mkdtemp(prefix="exo-bench-cluster-"))
     ports = free_ports(n)
     nodes: list[LocalNode] = []
@@ -221,7 +238,8 @@ def cluster(n: int, models_dir: Path) -> Iterator[list[LocalNode]]:
     try:
         for i, port in enumerate(ports):
             peers = static_peers(i, ports) if n > 1 else ["--no-discovery"]
-            nodes.append(start_node(tmp / f"node{i}", models_dir, "--no-preload", *peers, port=port))
+            prefix = ["taskset", "-c", str(_cores()[i])] if pin else []
+            nodes.append(start_node(tmp / f"node{i}", models_dir, "--no-preload", *peers, port=port, prefix=prefix))
         wait_for(lambda: _agreed(nodes), 60, f"{n} nodes to agree on a master")
         yield nodes
     except Exception:
