@@ -4,11 +4,14 @@ Every function here has one meaning whatever runs it; `info()` says which code p
 uses and why. The stock path is always there, so a node without the native module still serves,
 only slower.
 
-The native module (`exo.kernels._native`, built from csrc/ when exo is installed) holds three
-builds of each kernel: AVX-512, AVX2 + FMA and portable x86-64, chosen at import for this CPU.
-`EXO_KERNELS=stock|portable|avx2|avx512` forces a path and `EXO_KERNEL_THREADS` the thread count
-(default: the cores this process may run on). Calls the native code does not handle (other
-dtypes, bit widths, group sizes, a GPU device) go to stock MLX.
+The native module (`exo.kernels._native`, built from csrc/ when exo is installed) holds four
+builds of each kernel: AVX-512 with VNNI, AVX-512, AVX2 + FMA and portable x86-64. The default is
+the fastest of the float paths this CPU runs, which compute what stock MLX computes up to the order
+of float32 sums. The VNNI path rounds the activations of each quantized matmul to int8 first (as
+llama.cpp does): faster, but its logits move and greedy text can part from the other paths', so a
+node takes it only when asked. `EXO_KERNELS=stock|portable|avx2|avx512|avx512vnni` forces a path
+and `EXO_KERNEL_THREADS` the thread count (default: the cores this process may run on). Calls the
+native code does not handle (other dtypes, bit widths, group sizes, a GPU device) go to stock MLX.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import mlx.core as mx
 
 log = logging.getLogger(__name__)
 
-PATHS = ("avx512", "avx2", "portable", "stock")
+PATHS = ("avx512vnni", "avx512", "avx2", "portable", "stock")
+INT8_PATHS = ("avx512vnni",)  # activations rounded to int8: chosen only when asked for
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,12 @@ def use(path: str | None = None, threads: int | None = None) -> KernelInfo:
         _info = KernelInfo("stock", _why_not, 1)
     else:
         supported = _native.supported_paths()
-        chosen = path or supported[0]
+        exact = [p for p in supported if p not in INT8_PATHS]
+        chosen = path or exact[0]
         if chosen not in supported:
             raise ValueError(f"this CPU cannot run the {chosen!r} kernels (it runs {', '.join(supported)})")
         _native.select(chosen, threads)
-        why = "asked for" if path else f"the fastest of {', '.join(supported)} on this CPU"
+        why = "asked for" if path else f"the fastest of {', '.join(exact)} on this CPU"
         _info = KernelInfo(chosen, why, threads)
     return _info
 

@@ -4,9 +4,10 @@ from exo import kernels
 
 NATIVE = kernels._native.supported_paths() if kernels._native is not None else []
 ALL = [*NATIVE, "stock"]
+DEFAULT = next((p for p in NATIVE if p not in kernels.INT8_PATHS), "stock")  # what a node runs unless told
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable", "stock"])
+@pytest.fixture(params=["avx512vnni", "avx512", "avx2", "portable", "stock"])
 def path(request):
     """Each kernel path in turn (skipping those this build or CPU cannot run), restored afterwards."""
     if request.param != "stock" and request.param not in NATIVE:

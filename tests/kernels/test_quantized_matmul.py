@@ -9,12 +9,31 @@ def _weights(n, k, bits, group_size, scale_dtype=mx.float32):
     return w, scales.astype(scale_dtype), biases.astype(scale_dtype)
 
 
+def _int8(x, group_size):
+    """x as the VNNI kernels read it: each group rounded to 255 steps of its largest magnitude / 127."""
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    amax = mx.max(mx.abs(groups), axis=-1, keepdims=True)
+    steps = mx.round(groups * mx.where(amax > 0, 127.0 / amax, 0.0))
+    return (steps * (amax / 127.0)).reshape(x.shape)
+
+
 def _check(x, w, scales, biases, group_size, bits):
     got = kernels.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
-    want = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
-    assert got.shape == want.shape and got.dtype == want.dtype
+    exact = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    assert got.shape == exact.shape and got.dtype == exact.dtype
+    want, native = exact, kernels.info().path != "stock" and bits in (4, 8) and x.dtype == mx.float32
+    if native and kernels.info().path == "avx512vnni":  # the weights meet x rounded to int8, group by group
+        x = x.reshape(-1, x.shape[-1])  # dense, so the rounding reads the same groups
+        want = mx.quantized_matmul(_int8(x, group_size), w, scales, biases, transpose=True, group_size=group_size,
+                                   bits=bits).reshape(got.shape)
+        # which moves each product by at most half a step of its group of x
+        step = mx.repeat(mx.max(mx.abs(x.reshape(-1, x.shape[-1] // group_size, group_size)), axis=-1) / 127.0,
+                         group_size, axis=-1)
+        w_abs = mx.abs(mx.dequantize(w, scales, biases, group_size=group_size, bits=bits))
+        assert mx.all(mx.abs(got - exact).reshape(-1, got.shape[-1]) <= 0.5 * step @ w_abs.T + 1e-4).item()
     # float32 sums in another order: error grows with the magnitude of the terms summed
     bound = 1e-5 * (mx.abs(x) @ mx.abs(mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)).T) + 1e-5
+    bound = bound.reshape(got.shape)
     assert mx.all(mx.abs(got - want) <= bound).item(), mx.abs(got - want).max().item()
 
 

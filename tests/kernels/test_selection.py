@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import NATIVE
+from conftest import DEFAULT, NATIVE
 
 from exo import kernels
 
@@ -21,14 +21,20 @@ def test_exo_kernels_stock_forces_mlx_and_says_so():
 
 
 @pytest.mark.skipif(not NATIVE, reason="exo's native kernels are not built here")
-def test_default_is_the_fastest_path_the_cpu_runs_on_the_configured_threads():
-    assert _info_under(EXO_KERNELS="", EXO_KERNEL_THREADS="3").startswith(f"{NATIVE[0]} 3 |")
+def test_default_is_the_fastest_float_path_the_cpu_runs_on_the_configured_threads():
+    assert _info_under(EXO_KERNELS="", EXO_KERNEL_THREADS="3").startswith(f"{DEFAULT} 3 |")
+
+
+@pytest.mark.skipif("avx512vnni" not in NATIVE, reason="this CPU has no AVX-512 VNNI")
+def test_int8_activations_only_when_asked_for():
+    assert _info_under(EXO_KERNELS="avx512vnni").startswith("avx512vnni ")
+    assert "avx512vnni" not in _info_under(EXO_KERNELS="").split("|")[0]
 
 
 @pytest.mark.skipif(not NATIVE, reason="exo's native kernels are not built here")
 def test_a_path_that_cannot_run_falls_back_and_says_why():
     out = _info_under(EXO_KERNELS="vector9000")
-    assert out.startswith(f"{NATIVE[0]} ") and "EXO_KERNELS=vector9000 refused" in out
+    assert out.startswith(f"{DEFAULT} ") and "EXO_KERNELS=vector9000 refused" in out
 
 
 def test_use_refuses_an_unknown_path():

@@ -16,7 +16,11 @@ struct QmmArgs {
   const void* scales;  // [N, K / gs]
   const void* biases;
   int scale_type, bits, gs;
-  const float* xsum;  // [M, K / gs] sums of x over each group, for the biases
+  const float* xsum;  // [M, K / gs] sums of x over each group, for the biases (of xq * xd for int8_x)
+  // x as int8, for a table with int8_x set: each group scaled by its largest magnitude to [-127, 127].
+  // For 4 bits a row is the K/2 elements the low nibbles multiply (x[2j]), then the K/2 of the high ones.
+  const int8_t* xq;  // [M, K]
+  const float* xd;  // [M, K / gs] each group's scale: x ~= xq * xd
   float* y;  // [M, N]
 };
 
@@ -32,6 +36,7 @@ struct AttnArgs {
 
 struct KernelTable {
   const char* name;
+  int int8_x;  // whether qmm reads x as int8 (xq, xd) rather than float (x)
   void (*qmm)(const QmmArgs* a, int64_t n0, int64_t n1);  // output columns [n0, n1)
   void (*rms_norm_row)(const float* x, const float* w, float* y, int64_t D, float eps);
   // rotates pairs (x[i], x[i + half]) or (x[2i], x[2i+1]) of one row by cos/sin tables of `half` entries
@@ -42,5 +47,6 @@ struct KernelTable {
 extern const KernelTable kPortable;
 extern const KernelTable kAvx2;
 extern const KernelTable kAvx512;
+extern const KernelTable kAvx512Vnni;
 
 }  // namespace exo_kernels

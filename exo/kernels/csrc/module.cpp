@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -114,6 +115,27 @@ class CpuPrimitive : public mx::UnaryPrimitive {
   }
 };
 
+// One row of x (elements `st` floats apart) as int8 for an int8_x kernel (kernels.h): each group of
+// `gs` scaled so its largest magnitude is 127, with its scale and the sum of the rounded group. The
+// biases must meet that rounded sum, not x's exact one: a bias is mostly an offset of the weights'
+// codes (a Q8_0 file's is -128 steps), and only the rounded x cancels the offset the codes carry.
+void quantize_row(const float* x, int64_t st, int64_t K, int gs, int bits, int8_t* q, float* d, float* sum) {
+  for (int64_t g = 0; g * gs < K; g++) {
+    const float* xg = x + g * gs * st;
+    float amax = 0.f;
+    for (int i = 0; i < gs; i++) amax = std::max(amax, std::fabs(xg[i * st]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int total = 0;
+    for (int i = 0; i < gs; i++) {
+      const int v = (int)std::nearbyint(xg[i * st] * inv);
+      const int64_t k = g * gs + i;
+      q[bits == 4 ? (k & 1) * (K / 2) + k / 2 : k] = (int8_t)v;  // 4 bits: x[2j] meets low nibbles, x[2j+1] high
+      total += v;
+    }
+    d[g] = amax / 127.f, sum[g] = d[g] * (float)total;
+  }
+}
+
 class QuantizedMatmul : public CpuPrimitive {
  public:
   QuantizedMatmul(mx::Stream s, int gs, int bits) : CpuPrimitive(s), gs_(gs), bits_(bits) {}
@@ -125,37 +147,43 @@ class QuantizedMatmul : public CpuPrimitive {
   }
   static void run(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, float* y, int gs,
                   int bits) {
-    const int64_t K = x.shape(-1), N = w.shape(0), M = x.size() / K;
-    // x, gathered row by row; for 4 bits each group's odd elements go after its even ones, the order
-    // in which a group's nibbles come out of the packed bytes
-    std::vector<float> xp(M * K);
+    const int64_t K = x.shape(-1), N = w.shape(0), M = x.size() / K, G = K / gs;
+    const KernelTable* t = g_table;
+    std::vector<float> xp, xsum(M * G), xd;
+    std::vector<int8_t> xq;
     auto offs = row_offsets(x);
     const char* xs = x.data<char>();
     const int64_t st = x.strides().back();
-    for (int64_t m = 0; m < M; m++) {
-      const float* src = (const float*)(xs + offs[m]);
-      float* dst = &xp[m * K];
-      if (bits == 4) {
-        for (int64_t g = 0; g < K; g += gs)
-          for (int i = 0; i < gs / 2; i++) {
-            dst[g + i] = src[(g + 2 * i) * st];
-            dst[g + gs / 2 + i] = src[(g + 2 * i + 1) * st];
-          }
-      } else {
-        for (int64_t k = 0; k < K; k++) dst[k] = src[k * st];
+    if (t->int8_x) {
+      xq.resize(M * K), xd.resize(M * G);
+      for (int64_t m = 0; m < M; m++) quantize_row((const float*)(xs + offs[m]), st, K, gs, bits, &xq[m * K], &xd[m * G],
+                                                   &xsum[m * G]);
+    } else {
+      // x, gathered row by row; for 4 bits each group's odd elements go after its even ones, the order
+      // in which a group's nibbles come out of the packed bytes
+      xp.resize(M * K);
+      for (int64_t m = 0; m < M; m++) {
+        const float* src = (const float*)(xs + offs[m]);
+        float* dst = &xp[m * K];
+        if (bits == 4) {
+          for (int64_t g = 0; g < K; g += gs)
+            for (int i = 0; i < gs / 2; i++) {
+              dst[g + i] = src[(g + 2 * i) * st];
+              dst[g + gs / 2 + i] = src[(g + 2 * i + 1) * st];
+            }
+        } else {
+          for (int64_t k = 0; k < K; k++) dst[k] = src[k * st];
+        }
       }
-    }
-    const int64_t G = K / gs;
-    std::vector<float> xsum(M * G);
-    for (int64_t r = 0; r < M * G; r++) {
-      float t = 0.f;
-      for (int i = 0; i < gs; i++) t += xp[r * gs + i];
-      xsum[r] = t;
+      for (int64_t r = 0; r < M * G; r++) {
+        float sum = 0.f;
+        for (int i = 0; i < gs; i++) sum += xp[r * gs + i];
+        xsum[r] = sum;
+      }
     }
     std::vector<char> kw, ks, kb;
     QmmArgs a{xp.data(), M, K, N, (const uint32_t*)dense(w, kw), dense(s, ks), dense(b, kb), scale_type(s.dtype()),
-              bits, gs, xsum.data(), y};
-    const KernelTable* t = g_table;
+              bits, gs, xsum.data(), xq.data(), xd.data(), y};
     const int64_t weight_bytes = N * K * bits / 8;
     int tasks = 1;
     if (g_threads > 1 && weight_bytes * (M > 8 ? 4 : 1) >= kParallelBytes) tasks = (int)std::min<int64_t>(N / 16, g_threads * 3);
@@ -449,8 +477,10 @@ std::vector<std::string> supported_paths() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx512vnni")) p.push_back("avx512vnni");
     p.push_back("avx512");
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) p.push_back("avx2");
 #endif
   p.push_back("portable");  // elsewhere (aarch64) the one path: the same loops, vectorized for the target
@@ -461,7 +491,7 @@ void select_path(const std::string& path, int threads) {
   bool ok = false;
   for (auto& p : supported_paths()) ok |= p == path;
   need(ok, "this CPU cannot run the '" + path + "' kernels");
-  g_table = path == "avx512" ? &kAvx512 : path == "avx2" ? &kAvx2 : &kPortable;
+  g_table = path == "avx512vnni" ? &kAvx512Vnni : path == "avx512" ? &kAvx512 : path == "avx2" ? &kAvx2 : &kPortable;
   g_threads = threads < 1 ? 1 : threads;
 }
 
