@@ -32,6 +32,7 @@ from exo.shared.types import FrozenModel
 
 if TYPE_CHECKING:
     from exo.engine.loading import Dtype
+    from exo.shared.types import CacheDtype
 
 Engine = Literal["mlx", "llama.cpp"]
 
@@ -69,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate; end tokens are ignored")
     parser.add_argument("--dtype", default="quantized", choices=["quantized", "float32", "float16", "bfloat16"],
                         help="how MLX holds the weights (default: quantized, as stored in the file)")
+    parser.add_argument("--kv-cache", default="float32", choices=["float32", "float16"],
+                        help="dtype of MLX's key/value cache (default: float32)")
     parser.add_argument("--blas", default="auto", choices=["auto", "blis", "openblas", "bundled"])
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -85,9 +88,11 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
     path = ModelStore(models_dir).ensure(CARDS[args.model])
     env = _env_without_exo_blas()
     config = f"{args.dtype}, {Path(library).name if library else 'bundled BLAS'}"
+    if args.kv_cache != "float32":
+        config += f", {args.kv_cache} cache"
     common = [str(path), str(args.runs), str(args.max_tokens)]
     try:
-        mlx = _spawn(["mlx", *common, args.dtype, str(args.prompt_tokens), config],
+        mlx = _spawn(["mlx", *common, args.dtype, args.kv_cache, str(args.prompt_tokens), config],
                      preload_env(library, env) if library else env)
         cpp = None
         if not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
@@ -178,14 +183,15 @@ def _with_file(m: Measurement, path: Path) -> Measurement:
     return m.model_copy(update={"model_file_mb": path.stat().st_size / 1e6})
 
 
-def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, n_prompt: int, config: str) -> Measurement:
+def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, kv_cache: str, n_prompt: int,
+                 config: str) -> Measurement:
     import mlx.core as mx  # imported here only: the parent must not load MLX before a child preloads a BLAS
 
     from exo import kernels
     from exo.engine.generate import generate_step
     from exo.engine.loading import load
 
-    loaded = load(path, dtype=cast("Dtype", dtype))
+    loaded = load(path, dtype=cast("Dtype", dtype), kv_cache=cast("CacheDtype", kv_cache))
     model = loaded.model
     prompt = loaded.tokenizer.encode(_PROMPT * (n_prompt // 60 + 1))[:n_prompt]
     mx.reset_peak_memory()
@@ -214,9 +220,9 @@ def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, prompt: list[int]
 def _worker(argv: list[str]) -> Measurement:
     engine, path, runs, max_tokens, *rest = argv
     if engine == "mlx":
-        dtype, n_prompt, config = rest
-        return _with_file(_measure_mlx(Path(path), int(runs), int(max_tokens), dtype, int(n_prompt), config),
-                          Path(path))
+        dtype, kv_cache, n_prompt, config = rest
+        return _with_file(_measure_mlx(Path(path), int(runs), int(max_tokens), dtype, kv_cache, int(n_prompt),
+                                       config), Path(path))
     (ids,) = rest
     return _with_file(_measure_llama_cpp(Path(path), int(runs), int(max_tokens), [int(i) for i in ids.split(",")]),
                       Path(path))

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Pydanti
 
 from exo.engine.blas import Blas
 from exo.models.cards import DEFAULT_MODEL
-from exo.shared.types import Dtype
+from exo.shared.types import CacheDtype, Dtype
 
 DEFAULT_API_PORT = 52415
 MIN_SECRET_LENGTH = 16  # a shorter API key or cluster secret can be guessed from the network
@@ -38,6 +38,7 @@ class Config(BaseSettings):
     api_port: int = Field(default=DEFAULT_API_PORT, ge=1, le=65535)
     preload: Annotated[tuple[str, ...], NoDecode] = (DEFAULT_MODEL,)
     dtype: Dtype = "quantized"
+    kv_cache: CacheDtype | None = None  # None: the activations' dtype (float32 unless --dtype is a half one)
     blas: Blas = "auto"
     verbose: bool = False
     cluster: str = Field(default="exo", min_length=1)

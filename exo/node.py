@@ -66,7 +66,8 @@ class Node:
         coordinator = Coordinator(measure(), cluster=config.cluster, term=terms.load(),
                                   peer_timeout=config.peer_timeout, on_term=terms.save)
         self.supervisor = Supervisor(node_id, self.catalog, host=ring_host(config.api_host, config.peers),
-                                     dtype=config.dtype, report=lambda *worker: self.cluster.report_worker(*worker),
+                                     dtype=config.dtype, kv_cache=config.kv_cache,
+                                     report=lambda *worker: self.cluster.report_worker(*worker),
                                      limits=Limits(queue=config.queue_limit, watchdog_timeout=config.watchdog_timeout,
                                                    max_restarts=config.max_restarts,
                                                    stream_buffer=config.stream_buffer))

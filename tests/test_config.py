@@ -3,6 +3,7 @@ real `exo` command; secrets are long enough and stay out of the runners' environ
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,18 +24,19 @@ def test_every_setting_comes_from_its_exo_variable_and_a_flag_wins() -> None:
     config = Config.from_env({"EXO_HOME": "/x", "EXO_BLAS": "openblas", "EXO_DTYPE": "bfloat16",
                               "EXO_PEERS": "a:1,[::1]:2", "EXO_MAX_MEMORY": "2GB", "EXO_PRELOAD": "m1,m2",
                               "EXO_QUEUE_LIMIT": "4", "EXO_DEBUG_COORDINATION": "1", "EXO_API_KEY": KEY,
-                              "EXO_LOG_FILE": "/not/a/setting"},
+                              "EXO_LOG_FILE": "/not/a/setting", "EXO_KV_CACHE": "float16"},
                              blas="bundled", queue_limit=None)
     assert (config.home, config.models_dir) == (Path("/x"), Path("/x/models"))
     assert (config.blas, config.dtype, config.queue_limit, config.max_memory) == ("bundled", "bfloat16", 4, 2 * 10**9)
     assert config.peers == (("a", 1), ("::1", 2)) and config.preload == ("m1", "m2") and config.debug_coordination
-    assert config.api_key == KEY and KEY not in repr(config)
+    assert config.api_key == KEY and KEY not in repr(config) and config.kv_cache == "float16"
     assert Config.from_env({}).cluster_secret is None and Config.from_env({}).preload == Config().preload
 
 
 @pytest.mark.parametrize(("env", "flags", "says"), [
     ({"EXO_BLAS": "mkl"}, {}, "EXO_BLAS='mkl': input should be 'auto', 'blis', 'openblas' or 'bundled'"),
     ({"EXO_DTYPE": "fp8"}, {}, "EXO_DTYPE='fp8': input should be 'float32'"),
+    ({}, {"kv_cache": "int4"}, "--kv-cache='int4': input should be 'float32' or 'float16'"),
     ({"EXO_QUEUE_LIMIT": "0"}, {}, "EXO_QUEUE_LIMIT='0': input should be greater than or equal to 1"),
     ({"EXO_PEERS": "a:1,b"}, {}, "EXO_PEERS='a:1,b': peer 'b' is not host:port"),
     ({}, {"max_memory": "2XB"}, "--max-memory='2XB': not a size such as 2GB"),
@@ -77,8 +79,9 @@ def test_the_exo_command_refuses_a_bad_setting_in_one_line_with_exit_2(env: dict
     assert "short" not in out.stderr
 
 
-def test_runners_inherit_neither_the_api_key_nor_the_cluster_secret(tmp_path: Path, models_dir: Path) -> None:
-    node = start_node(tmp_path, models_dir, "--no-discovery",
+def test_runners_get_the_kv_cache_setting_but_neither_the_api_key_nor_the_cluster_secret(
+        tmp_path: Path, models_dir: Path) -> None:
+    node = start_node(tmp_path, models_dir, "--no-discovery", "--kv-cache", "float16",
                       env={"EXO_API_KEY": KEY, "EXO_CLUSTER_SECRET": SECRET})
     try:
         wait_for(lambda: answers(node) and httpx.get(f"{node.url}/health").json()["runners_ready"] == 1, 120,
@@ -88,6 +91,12 @@ def test_runners_inherit_neither_the_api_key_nor_the_cluster_secret(tmp_path: Pa
         assert "EXO_API_KEY" not in env and "EXO_CLUSTER_SECRET" not in env
         assert KEY not in str(env) and SECRET not in str(env)
         assert psutil.Process(node.process.pid).environ()["EXO_API_KEY"] == KEY  # the node itself has it
+        spec = json.loads(psutil.Process(runner).cmdline()[-2])  # python -m exo.worker.runner SPEC PARENT
+        assert spec["kvCache"] == "float16"
+        chat = httpx.post(f"{node.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": DEFAULT_MODEL, "max_tokens": 8, "temperature": 0,
+                                "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"], chat.text
     finally:
         assert stop_node(node) == 0, node.log_tail()
 

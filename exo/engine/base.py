@@ -28,6 +28,7 @@ class LayerRange(nn.Module):
         if not 0 <= start < end <= n_layers:
             raise ValueError(f"layer range [{start}, {end}) is not inside [0, {n_layers})")
         self.args, self.start, self.end, self.n_layers = args, start, end, n_layers
+        self.cache_dtype: mx.Dtype | None = None  # the KV cache's; None: the activations'
 
     @property
     def is_first(self) -> bool:
@@ -69,7 +70,7 @@ class LayerRange(nn.Module):
         return self.head(h) if self.is_last else h
 
     def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+        return [KVCache(self.cache_dtype) for _ in self.layers]
 
 
 class GatedMLP(nn.Module):
@@ -100,6 +101,8 @@ def attend(q: mx.array, k: mx.array, v: mx.array, cache: KVCache, *, scale: floa
         seen = slice(length - window, length)
         return kernels.decode_attention(q, keys[..., seen, :], values[..., seen, :], length=window, scale=scale)
     keys, values = cache.update_and_fetch(k, v)
+    if keys.dtype != q.dtype:  # a float16 cache under float32 activations: MLX's attention takes one dtype
+        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
     total = keys.shape[2]
     if window is None or total <= window:
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask="causal")

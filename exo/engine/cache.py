@@ -15,7 +15,8 @@ from exo import kernels
 class KVCache:
     step = 256
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: mx.Dtype | None = None) -> None:
+        self.dtype = dtype  # what the buffers hold; None: the dtype of the keys and values appended
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
@@ -24,6 +25,8 @@ class KVCache:
         """Write `keys`/`values` `[B, H, L, D]` at the offset; return the whole buffers (the first
         `offset` positions, after the advance, are the ones in use)."""
         prev, n = self.offset, keys.shape[2]
+        if self.dtype is not None and keys.dtype != self.dtype:
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
         if self.keys is None or self.values is None or prev + n > self.keys.shape[2]:
             self._grow(keys, values, prev + n)
         assert self.keys is not None and self.values is not None

@@ -32,7 +32,7 @@ from exo.engine.qwen2 import Qwen2Shard
 from exo.engine.qwen3 import Qwen3Shard
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.errors import ModelFormatError
-from exo.shared.types import Dtype
+from exo.shared.types import CacheDtype, Dtype
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,19 @@ class LoadedModel:
     args: Any  # the architecture's ModelArgs
 
 
-def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "quantized") -> LoadedModel:
+def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "quantized",
+         kv_cache: CacheDtype | None = None) -> LoadedModel:
     """Load layers `[start, end)` of the model at `path` (a `.gguf` file or a model directory).
     "quantized" keeps every quantized tensor as stored (GGUF types as exo.engine.gguf converts them, an
     MLX directory's as they are) and float tensors as they are; a float dtype dequantizes all. Only the
-    range's tensors are read. Raises ModelFormatError, saying what and why, for files that are
+    range's tensors are read. `kv_cache` is the dtype of the caches `make_cache` gives (None: the
+    activations'). Raises ModelFormatError, saying what and why, for files that are
     unsupported, damaged or not a model."""
     with _reading(path):
         source = _open(path)
         tokenizer = source.tokenizer
     model = source.architecture(source.args, start, end)  # a range outside the model is the caller's bug
+    model.cache_dtype = _FLOAT_DTYPES[kv_cache] if kv_cache else None
     with _reading(path):
         def convert() -> dict[str, mx.array]:
             return _fuse(source.read(lambda name: _in_range(name, model)), source.group_size)

@@ -142,10 +142,13 @@ def cache_append(cache: mx.array, new: mx.array, offset: int) -> mx.array:
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, *, length: int, scale: float) -> mx.array:
     """Attention of one query row per head, `q` `[B, Hq, 1, D]`, over the first `length` positions of
-    `keys`/`values` `[B, Hkv, capacity, D]` (grouped-query: Hq a multiple of Hkv)."""
-    if _native_ok(q, keys, values) and q.shape[2] == 1:
+    `keys`/`values` `[B, Hkv, capacity, D]` (grouped-query: Hq a multiple of Hkv). A float16 cache
+    under a float32 query is read as float32."""
+    if (_info.path != "stock" and q.dtype == mx.float32 and keys.dtype in (mx.float32, mx.float16)
+            and values.dtype == keys.dtype and q.shape[2] == 1):
         return _native.decode_attention(q, keys, values, length, scale)
-    return mx.fast.scaled_dot_product_attention(q, keys[..., :length, :], values[..., :length, :], scale=scale)
+    keys, values = keys[..., :length, :].astype(q.dtype), values[..., :length, :].astype(q.dtype)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
 
 
 _use_from_environment()

@@ -49,4 +49,5 @@ Utf8Str = Annotated[str, AfterValidator(_utf8)]
 
 # How a node holds model weights in memory: dequantized to a float type, or kept quantized.
 Dtype = Literal["float32", "float16", "bfloat16", "quantized"]
+CacheDtype = Literal["float32", "float16"]  # the attention's key/value cache
 BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}  # a float dtype's; "quantized" is as stored

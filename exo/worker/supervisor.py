@@ -45,7 +45,7 @@ from exo.shared.runners import (
     runner_id,
 )
 from exo.shared.state import Instance, ShardAssignment, State
-from exo.shared.types import Dtype, InstanceId, NodeId
+from exo.shared.types import CacheDtype, Dtype, InstanceId, NodeId
 from exo.worker.handle import CHATTING, GONE, RUNNING, RunnerHandle
 from exo.worker.handle import HandleEvent as E
 from exo.worker.handle import HandleState as S
@@ -84,8 +84,9 @@ class Limits:
 class Supervisor:
     def __init__(self, node_id: NodeId, catalog: ModelCatalog, *, host: str, dtype: Dtype,
                  report: Callable[[tuple[RunnerInfo, ...], tuple[TaskInfo, ...]], None],
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), kv_cache: CacheDtype | None = None) -> None:
         self.node_id, self.catalog, self.host, self.dtype, self._report = node_id, catalog, host, dtype, report
+        self.kv_cache = kv_cache
         self.limits = limits
         self.runners: dict[str, RunnerHandle] = {}
         self.restarts = 0  # runners this node's watchdog restarted since it started
@@ -149,7 +150,7 @@ class Supervisor:
     def _spawn(self, instance: Instance, shard: ShardAssignment) -> None:
         spec = RunnerSpec(node_id=self.node_id, instance_id=instance.instance_id, rank=shard.rank,
                           world_size=len(instance.shards), model_path="", start=shard.start, end=shard.end,
-                          n_layers=instance.n_layers, dtype=self.dtype)
+                          n_layers=instance.n_layers, dtype=self.dtype, kv_cache=self.kv_cache)
         [port] = free_ports(1, self.host)
         handle = RunnerHandle(spec, self.node_id, self.host, port)
         handle.restarts = self._restarts.get(handle.runner_id, 0)

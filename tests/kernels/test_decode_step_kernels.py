@@ -78,6 +78,22 @@ def test_decode_attention_matches_mlx(path, hq, hkv, length):
     _close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("d", [64, 13])
+@pytest.mark.parametrize("length", [1, 300])
+def test_decode_attention_over_a_float16_cache_reads_it_as_float32(path, d, length):
+    mx.random.seed(length + d)
+    keys, values = (mx.random.normal((1, 2, 320, d)).astype(mx.float16) for _ in range(2))
+    q = mx.random.normal((1, 6, 1, d))
+    got = kernels.decode_attention(q, keys, values, length=length, scale=0.125)
+    wide = [a[..., :length, :].astype(mx.float32) for a in (keys, values)]
+    assert got.dtype == mx.float32
+    _close(got, mx.fast.scaled_dot_product_attention(q, *wide, scale=0.125), 1e-5)
+    keys_t = mx.random.normal((1, 2, d, 320)).astype(mx.float16).transpose(0, 1, 3, 2)  # positions not rows
+    _close(kernels.decode_attention(q, keys_t, values, length=length, scale=0.125),
+           mx.fast.scaled_dot_product_attention(q, keys_t[..., :length, :].astype(mx.float32), wide[1], scale=0.125),
+           1e-5)
+
+
 def test_a_decode_step_through_a_preallocated_cache(path):
     """rope, append and attention together, as the engine runs one layer's attention per token."""
     cache_k, cache_v = mx.zeros((1, 2, 32, 16)), mx.zeros((1, 2, 32, 16))

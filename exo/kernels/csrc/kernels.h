@@ -26,11 +26,13 @@ struct QmmArgs {
 
 struct AttnArgs {
   const float* q;  // [D] one head's query
-  const float* k;  // first position of the kv head; positions `kt` floats apart
-  const float* v;
+  const void* k;  // first position of the kv head; positions `kt` elements apart
+  const void* v;
   int64_t length, D, kt, vt;
+  int kv_half;  // keys and values are float16 (else float32)
   float scale;
   float* scores;  // [length] scratch
+  float* row;  // [D] scratch: one float16 position as float32
   float* out;  // [D]
 };
 

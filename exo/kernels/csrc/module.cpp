@@ -346,38 +346,39 @@ class DecodeAttention : public CpuPrimitive {
     alloc(out);
     encode(in, out, [q = in[0], k = in[1], v = in[2], y = out.data<float>(), T = length_, scale = scale_]() {
       const int64_t B = q.shape(0), Hq = q.shape(1), Hkv = k.shape(1), D = q.shape(3), cap = k.shape(2);
+      const int half = k.dtype() == mx::float16;
       std::vector<char> kq, kk, kv;
       const float* qp = (const float*)dense(q, kq);
       // keys and values need only a unit stride along D; otherwise a dense copy
       auto kv_base = [&](const mx::array& a, std::vector<char>& keep, int64_t& st0, int64_t& st1, int64_t& stt) {
         if (a.strides().back() == 1) {
           st0 = a.strides()[0], st1 = a.strides()[1], stt = a.strides()[2];
-          return a.data<float>();
+          return (const char*)a.data<char>();
         }
         st0 = Hkv * cap * D, st1 = cap * D, stt = D;
-        return (const float*)dense(a, keep);
+        return (const char*)dense(a, keep);
       };
       int64_t k0, k1, kt, v0, v1, vt;
-      const float* kp = kv_base(k, kk, k0, k1, kt);
-      const float* vp = kv_base(v, kv, v0, v1, vt);
-      const int64_t heads = B * Hq, group = Hq / Hkv;
-      auto head = [&](int64_t h, std::vector<float>& scores) {
+      const char* kp = kv_base(k, kk, k0, k1, kt);
+      const char* vp = kv_base(v, kv, v0, v1, vt);
+      const int64_t heads = B * Hq, group = Hq / Hkv, es = k.itemsize();
+      auto head = [&](int64_t h, std::vector<float>& scratch) {
         const int64_t b = h / Hq, hk = (h % Hq) / group;
-        AttnArgs a{qp + h * D, kp + b * k0 + hk * k1, vp + b * v0 + hk * v1, T, D, kt, vt, scale, scores.data(),
-                   y + h * D};
+        AttnArgs a{qp + h * D, kp + (b * k0 + hk * k1) * es, vp + (b * v0 + hk * v1) * es, T, D, kt, vt, half, scale,
+                   scratch.data(), scratch.data() + T, y + h * D};
         g_table->attn_head(&a);
       };
-      const int64_t bytes = B * Hkv * T * D * 8;
+      const int64_t bytes = B * Hkv * T * D * 2 * es;
       int tasks = (g_threads > 1 && bytes >= (256 << 10)) ? (int)std::min<int64_t>(heads, g_threads) : 1;
       if (tasks <= 1) {
-        std::vector<float> scores(T);
-        for (int64_t h = 0; h < heads; h++) head(h, scores);
+        std::vector<float> scratch(T + D);
+        for (int64_t h = 0; h < heads; h++) head(h, scratch);
         return;
       }
       const int64_t per = (heads + tasks - 1) / tasks;
       pool().run(tasks, [&](int i) {
-        std::vector<float> scores(T);
-        for (int64_t h = i * per; h < std::min(heads, (i + 1) * per); h++) head(h, scores);
+        std::vector<float> scratch(T + D);
+        for (int64_t h = i * per; h < std::min(heads, (i + 1) * per); h++) head(h, scratch);
       });
     });
   }
@@ -462,8 +463,8 @@ mx::array cache_append(const mx::array& cache, const mx::array& nw, int offset) 
 }
 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, int length, float scale) {
-  need(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32,
-       "decode_attention: q, keys and values must be float32");
+  need(q.dtype() == mx::float32 && (k.dtype() == mx::float32 || k.dtype() == mx::float16) && v.dtype() == k.dtype(),
+       "decode_attention: q must be float32, keys and values both float32 or both float16");
   need(q.ndim() == 4 && k.ndim() == 4 && q.shape(2) == 1 && k.shape() == v.shape() && q.shape(0) == k.shape(0) &&
            q.shape(3) == k.shape(3) && q.shape(1) % k.shape(1) == 0,
        "decode_attention: q " + shape_str(q) + " must be [B, Hq, 1, D] against keys [B, Hkv, capacity, D]");

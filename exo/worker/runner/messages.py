@@ -13,7 +13,7 @@ from exo.engine.generate import FinishReason
 from exo.net.codec import Codec
 from exo.shared.generation import GenerationParams
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
-from exo.shared.types import Dtype, FrozenModel, InstanceId
+from exo.shared.types import CacheDtype, Dtype, FrozenModel, InstanceId
 
 _LENGTH = struct.Struct(">I")
 HEADER_SIZE = _LENGTH.size
@@ -31,6 +31,7 @@ class RunnerSpec(FrozenModel):
     end: int
     n_layers: int
     dtype: Dtype
+    kv_cache: CacheDtype | None = None
 
 
 # -- node to runner ------------------------------------------------------------------------------
