@@ -62,12 +62,16 @@ class LayerRange(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         raise NotImplementedError
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache]) -> mx.array:
-        """Token ids `[B, L]` (first range) or hidden states `[B, L, D]` in; hidden states or logits out."""
+    def __call__(self, inputs: mx.array, cache: list[KVCache], *, last_only: bool = False) -> mx.array:
+        """Token ids `[B, L]` (first range) or hidden states `[B, L, D]` in; hidden states or logits out.
+        With `last_only` the head reads the last position alone (`[B, 1, vocab]`): a prompt's next token
+        needs no logits for the positions before it, and the head is the widest matrix of the model."""
         h = self.embed(inputs) if self.is_first else inputs
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, layer_cache)
-        return self.head(h) if self.is_last else h
+        if not self.is_last:
+            return h
+        return self.head(h[:, -1:, :] if last_only else h)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache(self.cache_dtype) for _ in self.layers]
@@ -92,21 +96,5 @@ def attend(q: mx.array, k: mx.array, v: mx.array, cache: KVCache, *, scale: floa
     """Append `k`/`v` `[B, Hkv, L, D]` to the cache and attend `q` `[B, Hq, L, D]` causally over it; with a
     `window`, each position sees only itself and the `window - 1` positions before it (sliding-window
     layers). Returns `[B, Hq, L, D]`."""
-    L = q.shape[2]
-    if L == 1:
-        keys, values = cache.append(k, v)
-        length = cache.offset
-        if window is None or length <= window:
-            return kernels.decode_attention(q, keys, values, length=length, scale=scale)
-        seen = slice(length - window, length)
-        return kernels.decode_attention(q, keys[..., seen, :], values[..., seen, :], length=window, scale=scale)
-    keys, values = cache.update_and_fetch(k, v)
-    if keys.dtype != q.dtype:  # a float16 cache under float32 activations: MLX's attention takes one dtype
-        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-    total = keys.shape[2]
-    if window is None or total <= window:
-        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask="causal")
-    queries = mx.arange(total - L, total)[:, None]
-    positions = mx.arange(total)[None]
-    mask = (positions <= queries) & (queries - positions < window)
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    keys, values = cache.append(k, v)
+    return kernels.attention(q, keys, values, length=cache.offset, scale=scale, window=window)

@@ -2,7 +2,7 @@
 
 Capacity grows in steps of `step` positions, so a decode step's arrays keep their shape for
 `step` tokens and `exo.kernels.cache_append` writes each new position into the buffer it has.
-Attention reads the first `offset` positions (`exo.kernels.decode_attention` takes the length).
+Attention reads the first `offset` positions (`exo.kernels.attention` takes the length).
 """
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ class KVCache:
         self.values = kernels.cache_append(self.values, values, prev)
         self.offset = prev + n
         return self.keys, self.values
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append, and return the positions in use only."""
-        k, v = self.append(keys, values)
-        return k[..., : self.offset, :], v[..., : self.offset, :]
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
         capacity = -(-needed // self.step) * self.step

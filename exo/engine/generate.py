@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import mlx.core as mx
 
+from exo.engine.base import LayerRange
 from exo.engine.cache import KVCache
 from exo.engine.sample import Sampler, make_sampler
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.generation import GenerationParams
 
-Model = Callable[[mx.array, list[KVCache]], mx.array]
 FinishReason = Literal["stop", "length"]
 
 PREFILL_CHUNK = 512
 
 
-def generate_step(prompt: Sequence[int], model: Model, cache: list[KVCache], *,
+def generate_step(prompt: Sequence[int], model: LayerRange, cache: list[KVCache], *,
                   sampler: Sampler | None = None) -> Iterator[int]:
     """Yield token ids after `prompt`, forever; the caller decides when to stop.
 
@@ -34,7 +34,7 @@ def generate_step(prompt: Sequence[int], model: Model, cache: list[KVCache], *,
         tokens = tokens[:, PREFILL_CHUNK:]
 
     def step(inputs: mx.array) -> mx.array:
-        return sampler(model(inputs, cache)[:, -1, :])
+        return sampler(model(inputs, cache, last_only=True)[:, -1, :])
 
     token = step(tokens)
     mx.async_eval(token)
@@ -115,7 +115,7 @@ def _borders(stop: str) -> list[int]:
     return table
 
 
-def generate_text(prompt: Sequence[int], model: Model, tokenizer: Tokenizer, params: GenerationParams,
+def generate_text(prompt: Sequence[int], model: LayerRange, tokenizer: Tokenizer, params: GenerationParams,
                   cache: list[KVCache]) -> Iterator[Delta]:
     """Generate text for `prompt` with a model held whole in this process."""
     sampler = make_sampler(params.temperature, params.top_p, params.seed)

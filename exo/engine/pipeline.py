@@ -244,7 +244,7 @@ def serve(shard: LlamaShard, ring: Ring, stop: threading.Event) -> bool:
             raise RuntimeError(f"ring out of step: {header.op.name} outside a request")
         else:
             hidden = ring.receive((1, header.n, shard.args.hidden_size), HIDDEN_DTYPES[header.dtype])
-            out = shard(hidden, cache)
+            out = shard(hidden, cache, last_only=True)  # the last rank samples the last position only
             if not shard.is_last:
                 ring.send(out)
             elif header.op == Op.STEP:

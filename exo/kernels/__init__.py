@@ -140,15 +140,23 @@ def cache_append(cache: mx.array, new: mx.array, offset: int) -> mx.array:
     return cache
 
 
-def decode_attention(q: mx.array, keys: mx.array, values: mx.array, *, length: int, scale: float) -> mx.array:
-    """Attention of one query row per head, `q` `[B, Hq, 1, D]`, over the first `length` positions of
-    `keys`/`values` `[B, Hkv, capacity, D]` (grouped-query: Hq a multiple of Hkv). A float16 cache
-    under a float32 query is read as float32."""
+def attention(q: mx.array, keys: mx.array, values: mx.array, *, length: int, scale: float,
+              window: int | None = None) -> mx.array:
+    """Causal attention of `q` `[B, Hq, L, D]` over the first `length` positions of `keys`/`values`
+    `[B, Hkv, capacity, D]` (grouped-query: Hq a multiple of Hkv). Query row i sits at position
+    `length - L + i` and sees the positions up to it, only the last `window` of them where a window is
+    given (sliding-window layers). A float16 cache under a float32 query is read as float32."""
     if (_info.path != "stock" and q.dtype == mx.float32 and keys.dtype in (mx.float32, mx.float16)
-            and values.dtype == keys.dtype and q.shape[2] == 1):
-        return _native.decode_attention(q, keys, values, length, scale)
+            and values.dtype == keys.dtype):
+        return _native.attention(q, keys, values, length, scale, window or 0)
     keys, values = keys[..., :length, :].astype(q.dtype), values[..., :length, :].astype(q.dtype)
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
+    L = q.shape[2]
+    if window is None or length <= window:
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask="causal" if L > 1 else None)
+    queries = mx.arange(length - L, length)[:, None]
+    positions = mx.arange(length)[None]
+    mask = (positions <= queries) & (queries - positions < window)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
 
 
 _use_from_environment()

@@ -64,7 +64,7 @@ def bench_decode_step(repeats: int, threads: int | None) -> None:
         "rms_norm": lambda: kernels.rms_norm(x, w, 1e-5),
         "rope (q)": lambda: kernels.rope(q, dims=64, traditional=False, base=100000.0, offset=255),
         "cache_append": lambda: kernels.cache_append(cache_k, k, 255),
-        "decode_attention": lambda: kernels.decode_attention(q, cache_k, cache_v, length=256, scale=0.125),
+        "attention": lambda: kernels.attention(q, cache_k, cache_v, length=256, scale=0.125),
     }
     print(f"{'op':>17}  " + "  ".join(f"{p:>8}" for p in _paths()))
     for name, fn in ops.items():

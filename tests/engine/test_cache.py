@@ -34,7 +34,7 @@ def test_cache_grows_only_when_full_and_keeps_what_was_written() -> None:
     cache, capacities = KVCache(), []
     for written in (3, KVCache.step - 3, 1, 300):
         k = mx.full((1, 2, written, 8), float(cache.offset))
-        keys, values = cache.update_and_fetch(k, k + 1)
+        keys, values = (a[..., : cache.offset, :] for a in cache.append(k, k + 1))
         assert keys.shape[2] == values.shape[2] == cache.offset
         assert mx.array_equal(keys[..., -written:, :], k).item()
         assert mx.array_equal(values[..., -written:, :], k + 1).item()

@@ -1,4 +1,4 @@
-"""rms_norm, rope, cache_append and decode_attention against stock MLX on each path."""
+"""rms_norm, rope, cache_append and attention against stock MLX on each path."""
 
 import mlx.core as mx
 import pytest
@@ -73,7 +73,7 @@ def test_decode_attention_matches_mlx(path, hq, hkv, length):
     mx.random.seed(hq * length)
     keys, values = mx.random.normal((2, hkv, 320, 64)), mx.random.normal((2, hkv, 320, 64))
     q = mx.random.normal((2, 1, hq, 64)).transpose(0, 2, 1, 3)
-    got = kernels.decode_attention(q, keys, values, length=length, scale=0.125)
+    got = kernels.attention(q, keys, values, length=length, scale=0.125)
     want = mx.fast.scaled_dot_product_attention(q, keys[..., :length, :], values[..., :length, :], scale=0.125)
     _close(got, want, 1e-5)
 
@@ -84,14 +84,44 @@ def test_decode_attention_over_a_float16_cache_reads_it_as_float32(path, d, leng
     mx.random.seed(length + d)
     keys, values = (mx.random.normal((1, 2, 320, d)).astype(mx.float16) for _ in range(2))
     q = mx.random.normal((1, 6, 1, d))
-    got = kernels.decode_attention(q, keys, values, length=length, scale=0.125)
+    got = kernels.attention(q, keys, values, length=length, scale=0.125)
     wide = [a[..., :length, :].astype(mx.float32) for a in (keys, values)]
     assert got.dtype == mx.float32
     _close(got, mx.fast.scaled_dot_product_attention(q, *wide, scale=0.125), 1e-5)
     keys_t = mx.random.normal((1, 2, d, 320)).astype(mx.float16).transpose(0, 1, 3, 2)  # positions not rows
-    _close(kernels.decode_attention(q, keys_t, values, length=length, scale=0.125),
+    _close(kernels.attention(q, keys_t, values, length=length, scale=0.125),
            mx.fast.scaled_dot_product_attention(q, keys_t[..., :length, :].astype(mx.float32), wide[1], scale=0.125),
            1e-5)
+
+
+def _reference_attention(q, keys, values, length, scale, window=None):
+    """Softmax attention written out: query row i at position length - L + i sees keys up to it."""
+    L, group = q.shape[2], q.shape[1] // keys.shape[1]
+    k, v = (mx.repeat(a[..., :length, :].astype(mx.float32), group, axis=1) for a in (keys, values))
+    rows, cols = mx.arange(length - L, length)[:, None], mx.arange(length)[None]
+    seen = (cols <= rows) & ((rows - cols < window) if window else True)
+    scores = mx.where(seen, (q @ k.transpose(0, 1, 3, 2)) * scale, -mx.inf)
+    return mx.softmax(scores, axis=-1) @ v
+
+
+@pytest.mark.parametrize("L,length", [(1, 1), (5, 5), (7, 40), (64, 300)])
+@pytest.mark.parametrize("window", [None, 4, 1000])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_causal_attention_of_a_chunk_of_rows(path, L, length, window, dtype):
+    mx.random.seed(L * length)
+    keys, values = (mx.random.normal((2, 3, 320, 32)).astype(dtype) for _ in range(2))
+    q = mx.random.normal((2, L, 6, 32)).transpose(0, 2, 1, 3)  # as the layers make it: heads not outermost
+    got = kernels.attention(q, keys, values, length=length, scale=0.2, window=window)
+    assert got.shape == q.shape and got.dtype == mx.float32
+    _close(got, _reference_attention(q, keys, values, length, 0.2, window), 1e-5)
+
+
+def test_attention_refuses_more_rows_than_positions(path):
+    if path == "stock":
+        pytest.skip("stock MLX's attention does not check the length")
+    with pytest.raises(ValueError, match="length"):
+        mx.eval(kernels.attention(mx.zeros((1, 2, 5, 8)), mx.zeros((1, 2, 16, 8)), mx.zeros((1, 2, 16, 8)),
+                                  length=4, scale=1.0))
 
 
 def test_a_decode_step_through_a_preallocated_cache(path):
@@ -105,7 +135,7 @@ def test_a_decode_step_through_a_preallocated_cache(path):
         cache_k, cache_v = kernels.cache_append(cache_k, k, pos), kernels.cache_append(cache_v, v, pos)
         ks.append(k)
         vs.append(v)
-        out = kernels.decode_attention(q, cache_k, cache_v, length=pos + 1, scale=0.25)
+        out = kernels.attention(q, cache_k, cache_v, length=pos + 1, scale=0.25)
         want = mx.fast.scaled_dot_product_attention(q, mx.concatenate(ks, 2), mx.concatenate(vs, 2), scale=0.25)
         _close(out, want, 1e-5)
 
@@ -128,7 +158,7 @@ def test_the_kernels_compile_into_one_step_with_an_array_offset(path):
 
     def step(x, pos):
         q = kernels.rope(kernels.rms_norm(x, w, 1e-5), dims=64, traditional=False, base=10000.0, offset=pos)
-        return kernels.decode_attention(q, cache, cache, length=9, scale=0.125)
+        return kernels.attention(q, cache, cache, length=9, scale=0.125)
 
     def reference(x, pos):
         q = mx.fast.rope(mx.fast.rms_norm(x, w, 1e-5), 64, traditional=False, base=10000.0, scale=1.0, offset=pos)

@@ -339,13 +339,20 @@ class CacheAppend : public CpuPrimitive {
   int offset_;
 };
 
-class DecodeAttention : public CpuPrimitive {
+// Causal attention of L query rows per head over the first `length` positions of a [B, Hkv, capacity, D]
+// cache, grouped-query: row i sits at position length - L + i and sees the positions up to it (the last
+// `window` of them where window > 0). One row at a time through the table's attn_head, rows and heads
+// shared out over the pool round-robin, so every task gets early (short) and late (long) rows alike.
+class Attention : public CpuPrimitive {
  public:
-  DecodeAttention(mx::Stream s, int length, float scale) : CpuPrimitive(s), length_(length), scale_(scale) {}
+  Attention(mx::Stream s, int length, float scale, int window)
+      : CpuPrimitive(s), length_(length), scale_(scale), window_(window) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc(out);
-    encode(in, out, [q = in[0], k = in[1], v = in[2], y = out.data<float>(), T = length_, scale = scale_]() {
-      const int64_t B = q.shape(0), Hq = q.shape(1), Hkv = k.shape(1), D = q.shape(3), cap = k.shape(2);
+    encode(in, out, [q = in[0], k = in[1], v = in[2], y = out.data<float>(), T = length_, scale = scale_,
+                     window = window_]() {
+      const int64_t B = q.shape(0), Hq = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = k.shape(1),
+                    cap = k.shape(2);
       const int half = k.dtype() == mx::float16;
       std::vector<char> kq, kk, kv;
       const float* qp = (const float*)dense(q, kq);
@@ -361,36 +368,37 @@ class DecodeAttention : public CpuPrimitive {
       int64_t k0, k1, kt, v0, v1, vt;
       const char* kp = kv_base(k, kk, k0, k1, kt);
       const char* vp = kv_base(v, kv, v0, v1, vt);
-      const int64_t heads = B * Hq, group = Hq / Hkv, es = k.itemsize();
-      auto head = [&](int64_t h, std::vector<float>& scratch) {
-        const int64_t b = h / Hq, hk = (h % Hq) / group;
-        AttnArgs a{qp + h * D, kp + (b * k0 + hk * k1) * es, vp + (b * v0 + hk * v1) * es, T, D, kt, vt, half, scale,
-                   scratch.data(), scratch.data() + T, y + h * D};
+      const int64_t rows = B * Hq * L, group = Hq / Hkv, es = k.itemsize();
+      auto row = [&](int64_t r, std::vector<float>& scratch) {  // r = (b * Hq + h) * L + i
+        const int64_t i = r % L, h = (r / L) % Hq, b = r / (L * Hq), hk = h / group;
+        const int64_t end = T - L + i + 1, begin = window > 0 && end > window ? end - window : 0;
+        AttnArgs a{qp + r * D, kp + (b * k0 + hk * k1 + begin * kt) * es, vp + (b * v0 + hk * v1 + begin * vt) * es,
+                   end - begin, D, kt, vt, half, scale, scratch.data(), scratch.data() + T, y + r * D};
         g_table->attn_head(&a);
       };
-      const int64_t bytes = B * Hkv * T * D * 2 * es;
-      int tasks = (g_threads > 1 && bytes >= (256 << 10)) ? (int)std::min<int64_t>(heads, g_threads) : 1;
+      const int64_t bytes = B * Hkv * T * D * 2 * es * L;  // keys and values read, once per row
+      int tasks = (g_threads > 1 && bytes >= (256 << 10)) ? (int)std::min<int64_t>(rows, g_threads) : 1;
       if (tasks <= 1) {
         std::vector<float> scratch(T + D);
-        for (int64_t h = 0; h < heads; h++) head(h, scratch);
+        for (int64_t r = 0; r < rows; r++) row(r, scratch);
         return;
       }
-      const int64_t per = (heads + tasks - 1) / tasks;
-      pool().run(tasks, [&](int i) {
+      pool().run(tasks, [&](int t) {
         std::vector<float> scratch(T + D);
-        for (int64_t h = i * per; h < std::min(heads, (i + 1) * per); h++) head(h, scratch);
+        for (int64_t r = t; r < rows; r += tasks) row(r, scratch);
       });
     });
   }
-  const char* name() const override { return "ExoDecodeAttention"; }
+  const char* name() const override { return "ExoAttention"; }
   bool is_equivalent(const mx::Primitive& o) const override {
-    auto& p = static_cast<const DecodeAttention&>(o);
-    return length_ == p.length_ && scale_ == p.scale_;
+    auto& p = static_cast<const Attention&>(o);
+    return length_ == p.length_ && scale_ == p.scale_ && window_ == p.window_;
   }
 
  private:
   int length_;
   float scale_;
+  int window_;
 };
 
 void need(bool ok, const std::string& what) {
@@ -462,14 +470,15 @@ mx::array cache_append(const mx::array& cache, const mx::array& nw, int offset) 
   return mx::array(cache.shape(), cache.dtype(), std::make_shared<CacheAppend>(mx::to_stream({}), offset), {cache, nw});
 }
 
-mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, int length, float scale) {
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, int length, float scale, int window) {
   need(q.dtype() == mx::float32 && (k.dtype() == mx::float32 || k.dtype() == mx::float16) && v.dtype() == k.dtype(),
-       "decode_attention: q must be float32, keys and values both float32 or both float16");
-  need(q.ndim() == 4 && k.ndim() == 4 && q.shape(2) == 1 && k.shape() == v.shape() && q.shape(0) == k.shape(0) &&
-           q.shape(3) == k.shape(3) && q.shape(1) % k.shape(1) == 0,
-       "decode_attention: q " + shape_str(q) + " must be [B, Hq, 1, D] against keys [B, Hkv, capacity, D]");
-  need(length >= 1 && length <= k.shape(2), "decode_attention: length must be in [1, capacity]");
-  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(mx::to_stream({}), length, scale),
+       "attention: q must be float32, keys and values both float32 or both float16");
+  need(q.ndim() == 4 && k.ndim() == 4 && k.shape() == v.shape() && q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3) &&
+           q.shape(1) % k.shape(1) == 0,
+       "attention: q " + shape_str(q) + " must be [B, Hq, L, D] against keys [B, Hkv, capacity, D]");
+  need(length >= q.shape(2) && length <= k.shape(2), "attention: length must be in [L, capacity]");
+  need(window >= 0, "attention: window must be 0 (none) or positive");
+  return mx::array(q.shape(), mx::float32, std::make_shared<Attention>(mx::to_stream({}), length, scale, window),
                    {q, k, v});
 }
 
@@ -511,5 +520,5 @@ NB_MODULE(_native, m) {
   m.def("rope", &rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "array_offset"_a,
         "periods"_a);
   m.def("cache_append", &cache_append, "cache"_a, "new"_a, "offset"_a);
-  m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "length"_a, "scale"_a);
+  m.def("attention", &attention, "q"_a, "keys"_a, "values"_a, "length"_a, "scale"_a, "window"_a);
 }
