@@ -99,7 +99,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, nn.gelu_approx)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, "gelu_approx")
         dims, eps = args.hidden_size, args.rms_norm_eps
         self.input_layernorm = RMSNorm(dims, eps)
         self.post_attention_layernorm = RMSNorm(dims, eps)

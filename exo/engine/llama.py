@@ -132,7 +132,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.self_attn = Attention(args)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, nn.silu)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, "silu")
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

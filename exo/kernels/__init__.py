@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,18 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     if _info.path != "stock" and x.dtype == mx.float32 and bits in (4, 8) and group_size in (32, 64, 128):
         return _native.quantized_matmul(x, w, scales, biases, group_size, bits)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+GATED_ACTIVATIONS = ("silu", "gelu_approx")
+
+
+def gated(gate_up: mx.array, activation: str) -> mx.array:
+    """`activation(gate) * up` for `gate_up` `[..., 2I]` holding the gate then the up projection (a gated
+    MLP's fused product); `activation` is "silu" or "gelu_approx" (gelu's tanh approximation)."""
+    if _native_ok(gate_up):
+        return _native.gated(gate_up, GATED_ACTIVATIONS.index(activation))
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return (nn.silu(gate) if activation == "silu" else nn.gelu_approx(gate)) * up
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:

@@ -1,6 +1,7 @@
 """rms_norm, rope, cache_append and attention against stock MLX on each path."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from exo import kernels
@@ -92,6 +93,21 @@ def test_decode_attention_over_a_float16_cache_reads_it_as_float32(path, d, leng
     _close(kernels.attention(q, keys_t, values, length=length, scale=0.125),
            mx.fast.scaled_dot_product_attention(q, keys_t[..., :length, :].astype(mx.float32), wide[1], scale=0.125),
            1e-5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_approx"])
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (1, 200, 1536), (3, 7, 34)])
+def test_gated_activation_matches_mlx(path, activation, shape):
+    mx.random.seed(shape[1])
+    gate_up = mx.random.normal(shape) * 4  # out to where exp over- and underflows
+    gate_up = mx.concatenate([gate_up[..., :2], mx.array([-100.0, 100.0])[None, None].astype(gate_up.dtype)
+                              * mx.ones((*shape[:2], 2)), gate_up[..., 4:]], axis=-1)
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    want = (nn.silu(gate) if activation == "silu" else nn.gelu_approx(gate)) * up
+    got = kernels.gated(gate_up, activation)
+    assert got.shape == want.shape and got.dtype == mx.float32
+    _close(got, want, 1e-5)
+    _close(kernels.gated(gate_up.transpose(1, 0, 2), activation), want.transpose(1, 0, 2), 1e-5)  # not contiguous
 
 
 def _reference_attention(q, keys, values, length, scale, window=None):

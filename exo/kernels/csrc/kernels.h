@@ -44,6 +44,8 @@ struct KernelTable {
   // rotates pairs (x[i], x[i + half]) or (x[2i], x[2i+1]) of one row by cos/sin tables of `half` entries
   void (*rope_row)(const float* x, float* y, const float* cs, const float* sn, int64_t half, int traditional);
   void (*attn_head)(const AttnArgs* a);
+  // y[i] = act(gate[i]) * up[i] for i < n; act 0: silu, 1: gelu's tanh approximation
+  void (*gated_row)(const float* gate, const float* up, float* y, int64_t n, int act);
 };
 
 extern const KernelTable kPortable;

@@ -205,6 +205,36 @@ class QuantizedMatmul : public CpuPrimitive {
   int gs_, bits_;
 };
 
+// act(gate) * up from one matrix product's output [..., 2I] whose first half is the gate: the gated
+// MLP's middle in one op, where MLX takes a split, the activation's few ops and a product.
+class Gated : public CpuPrimitive {
+ public:
+  Gated(mx::Stream s, int act) : CpuPrimitive(s), act_(act) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    alloc(out);
+    encode(in, out, [x = in[0], y = out.data<float>(), act = act_]() {
+      const int64_t I = x.shape(-1) / 2, rows = x.size() / (2 * I);
+      std::vector<char> keep;
+      const float* xp = (const float*)dense(x, keep);
+      auto run_rows = [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) g_table->gated_row(xp + r * 2 * I, xp + r * 2 * I + I, y + r * I, I, act);
+      };
+      const int tasks = g_threads > 1 && rows * I >= (64 << 10) ? (int)std::min<int64_t>(rows, g_threads) : 1;
+      if (tasks <= 1) {
+        run_rows(0, rows);
+        return;
+      }
+      const int64_t per = (rows + tasks - 1) / tasks;
+      pool().run(tasks, [&](int t) { run_rows(t * per, std::min(rows, (t + 1) * per)); });
+    });
+  }
+  const char* name() const override { return "ExoGated"; }
+  bool is_equivalent(const mx::Primitive& o) const override { return act_ == static_cast<const Gated&>(o).act_; }
+
+ private:
+  int act_;
+};
+
 class RMSNorm : public CpuPrimitive {
  public:
   RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
@@ -432,6 +462,14 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
                    {x, w, scales, biases});
 }
 
+mx::array gated(const mx::array& x, int act) {
+  need(x.dtype() == mx::float32 && x.ndim() >= 1 && x.shape(-1) % 2 == 0, "gated: x must be float32 [..., 2I]");
+  need(act == 0 || act == 1, "gated: activation must be 0 (silu) or 1 (gelu, tanh approximation)");
+  auto shape = x.shape();
+  shape.back() /= 2;
+  return mx::array(shape, mx::float32, std::make_shared<Gated>(mx::to_stream({}), act), {x});
+}
+
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
   need(x.dtype() == mx::float32 && weight.dtype() == mx::float32, "rms_norm: x and weight must be float32");
   need(x.ndim() >= 1 && weight.ndim() == 1 && weight.shape(0) == x.shape(-1),
@@ -517,6 +555,7 @@ NB_MODULE(_native, m) {
   m.def("path", [] { return std::string(g_table->name); });
   m.def("quantized_matmul", &quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a);
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a);
+  m.def("gated", &gated, "x"_a, "activation"_a);
   m.def("rope", &rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "array_offset"_a,
         "periods"_a);
   m.def("cache_append", &cache_append, "cache"_a, "new"_a, "offset"_a);
