@@ -87,7 +87,10 @@ def screenshot(tmp_path: Path, browser: WebDriver) -> Callable[[str], Path]:
 
 
 def text_of(driver: WebDriver, css: str) -> str:
-    return "\n".join(e.text for e in driver.find_elements(By.CSS_SELECTOR, css))
+    """The rendered text of every element `css` matches, read in one script: the page redraws each state
+    it polls, so elements found by one WebDriver call can be gone by the next (a stale element)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText).join('\\n')", css)
 
 
 def api_answer(node: RunningNode) -> str:
@@ -115,7 +118,7 @@ def test_the_dashboard_shows_the_cluster_live_and_streams_a_chat_answer(
     master_id = state["masterId"]
     node_ids = [n.state()["nodeId"] for n in cluster]
     [follower] = [n for node_id, n in zip(node_ids, cluster, strict=True) if node_id != master_id]
-    wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
 
     browser.get(follower.url)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".node-card")) == 2)
@@ -134,9 +137,11 @@ def test_the_dashboard_shows_the_cluster_live_and_streams_a_chat_answer(
     shards = f'.instance[data-instance-id="{instance_id}"] .shard'
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, shards)) == 2
                and text_of(d, f'.instance[data-instance-id="{instance_id}"] .runners').count("Ready") == 2)
-    for rank, shard in enumerate(browser.find_elements(By.CSS_SELECTOR, shards)):  # in layer order
-        assert shard.get_attribute("data-node-id") == node_ids[rank]
-        assert shard.text.endswith(["0–15", "15–30"][rank])
+    drawn = browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => [e.dataset.nodeId, e.innerText])", shards)
+    for rank, (node_id, text) in enumerate(drawn):  # in layer order
+        assert node_id == node_ids[rank]
+        assert text.endswith(["0–15", "15–30"][rank])
     assert len(browser.find_elements(By.CSS_SELECTOR, "#topology svg path.ring")) == 2  # the ring, both ways
     screenshot("cluster")
 
