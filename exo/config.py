@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from exo.engine.blas import Blas
+from exo.master.planner import DEFAULT_CONTEXT
 from exo.models.cards import DEFAULT_MODEL
 from exo.shared.types import CacheDtype, Dtype
 
@@ -39,6 +40,7 @@ class Config(BaseSettings):
     preload: Annotated[tuple[str, ...], NoDecode] = (DEFAULT_MODEL,)
     dtype: Dtype = "quantized"
     kv_cache: CacheDtype | None = None  # None: the activations' dtype (float32 unless --dtype is a half one)
+    context: int = Field(default=DEFAULT_CONTEXT, ge=16, le=1 << 24)  # positions an instance placed here serves
     blas: Blas = "auto"
     verbose: bool = False
     cluster: str = Field(default="exo", min_length=1)

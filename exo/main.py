@@ -11,6 +11,7 @@ from typing import get_args
 from exo import __version__
 from exo.config import DEFAULT_API_PORT, MIN_SECRET_LENGTH, Config, ConfigError, read_secret
 from exo.engine.blas import Blas, find_blas, reexec_with
+from exo.master.planner import DEFAULT_CONTEXT
 from exo.models.cards import DEFAULT_MODEL
 from exo.shared.types import CacheDtype, Dtype
 
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache", choices=get_args(CacheDtype),
                         help="dtype of the attention's key/value cache (default: the activations', float32 for "
                              "quantized weights); float16 halves its memory")
+    parser.add_argument("--context", metavar="TOKENS",
+                        help="positions (prompt and completion) each instance this node places serves, within "
+                             f"the model's own; the planner counts a key/value cache this long (default: "
+                             f"{DEFAULT_CONTEXT})")
     parser.add_argument("--blas", choices=get_args(Blas),
                         help="BLAS preloaded for MLX's CPU backend (default: auto, the fastest installed)")
     parser.add_argument("--cluster", help="cluster name; nodes of other clusters are ignored (default: exo)")
@@ -120,7 +125,8 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
     """The node's settings given as flags; None where a flag is not given, so EXO_<NAME> or the default holds."""
     return {"api_host": args.api_host, "api_port": args.api_port, "verbose": args.verbose or None,
             "preload": () if args.no_preload else args.model and tuple(args.model), "dtype": args.dtype,
-            "kv_cache": args.kv_cache, "blas": args.blas, "cluster": args.cluster, "peers": args.peers,
+            "kv_cache": args.kv_cache, "context": args.context, "blas": args.blas, "cluster": args.cluster,
+            "peers": args.peers,
             "discovery": False if args.no_discovery else None, "max_memory": args.max_memory,
             "peer_timeout": args.peer_timeout, "cluster_secret": args.cluster_secret, "api_key": args.api_key}
 

@@ -73,7 +73,7 @@ class Node:
                                                    stream_buffer=config.stream_buffer))
         self.cluster = ClusterService(coordinator, self.transport, measure=measure,
                                       heartbeat_interval=config.heartbeat_interval, dtype=config.dtype,
-                                      queues=self.supervisor.queues,
+                                      kv_cache=config.kv_cache, context=config.context, queues=self.supervisor.queues,
                                       on_state=self.supervisor.update)
         self.catalog.advertised = self._advertised
         self.catalog.peers = PeerFetcher(config.models_dir, self._holders, self.transport.auth)

@@ -26,6 +26,8 @@ from exo.worker.tokenizers import Tokenizers
 READY_TIMEOUT = 120.0  # how long a chat waits for its instance's runners to load
 InstanceIdPath = Annotated[InstanceId, Path(max_length=MAX_ID_CHARS)]
 MAX_LAYERS = 10_000  # far more than any model has; keeps an explicit placement's ints small enough for the wire
+# Positions an instance serves: none of a model's own (it is capped at that), or --context's default.
+Context = Annotated[int, Field(ge=16, le=1 << 24)]
 
 
 class _Body(BaseModel):
@@ -37,12 +39,14 @@ class PlaceInstance(_Body):
     min_nodes: int = Field(default=1, ge=1, le=MAX_SHARDS)
     sharding: Literal["pipeline"] = "pipeline"
     if_absent: bool = False  # answer with an existing instance of the model instead of placing another
+    context: Context | None = None  # the positions it serves, within the model's own; None: --context's
 
 
 class CreateInstance(_Body):
     model_id: ModelIdStr
     shards: list[ShardAssignment] = Field(min_length=1, max_length=MAX_SHARDS)
     n_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)  # for a model outside the registry
+    context: Context | None = None  # as PlaceInstance's; None: --context's for a model the master knows
 
 
 def _card(cluster: ClusterService, model_id: str) -> ModelCard | SharedModel:
@@ -70,10 +74,12 @@ async def ensure_instance(cluster: ClusterService, tokenizers: Tokenizers, model
     else:
         _, args = await tokenizers.get(model_id)
         shard = ShardAssignment(node_id=coordinator.node_id, rank=0, start=0, end=args.num_hidden_layers)
-        body = CreateInstance(model_id=model_id, shards=[shard], n_layers=args.num_hidden_layers).model_dump_json()
+        context = min(cluster.context, args.max_position_embeddings)  # its node's --context
+        body = CreateInstance(model_id=model_id, shards=[shard], n_layers=args.num_hidden_layers,
+                              context=context).model_dump_json()
         if coordinator.is_master:
             cluster.add_instance(Instance(instance_id=new_instance_id(), model_id=model_id,
-                                          n_layers=args.num_hidden_layers, shards=(shard,)))
+                                          n_layers=args.num_hidden_layers, shards=(shard,), context=context))
             return
         path = "/instance"
     answer = await _ask_master(cluster, "POST", path, body.encode())
@@ -155,30 +161,34 @@ def instances_router(cluster: ClusterService) -> APIRouter:
         existing = [i for i in coordinator.state.instances.values() if i.model_id == body.model_id]
         if body.if_absent and existing:
             return existing[0]
-        return cluster.place_instance(_card(cluster, body.model_id), min_nodes=body.min_nodes)
+        return cluster.place_instance(_card(cluster, body.model_id), min_nodes=body.min_nodes, context=body.context)
 
     @router.post("/instance", response_model=None)
     async def create_instance(body: CreateInstance, request: Request) -> Instance | Response:
         if not coordinator.is_master:
             return await forward(request)
+        card = cluster.placeable(body.model_id)
         n_layers = body.n_layers or _card(cluster, body.model_id).n_layers
+        context = cluster.served_context(card, body.context) if card is not None else body.context
         instance = Instance(instance_id=new_instance_id(), model_id=body.model_id, n_layers=n_layers,
-                            shards=tuple(sorted(body.shards, key=lambda s: s.rank)))
+                            shards=tuple(sorted(body.shards, key=lambda s: s.rank)), context=context)
         _check_explicit(instance, set(coordinator.state.nodes))
         return cluster.add_instance(instance)
 
     @router.get("/instance/previews")
-    async def instance_previews(model_id: Annotated[ModelIdStr, Query()]) -> dict[str, Any]:
+    async def instance_previews(model_id: Annotated[ModelIdStr, Query()],
+                                context: Annotated[Context | None, Query()] = None) -> dict[str, Any]:
         card = _card(cluster, model_id)
         nodes = eligible_nodes(coordinator.state)
-        model_bytes = card.memory_bytes(cluster.dtype)
-        committed, loading = committed_bytes(coordinator.state, cluster.model_bytes)  # as place_instance counts
+        context = cluster.served_context(card, context)
+        model_bytes = cluster.instance_bytes(card, context)
+        committed, loading = committed_bytes(coordinator.state, cluster.placed_bytes)  # as place_instance counts
         options = previews(card, nodes, model_bytes=model_bytes, committed=committed, loading=loading)
 
         def shard(s: ShardAssignment) -> dict[str, Any]:  # with the memory its layers take on its node
             return {**s.model_dump(mode="json"), "memoryBytes": model_bytes * (s.end - s.start) // card.n_layers}
 
-        return {"modelId": model_id, "nLayers": card.n_layers,
+        return {"modelId": model_id, "nLayers": card.n_layers, "context": context, "memoryBytes": model_bytes,
                 "previews": [{"shards": [shard(s) for s in p]} for p in options]}
 
     @router.get("/instance/{instance_id}")

@@ -95,6 +95,8 @@ export function renderInstances(container, view) {
         h("span", { class: ["chip", tone(status)] }, h("span", { class: "chip-dot", "aria-hidden": "true" }), status),
         h("span", { class: "muted small" },
           `${instance.nLayers} layers · ${nodes.size} node${nodes.size === 1 ? "" : "s"} · `,
+          instance.context ? h("span", { class: "context", title: "positions a request may use, prompt and completion" },
+            `context ${plain(instance.context)} · `) : null,
           queued !== undefined ? `queue ${plain(queued)} · ` : null,
           h("code", { title: "instance id" }, instance.instanceId)),
         h("button", { type: "button", class: "quiet delete", "data-delete": instance.instanceId,

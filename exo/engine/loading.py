@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 
@@ -177,15 +177,30 @@ def extents(path: Path, layers: tuple[int, int] | None) -> list[Extent]:
         return out
 
 
-def footprint(path: Path) -> tuple[int, int, int]:
-    """The model at `path`: bytes of weights as stored, parameters, and layers. A quantized directory's
-    parameters are counted from its groups (each scale stands for `group_size` weights)."""
+class Footprint(NamedTuple):
+    """What a model takes: to hold its weights, and for each position of context it serves."""
+
+    stored: int  # bytes of weights, as stored
+    params: int
+    n_layers: int
+    kv_width: int  # keys and values one position adds to one layer's cache: 2 x kv heads x head size
+    context_length: int  # the most positions it was trained for
+
+
+def footprint(path: Path) -> Footprint:
+    """The model at `path`. A quantized directory's parameters are counted from its groups (each scale
+    stands for `group_size` weights)."""
     with _reading(path):
         source = _open(path, tensors=False)
+        args = source.args
+
+        def described(stored: int, params: int) -> Footprint:
+            return Footprint(stored, params, args.num_hidden_layers, 2 * args.n_kv_heads * args.dim_per_head,
+                             args.max_position_embeddings)
+
         if path.is_file():
             tensors = GGUFFile(path).tensors.values()
-            return (sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors),
-                    source.args.num_hidden_layers)
+            return described(sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors))
         stored = params = 0
         for file in sorted(path.glob("*.safetensors")):
             stored += file.stat().st_size
@@ -198,7 +213,7 @@ def footprint(path: Path) -> tuple[int, int, int]:
                     params += math.prod(info["shape"]) * source.group_size if part == "scales" else 0
                 elif not (part == "weight" and f"{prefix}.scales" in header):
                     params += math.prod(info["shape"])
-        return stored, params, source.args.num_hidden_layers
+        return described(stored, params)
 
 
 def _merged(spans: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

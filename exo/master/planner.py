@@ -1,7 +1,9 @@
 """Which node holds which layers: a pure function from a model and node profiles to layer ranges.
 
 The planner takes the fewest nodes that can hold the model, largest offered memory first, and splits
-the layers into contiguous half-open ranges in proportion to each node's usable memory. Bad arguments
+the layers into contiguous half-open ranges in proportion to each node's usable memory. What a model
+takes is its weights as loaded and the key/value cache of the context its instance serves, in every
+layer (`instance_bytes`). Bad arguments
 (a card with no layers, no bytes, `min_nodes < 1`) are the caller's bug and raise ValueError;
 a cluster that cannot hold the model raises PlacementRefused, saying how much memory is missing.
 
@@ -19,14 +21,17 @@ from typing import Protocol
 
 from exo.shared.errors import PlacementRefused
 from exo.shared.runners import RunnerStatus, runner_id
-from exo.shared.state import NodeProfile, ShardAssignment, State
-from exo.shared.types import NodeId
+from exo.shared.state import Instance, NodeProfile, ShardAssignment, State
+from exo.shared.types import CacheDtype, Dtype, NodeId, cache_value_bytes
 
-# Weights are not all a node needs: the KV cache and activations grow with the context, so a tenth of
-# what a node offers stays free, plus a fixed reserve for the runner process itself (interpreter, MLX,
-# tokenizer), which does not shrink on a small node.
+# Weights and the key/value cache are not all a node needs: activations and allocator slack grow with
+# the work, so a tenth of what a node offers stays free, plus a fixed reserve for the runner process
+# itself (interpreter, MLX, tokenizer), which does not shrink on a small node.
 HEADROOM_FRACTION = 0.1
 RESERVE_BYTES = 128 * 1024**2
+# Positions (prompt and completion) an instance serves unless --context says otherwise, within the
+# model's own: llama.cpp's server and Ollama default to the same.
+DEFAULT_CONTEXT = 4096
 # A runner in these states holds its weights, so the memory available now already shows them.
 _HOLDING_WEIGHTS = (RunnerStatus.LOADED, RunnerStatus.WARMING_UP, RunnerStatus.READY, RunnerStatus.RUNNING)
 
@@ -41,6 +46,21 @@ class Placeable(Protocol):
 
     @property
     def n_layers(self) -> int: ...
+
+    @property
+    def kv_width(self) -> int: ...  # keys and values one position adds to one layer's cache
+
+    @property
+    def context_length(self) -> int: ...
+
+    def memory_bytes(self, dtype: Dtype) -> int: ...
+
+
+def instance_bytes(model: Placeable, context: int, dtype: Dtype, kv_cache: CacheDtype | None) -> int:
+    """Memory an instance of `model` takes over all its nodes: the weights as `dtype` holds them, and a
+    key/value cache of `context` positions in every layer (which grows to that as a request runs)."""
+    cache = model.n_layers * model.kv_width * context * cache_value_bytes(dtype, kv_cache)
+    return model.memory_bytes(dtype) + cache
 
 
 def max_nodes_for(model_bytes: int) -> int:
@@ -61,16 +81,16 @@ def _headroom_left(node: NodeProfile) -> int:
 
 
 def committed_bytes(
-    state: State, model_bytes: Callable[[str], int | None]
+    state: State, model_bytes: Callable[[Instance], int | None]
 ) -> tuple[dict[NodeId, int], dict[NodeId, int]]:
     """Offered memory each node has given to the instances placed in `state`, and the part of it whose
     runners have not loaded yet (so memory available now does not show it). Each shard takes its share
-    of the model's weights with that share's headroom, and a runner's reserve (only that where the
-    model's size is unknown)."""
+    of what its instance takes (`model_bytes`, see `instance_bytes`) with that share's headroom, and a
+    runner's reserve (only that where the model's size is unknown)."""
     committed: dict[NodeId, int] = {}
     loading: dict[NodeId, int] = {}
     for instance in state.instances.values():
-        size = model_bytes(instance.model_id) or 0
+        size = model_bytes(instance) or 0
         for shard in instance.shards:
             share = _offered_for(size * (shard.end - shard.start) // max(instance.n_layers, 1))
             committed[shard.node_id] = committed.get(shard.node_id, 0) + share
@@ -116,10 +136,12 @@ def allocate_layers(n_layers: int, weights: Sequence[float]) -> list[int]:
 def place(
     model: Placeable, nodes: Sequence[NodeProfile], *, model_bytes: int, min_nodes: int = 1,
     committed: Mapping[NodeId, int] | None = None, loading: Mapping[NodeId, int] | None = None,
+    context: int | None = None,
 ) -> tuple[ShardAssignment, ...]:
-    """Layer ranges on the fewest nodes (at least `min_nodes`) that hold `model_bytes` of weights,
-    besides what instances already placed have `committed` there, `loading` of it not loaded yet
-    (see `committed_bytes`)."""
+    """Layer ranges on the fewest nodes (at least `min_nodes`) that hold `model_bytes` (what the instance
+    takes, weights and cache: `instance_bytes` for a context of `context` positions), besides what
+    instances already placed have `committed` there, `loading` of it not loaded yet (see
+    `committed_bytes`)."""
     _check(model, model_bytes)
     taken = sum((committed or {}).get(node.node_id, 0) for node in nodes)
     nodes = _uncommitted(nodes, committed or {}, loading or {})
@@ -151,10 +173,12 @@ def place(
     capped = f" (a {n}-layer model can use at most {n} node(s))" if len(ranked) > n else ""
     placed = f" and the {_human(taken)} that instances already placed take" if taken else ""
     delete = "delete an instance (DELETE /instance/ID), " if taken else ""
+    takes = f"its weights and a key/value cache for {context} tokens" if context else "its weights"
+    shorter = ", lower --context" if context else ""
     raise PlacementRefused(
-        f"{model.id} ({_human(model_bytes)} of weights) does not fit on {most} node(s){capped}: "
-        f"it needs {_human(missing)} more free memory, counting headroom for the KV cache{placed}; "
-        f"{delete}free memory, raise --max-memory, or add a machine"
+        f"{model.id} ({_human(model_bytes)}: {takes}) does not fit on {most} node(s){capped}: "
+        f"it needs {_human(missing)} more free memory, counting headroom{placed}; "
+        f"{delete}free memory, raise --max-memory{shorter}, or add a machine"
     )
 
 

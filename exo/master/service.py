@@ -11,7 +11,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from exo.master.coordinator import Coordinator, Outgoing
-from exo.master.planner import committed_bytes, place
+from exo.master.planner import DEFAULT_CONTEXT, Placeable, committed_bytes, instance_bytes, place
 from exo.master.replan import eligible_nodes, instances_to_move
 from exo.models.cards import CARDS, ModelCard
 from exo.net.auth import AuthError, Proof, Throttle
@@ -21,7 +21,7 @@ from exo.shared.errors import PlacementRefused, ServiceUnavailable
 from exo.shared.events import InstanceCreated, InstanceDeleted
 from exo.shared.runners import RunnerInfo, TaskInfo
 from exo.shared.state import Instance, InstanceKind, NodeMode, NodeProfile, SharedModel, State
-from exo.shared.types import Dtype, FrozenModel, InstanceId, NodeId, new_instance_id
+from exo.shared.types import CacheDtype, Dtype, FrozenModel, InstanceId, NodeId, new_instance_id
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,13 @@ PROFILE_REFRESH_SECONDS = 5.0
 
 class ClusterService:
     def __init__(self, coordinator: Coordinator, transport: PeerTransport, *, measure: Callable[[], NodeProfile],
-                 heartbeat_interval: float = 0.5, dtype: Dtype = "quantized",
-                 on_state: Callable[[State], None] = lambda state: None,
+                 heartbeat_interval: float = 0.5, dtype: Dtype = "quantized", kv_cache: CacheDtype | None = None,
+                 context: int = DEFAULT_CONTEXT, on_state: Callable[[State], None] = lambda state: None,
                  queues: Callable[[], dict[str, int]] = dict,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.coordinator, self.transport, self.measure, self.on_state = coordinator, transport, measure, on_state
         self.heartbeat_interval, self.dtype, self.queues, self.clock = heartbeat_interval, dtype, queues, clock
+        self.kv_cache, self.context = kv_cache, context  # how instances placed here are sized
         self.mode = NodeMode.NORMAL
         self._outbox_in, self._outbox = anyio.create_memory_object_stream[Outgoing](max_buffer_size=1024)
         self._worker_changed = anyio.Event()
@@ -122,25 +123,28 @@ class ClusterService:
 
     # -- master commands (the API forwards them to the master) -----------------------------------
 
-    def place_instance(self, card: ModelCard | SharedModel, *, min_nodes: int = 1) -> Instance:
-        """Place `card` where the planner says; a node's own model first on the nodes that have its files
-        (nothing to fetch), and only where those cannot hold it on others, which fetch their layers."""
+    def place_instance(self, card: ModelCard | SharedModel, *, min_nodes: int = 1,
+                       context: int | None = None) -> Instance:
+        """Place `card`, serving `context` positions (see `served_context`), where the planner says; a
+        node's own model first on the nodes that have its files (nothing to fetch), and only where those
+        cannot hold it on others, which fetch their layers."""
         self._require_master()
         state = self.coordinator.state
-        committed, loading = committed_bytes(state, self.model_bytes)
+        committed, loading = committed_bytes(state, self.placed_bytes)
         nodes = eligible_nodes(state)
         holders = [n for n in nodes if any(m.model_id == card.id for m in n.models)]
+        context = self.served_context(card, context)
         if isinstance(card, SharedModel) and holders:
             with contextlib.suppress(PlacementRefused):
-                return self._place(card, holders, min_nodes, committed, loading)
-        return self._place(card, nodes, min_nodes, committed, loading)
+                return self._place(card, context, holders, min_nodes, committed, loading)
+        return self._place(card, context, nodes, min_nodes, committed, loading)
 
-    def _place(self, card: ModelCard | SharedModel, nodes: list[NodeProfile], min_nodes: int,
+    def _place(self, card: ModelCard | SharedModel, context: int, nodes: list[NodeProfile], min_nodes: int,
                committed: dict[NodeId, int], loading: dict[NodeId, int]) -> Instance:
-        shards = place(card, nodes, model_bytes=card.memory_bytes(self.dtype), min_nodes=min_nodes,
-                       committed=committed, loading=loading)
+        shards = place(card, nodes, model_bytes=self.instance_bytes(card, context), min_nodes=min_nodes,
+                       committed=committed, loading=loading, context=context)
         return self.add_instance(Instance(instance_id=new_instance_id(), model_id=card.id,
-                                          n_layers=card.n_layers, shards=shards))
+                                          n_layers=card.n_layers, shards=shards, context=context))
 
     def placeable(self, model_id: str) -> ModelCard | SharedModel | None:
         """What the planner knows of `model_id`: its registry card, or what a node serving it from its own
@@ -150,9 +154,20 @@ class ClusterService:
         return next((m for node in self.coordinator.state.nodes.values() for m in node.models
                      if m.model_id == model_id), None)
 
-    def model_bytes(self, model_id: str) -> int | None:
-        """What a model's weights take in memory here, if the registry or a node serving it knows."""
-        return card.memory_bytes(self.dtype) if (card := self.placeable(model_id)) else None
+    def served_context(self, model: Placeable, asked: int | None = None) -> int:
+        """Positions (prompt and completion) an instance of `model` serves: `asked`, else --context, within
+        what the model was trained for."""
+        return min(asked or self.context, model.context_length)
+
+    def instance_bytes(self, model: Placeable, context: int) -> int:
+        """What an instance of `model` serving `context` positions takes here, weights and cache."""
+        return instance_bytes(model, context, self.dtype, self.kv_cache)
+
+    def placed_bytes(self, instance: Instance) -> int | None:
+        """What an instance placed takes, if the registry or a node serving its model knows the model."""
+        if (card := self.placeable(instance.model_id)) is None:
+            return None
+        return self.instance_bytes(card, instance.context or self.served_context(card))
 
     def add_instance(self, instance: Instance) -> Instance:
         self._require_master()
@@ -184,7 +199,8 @@ class ClusterService:
                 log.warning("model=%s not placed again: every node is draining", instance.model_id)
                 continue
             try:
-                self.place_instance(card, min_nodes=max(1, min(len(instance.shards), len(nodes))))
+                self.place_instance(card, min_nodes=max(1, min(len(instance.shards), len(nodes))),
+                                    context=instance.context)
             except PlacementRefused as e:
                 log.error("model=%s could not be placed again: %s", instance.model_id, e.message)
 

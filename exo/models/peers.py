@@ -86,9 +86,9 @@ def version_of(path: Path) -> str:
 
 def describe(model_id: str, path: Path) -> SharedModel:
     """What a node advertises about a model it serves from `path`."""
-    stored, n_params, n_layers = footprint(path)
-    return SharedModel(model_id=model_id, version=version_of(path), bytes=stored, n_params=n_params,
-                       n_layers=n_layers)
+    model = footprint(path)
+    return SharedModel(model_id=model_id, version=version_of(path), bytes=model.stored, n_params=model.params,
+                       n_layers=model.n_layers, kv_width=model.kv_width, context_length=model.context_length)
 
 
 def _request_line(path: str, params: dict[str, object]) -> str:
@@ -126,7 +126,7 @@ class ModelServer:
             self._manifests.move_to_end(key)
             return found
         if layers is not None:
-            n_layers = footprint(path)[2]
+            n_layers = footprint(path).n_layers
             if not 0 <= layers[0] < layers[1] <= n_layers:
                 raise InvalidRequest(f"Layers [{layers[0]}, {layers[1]}) are not inside {model_id}'s [0, {n_layers}).",
                                      param="start")

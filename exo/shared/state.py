@@ -33,6 +33,8 @@ class SharedModel(FrozenModel):
     bytes: Count  # of weights, as stored
     n_params: Count
     n_layers: Small
+    kv_width: Count  # keys and values one position adds to one layer's cache
+    context_length: Count  # the most positions the model was trained for
 
     def memory_bytes(self, dtype: Dtype) -> int:
         """Bytes the weights take in memory once loaded as `dtype` (quantized: as in the file)."""
@@ -120,6 +122,7 @@ class Instance(FrozenModel):
     n_layers: Small
     shards: tuple[ShardAssignment, ...]
     kind: InstanceKind = InstanceKind.CPU_RING
+    context: Count | None = None  # positions (prompt and completion) a request may use; None: the model's own
 
     @property
     def node_ids(self) -> tuple[NodeId, ...]:

@@ -51,3 +51,9 @@ Utf8Str = Annotated[str, AfterValidator(_utf8)]
 Dtype = Literal["float32", "float16", "bfloat16", "quantized"]
 CacheDtype = Literal["float32", "float16"]  # the attention's key/value cache
 BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}  # a float dtype's; "quantized" is as stored
+
+
+def cache_value_bytes(dtype: Dtype, kv_cache: CacheDtype | None) -> int:
+    """Bytes of one key or value element in the attention's cache: `kv_cache`'s dtype, else the
+    activations' (float32, unless the weights are held as a half type)."""
+    return BYTES_PER_PARAM[kv_cache or (dtype if dtype in ("float16", "bfloat16") else "float32")]

@@ -26,6 +26,7 @@ from test_metrics import parse, value
 from exo.api.limits import MAX_MESSAGES, MAX_STOP_CHARS
 from exo.config import Config
 from exo.engine.loading import LoadedModel
+from exo.master.planner import DEFAULT_CONTEXT
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -123,7 +124,7 @@ async def test_a_prompt_too_long_for_the_context_by_its_characters_is_refused_be
 async def test_health_answers_while_a_long_prompt_is_tokenized(client: httpx.AsyncClient, node: RunningNode,
                                                                 smollm: LoadedModel) -> None:
     # as long as the context allows by its characters, so the node renders and tokenizes all of it
-    chars = 8192 * smollm.tokenizer.max_token_bytes - 1000
+    chars = DEFAULT_CONTEXT * smollm.tokenizer.max_token_bytes - 1000
     sock = connect(node, chat_request(body(messages=[{"role": "user", "content": "hello world " * (chars // 12)}])))
     with sock:
         await asyncio.sleep(0.05)

@@ -13,12 +13,13 @@ import pytest
 from nodes import idle_health
 
 from exo.engine.loading import LoadedModel
+from exo.master.planner import DEFAULT_CONTEXT
 from exo.models.cards import CARDS, DEFAULT_MODEL
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 URL = "/v1/chat/completions"
-CONTEXT = CARDS[DEFAULT_MODEL].context_length
+CONTEXT = min(DEFAULT_CONTEXT, CARDS[DEFAULT_MODEL].context_length)  # what the node's instance serves
 HI = [{"role": "user", "content": "Hi"}]
 
 

@@ -1,4 +1,5 @@
-"""A real node places copies of a model only while the memory of the instances already placed leaves room."""
+"""A real node places copies of a model only while the memory of the instances already placed leaves room,
+counting each one's weights and the key/value cache of the context it serves, which its API enforces."""
 
 from __future__ import annotations
 
@@ -15,17 +16,25 @@ pytestmark = pytest.mark.slow
 
 def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_node_serves_on(
         tmp_path: Path, models_dir: Path) -> None:
-    # Quantized, a copy takes its file's size plus headroom and a runner's reserve (about 260 MB):
-    # two fit in 600 MB.
-    assert CARDS[DEFAULT_MODEL].bytes < 100_000_000
+    # Quantized, a copy serving 512 positions takes its file's size, a float32 cache of 512 positions
+    # in 30 layers (24 MB), headroom and a runner's reserve (about 280 MB): two fit in 600 MB. Serving
+    # the model's whole context (8192), the cache alone would take 377 MB.
+    card = CARDS[DEFAULT_MODEL]
+    assert card.bytes < 100_000_000 and card.n_layers * card.kv_width * 4 * 512 < 24_000_000
     node = start_node(tmp_path, models_dir, "--no-discovery", "--no-preload", "--dtype", "quantized",
-                      "--max-memory", "600MB")
+                      "--max-memory", "600MB", "--context", "512")
     try:
         wait_for(lambda: answers(node) and node.state()["masterId"] is not None, 60, "the node to be master")
+        whole = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL, "context": 100_000},
+                           timeout=10)
+        assert whole.status_code == 409, whole.text  # capped at the model's 8192, still too long for 600 MB
+        assert "key/value cache for 8192 tokens" in whole.json()["error"]["message"]
+        assert "lower --context" in whole.json()["error"]["message"]
         placed = []
         for _ in range(2):  # at once, before any runner has loaded and memory available shows it
             answer = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
             assert answer.status_code == 200, answer.text
+            assert untag(answer.json())["context"] == 512
             placed.append(untag(answer.json())["instanceId"])
 
         refused = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
@@ -42,6 +51,11 @@ def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_n
         chat = httpx.post(f"{node.url}/v1/chat/completions", timeout=120, json={
             "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert chat.status_code == 200, chat.text
+        prompt = chat.json()["usage"]["prompt_tokens"]
+        too_long = httpx.post(f"{node.url}/v1/chat/completions", timeout=120, json={
+            "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 513 - prompt})
+        assert too_long.status_code == 400, too_long.text  # the context the instances were placed for
+        assert f"only {512 - prompt} tokens are left in the context of 512" in too_long.json()["error"]["message"]
 
         assert httpx.delete(f"{node.url}/instance/{placed[0]}", timeout=10).status_code == 200
         wait_for(lambda: len(node.state()["instances"]) == 1, 30, "the instance to be deleted")

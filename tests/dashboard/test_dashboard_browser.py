@@ -29,6 +29,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from exo import local_cluster
+from exo.master.planner import DEFAULT_CONTEXT
 from exo.models.cards import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
@@ -143,6 +144,7 @@ def test_the_dashboard_shows_the_cluster_live_and_streams_a_chat_answer(
         assert node_id == node_ids[rank]
         assert text.endswith(["0–15", "15–30"][rank])
     assert len(browser.find_elements(By.CSS_SELECTOR, "#topology svg path.ring")) == 2  # the ring, both ways
+    assert f"context {DEFAULT_CONTEXT}" in text_of(browser, f'.instance[data-instance-id="{instance_id}"] header')
     screenshot("cluster")
 
     # a chat through the page: greedy and short, so it can be compared with the API's own answer
@@ -200,10 +202,11 @@ def test_the_dashboard_asks_for_the_api_key_once_and_keeps_it(
 
 @pytest.fixture(scope="module")
 def capped_cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
-    """Two nodes that offer 220 MB each, 64 MB of it for weights past the planner's headroom: the default
-    model's 98 MB file, held as stored, needs both."""
+    """Two nodes that offer 220 MB each, 64 MB of it past the planner's headroom: the default model's 98 MB
+    file, held as stored, and its cache for 256 positions (12 MB) need both."""
     root = tmp_path_factory.mktemp("dashboard-place")
     with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", "--max-memory", "220MB",
+                       "--context", "256",
                        per_node=static_peers) as nodes:
         wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
         wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,

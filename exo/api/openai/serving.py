@@ -101,7 +101,7 @@ class ChatService:
             return RemoteChat(remote_url)  # counted by the node that serves it
         slot = self._admit(instance.instance_id)  # a full queue is a 503 before any stream begins
         try:
-            prompt, context = await self._tokenize(request)
+            prompt, context = await self._tokenize(request, instance)
             return PreparedChat(request, instance, prompt, _params(request, prompt, context), record, slot)
         except BaseException:
             slot.release()
@@ -114,16 +114,18 @@ class ChatService:
             raise Overloaded(f"Instance {instance_id} has {waiting} requests waiting, its limit; retry shortly.")
         return Slot(self.reserved, instance_id)
 
-    async def _tokenize(self, request: ChatCompletionRequest | CompletionRequest) -> tuple[list[int], int]:
-        """The prompt's tokens and the model's context, off the event loop; a prompt too long for the
-        context by its length alone is refused before it is rendered."""
+    async def _tokenize(self, request: ChatCompletionRequest | CompletionRequest,
+                        instance: Instance) -> tuple[list[int], int]:
+        """The prompt's tokens and the context `instance` serves (placed with it, within the model's),
+        off the event loop; a prompt too long for the context by its length alone is refused before it
+        is rendered."""
         tokenizer, args = await self.tokenizers.get(request.model)
-        context = args.max_position_embeddings
+        context = min(instance.context or args.max_position_embeddings, args.max_position_embeddings)
         chars, field = request.prompt_chars, request.prompt_field
         per_token = await anyio.to_thread.run_sync(lambda: tokenizer.max_token_bytes)
         if chars > context * per_token:
             raise ContextTooLong(f"The {field} are {chars} characters long, at least {chars // per_token} tokens, "
-                                 f"but the model's context is {context} tokens. Shorten the {field}.", param=field)
+                                 f"but the context served is {context} tokens. Shorten the {field}.", param=field)
         if isinstance(request, CompletionRequest):  # as llama.cpp's server: control tokens' text is markup
             return await anyio.to_thread.run_sync(tokenizer.encode, request.text), context
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
@@ -186,13 +188,13 @@ class ChatService:
 def _params(request: ChatCompletionRequest | CompletionRequest, prompt: list[int], context: int) -> GenerationParams:
     room = context - len(prompt)
     if room <= 0:
-        raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
+        raise ContextTooLong(f"The prompt is {len(prompt)} tokens long, but the context served is {context} "
                              f"tokens. Shorten the {request.prompt_field}.", param=request.prompt_field)
     limit = request.token_limit
     if limit is not None and limit > room:
         name = request.limit_name
-        raise ContextTooLong(f"{name} is {limit}, but only {room} tokens are left in the model's context of "
-                             f"{context} after the {len(prompt)}-token prompt. Lower {name}.", param=name)
+        raise ContextTooLong(f"{name} is {limit}, but only {room} tokens are left in the context of {context} "
+                             f"served after the {len(prompt)}-token prompt. Lower {name}.", param=name)
     return GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
                             seed=request.seed, stop=request.stop_list)
 
