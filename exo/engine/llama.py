@@ -3,12 +3,12 @@
 The q/k/v and gate/up projections are stored fused (one matmul each instead of five): on a CPU
 the per-op cost dominates a small model's decode step. What the families built on it change is in
 `ModelArgs`: biases on q/k/v (Qwen 2), q and k normalised per head (Qwen 3), rotary embeddings over
-part of each head (Phi), and rescaled rotary frequencies (Llama 3's long-context scaling, linear
-scaling).
+part of each head (Phi), rescaled rotary frequencies (Llama 3's long-context scaling, linear
+scaling), and a sliding attention window (Mistral 7B v0.1 and Phi 3 name one in their Hugging Face
+configs; llama.cpp applies none from GGUF files, and exo reads those as it does).
 
-Norms, rotary embeddings, the cache write and one-row (decode) attention go through exo.kernels,
-as do the matmuls of layers held quantized (exo.engine.layers). A prompt of several positions is
-attended with MLX's causal scaled_dot_product_attention (exo.engine.base.attend).
+Norms, rotary embeddings, the cache write and attention go through exo.kernels, as do the matmuls
+of layers held quantized (exo.engine.layers).
 """
 
 from __future__ import annotations
@@ -47,11 +47,18 @@ class ModelArgs:
     qk_norm: bool = False  # q and k RMS-normalised per head before the rotation
     rope_dims: int | None = None  # rotate only the first `rope_dims` of each head (all, if None)
     rope_factors: tuple[float, ...] | None = None  # each rotary frequency divided by its factor
+    sliding_window: int | None = None  # each position attends to itself and the `sliding_window - 1` before it
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
         """From a Hugging Face `config.json`."""
         known = inspect.signature(cls).parameters
+        if "use_sliding_window" in params:  # Qwen 2 and 3 name a window the layers from max_window_layers on use
+            first = params.get("max_window_layers", 28) if params["use_sliding_window"] else params["num_hidden_layers"]
+            if 0 < first < params["num_hidden_layers"]:
+                raise ModelFormatError("sliding windows on only some layers (use_sliding_window with "
+                                       "max_window_layers) are not supported")
+            params = params if first == 0 else {**params, "sliding_window": None}
         args = cls(**{k: v for k, v in params.items() if k in known and v is not None})
         rope_dims = int(args.dim_per_head * params.get("partial_rotary_factor", 1.0))
         return replace(args, rope_dims=rope_dims,
@@ -109,6 +116,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.rope_traditional, self.rope_base = args.rope_traditional, args.rope_theta
         self.rope_dims = args.rope_dims or self.head_dim
+        self.window = args.sliding_window
         self._rope_periods = None if args.rope_factors is None else (
             self.rope_base ** (mx.arange(0, self.rope_dims, 2) / self.rope_dims) * mx.array(args.rope_factors))
 
@@ -120,7 +128,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = self.rotate(q, cache.offset), self.rotate(k, cache.offset)
-        out = attend(q, k, v, cache, scale=self.scale)
+        out = attend(q, k, v, cache, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def rotate(self, x: mx.array, offset: int) -> mx.array:

@@ -23,7 +23,9 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 from mlx.utils import tree_flatten
 
+from exo.engine.base import LayerRange
 from exo.engine.gguf import GGUFFile
+from exo.engine.llama import ModelArgs
 from exo.engine.loading import load, load_tokenizer
 from exo.models.peers import ModelServer
 from exo.shared.errors import ModelFormatError
@@ -327,6 +329,46 @@ def _check_copy(path: Path, layers: tuple[int, int], tmp_path: Path) -> None:
     assert ours.keys() == theirs.keys()
     assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours), layers
     shutil.rmtree(copy)
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_a_sliding_window_from_the_config_lets_each_position_see_only_its_last_positions(
+        name: str, tmp_path: Path, model_path: Path) -> None:
+    """Mistral 7B v0.1's and Phi 3's window. With one layer, and rotary embeddings that see only relative
+    positions, a windowed position's logits are those of the last position of its window run alone;
+    decoding one position at a time gives the same as the prompt at once."""
+    window = 4
+    base = replace(FAMILIES[name], n_layers=1)
+    model_type = "mistral" if name == "llama" else "phi3"
+    windowed = replace(base, config={**base.config, "model_type": model_type, "sliding_window": window})
+    gguf = write_model(tmp_path / f"tiny-{name}.gguf", base, model_path)
+    model = load(write_directory(tmp_path / "windowed", gguf, windowed)).model
+    full = load(write_directory(tmp_path / "full", gguf, base)).model
+    ids = mx.array(load(gguf).tokenizer.encode(TEXT))
+    assert model.args.sliding_window == window and len(ids) > 2 * window
+
+    def logits(m: LayerRange, tokens: mx.array) -> np.ndarray:
+        return np.array(m(tokens[None], m.make_cache())[0], dtype=np.float32)
+
+    whole = logits(model, ids)
+    alone = np.stack([logits(model, ids[max(0, p - window + 1): p + 1])[-1] for p in range(len(ids))])
+    np.testing.assert_allclose(whole, alone, atol=2e-4 * np.abs(whole).max())
+    cache = model.make_cache()
+    stepped = np.concatenate([np.array(model(ids[None, p: p + 1], cache)[0], dtype=np.float32)
+                              for p in range(len(ids))])
+    np.testing.assert_allclose(stepped, whole, atol=2e-4 * np.abs(whole).max())
+    unwindowed = logits(full, ids)
+    np.testing.assert_allclose(unwindowed[:window], whole[:window], atol=2e-4 * np.abs(whole).max())
+    assert np.abs(unwindowed[window:] - whole[window:]).max() > 0.05 * np.abs(whole).max()  # the window bites
+
+
+def test_qwen_configs_name_a_window_they_do_not_use() -> None:
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
+              "vocab_size": 100, "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 28}
+    assert ModelArgs.from_dict(config).sliding_window is None
+    assert ModelArgs.from_dict({**config, "use_sliding_window": True, "max_window_layers": 0}).sliding_window == 32768
+    with pytest.raises(ModelFormatError, match="sliding windows on only some layers"):
+        ModelArgs.from_dict({**config, "use_sliding_window": True, "max_window_layers": 1})
 
 
 def test_rotary_scaling_exo_cannot_apply_is_refused_by_name(tmp_path: Path, model_path: Path) -> None:
