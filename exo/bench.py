@@ -183,6 +183,11 @@ def _with_file(m: Measurement, path: Path) -> Measurement:
     return m.model_copy(update={"model_file_mb": path.stat().st_size / 1e6})
 
 
+def _context(n_prompt: int, max_tokens: int) -> int:
+    """The context both engines serve a run in (so a longrope model takes the same factors in each)."""
+    return n_prompt + max_tokens + 8
+
+
 def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, kv_cache: str, n_prompt: int,
                  config: str) -> Measurement:
     import mlx.core as mx  # imported here only: the parent must not load MLX before a child preloads a BLAS
@@ -191,7 +196,8 @@ def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, kv_cache: s
     from exo.engine.generate import generate_step
     from exo.engine.loading import load
 
-    loaded = load(path, dtype=cast("Dtype", dtype), kv_cache=cast("CacheDtype", kv_cache))
+    loaded = load(path, dtype=cast("Dtype", dtype), kv_cache=cast("CacheDtype", kv_cache),
+                  context=_context(n_prompt, max_tokens))
     model = loaded.model
     prompt = loaded.tokenizer.encode(_PROMPT * (n_prompt // 60 + 1))[:n_prompt]
     mx.reset_peak_memory()
@@ -205,7 +211,7 @@ def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, kv_cache: s
 
 def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, prompt: list[int]) -> Measurement:
     threads = os.cpu_count() or 1
-    with open_llama_cpp(path, n_ctx=len(prompt) + max_tokens + 8, n_batch=512, n_threads=threads,
+    with open_llama_cpp(path, n_ctx=_context(len(prompt), max_tokens), n_batch=512, n_threads=threads,
                         n_threads_batch=threads) as llm:
 
         def generate() -> Iterator[int]:

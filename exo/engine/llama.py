@@ -4,8 +4,9 @@ The q/k/v and gate/up projections are stored fused (one matmul each instead of f
 the per-op cost dominates a small model's decode step. What the families built on it change is in
 `ModelArgs`: biases on q/k/v (Qwen 2), q and k normalised per head (Qwen 3), rotary embeddings over
 part of each head (Phi), rescaled rotary frequencies (Llama 3's long-context scaling, linear
-scaling), and a sliding attention window (Mistral 7B v0.1 and Phi 3 name one in their Hugging Face
-configs; llama.cpp applies none from GGUF files, and exo reads those as it does).
+scaling, Phi's longrope chosen by the context served), and a sliding attention window (Mistral 7B
+v0.1 and Phi 3 name one in their Hugging Face configs; llama.cpp applies none from GGUF files, and
+exo reads those as it does).
 
 Norms, rotary embeddings, the cache write and attention go through exo.kernels, as do the matmuls
 of layers held quantized (exo.engine.layers).
@@ -30,6 +31,18 @@ from exo.shared.errors import ModelFormatError
 
 
 @dataclass(frozen=True)
+class LongRope:
+    """Phi 3's long-context rotary scaling ("longrope"): each frequency divided by a factor of its own,
+    `short` where the context served is within the original one and `long` beyond it (as llama.cpp picks
+    them, by its context size), and the rotated part of q and k scaled by `attention_factor`."""
+
+    short: tuple[float, ...]
+    long: tuple[float, ...]
+    original_context: int
+    attention_factor: float
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     hidden_size: int
     num_hidden_layers: int
@@ -48,6 +61,8 @@ class ModelArgs:
     rope_dims: int | None = None  # rotate only the first `rope_dims` of each head (all, if None)
     rope_factors: tuple[float, ...] | None = None  # each rotary frequency divided by its factor
     sliding_window: int | None = None  # each position attends to itself and the `sliding_window - 1` before it
+    long_rope: LongRope | None = None  # the factors `for_context` chooses between
+    rope_scale: float = 1.0  # what the rotated part of q and k is multiplied by
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
@@ -61,9 +76,21 @@ class ModelArgs:
             params = params if first == 0 else {**params, "sliding_window": None}
         args = cls(**{k: v for k, v in params.items() if k in known and v is not None})
         rope_dims = int(args.dim_per_head * params.get("partial_rotary_factor", 1.0))
-        return replace(args, rope_dims=rope_dims,
-                       rope_factors=rope_factors(params.get("rope_scaling"), rope_dims, args.rope_theta),
+        scaling = params.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):  # "su": its first name
+            return replace(args, rope_dims=rope_dims, long_rope=_long_rope(params, scaling),
+                           tie_word_embeddings=params.get("tie_word_embeddings", False))
+        return replace(args, rope_dims=rope_dims, rope_factors=rope_factors(scaling, rope_dims, args.rope_theta),
                        tie_word_embeddings=params.get("tie_word_embeddings", False))  # Hugging Face's default
+
+    def for_context(self, context: int | None) -> ModelArgs:
+        """These args for an instance that serves `context` positions (None: the model's whole context):
+        where they hold longrope factors, the ones that context picks."""
+        if self.long_rope is None:
+            return self
+        served = context or self.max_position_embeddings
+        factors = self.long_rope.long if served > self.long_rope.original_context else self.long_rope.short
+        return replace(self, rope_factors=factors, rope_scale=self.long_rope.attention_factor)
 
     @property
     def n_kv_heads(self) -> int:
@@ -72,6 +99,19 @@ class ModelArgs:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+def _long_rope(params: dict[str, Any], scaling: dict[str, Any]) -> LongRope:
+    """A Hugging Face config's longrope. Without an `attention_factor` of its own it is
+    √(1 + ln s / ln original), s being how far the context was stretched (as transformers computes it)."""
+    context = params.get("max_position_embeddings", 4096)
+    original = params.get("original_max_position_embeddings", context)
+    stretch = context / original if "original_max_position_embeddings" in params else scaling.get("factor", 1.0)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(stretch) / math.log(original)) if stretch > 1 else 1.0
+    return LongRope(short=tuple(map(float, scaling["short_factor"])), long=tuple(map(float, scaling["long_factor"])),
+                    original_context=original, attention_factor=float(attention))
 
 
 def rope_factors(scaling: dict[str, Any] | None, dims: int, base: float) -> tuple[float, ...] | None:
@@ -119,6 +159,8 @@ class Attention(nn.Module):
         self.window = args.sliding_window
         self._rope_periods = None if args.rope_factors is None else (
             self.rope_base ** (mx.arange(0, self.rope_dims, 2) / self.rope_dims) * mx.array(args.rope_factors))
+        self._rope_scale = None if args.rope_scale == 1.0 else mx.concatenate(  # on the rotated part only
+            [mx.full((self.rope_dims,), args.rope_scale), mx.ones((self.head_dim - self.rope_dims,))])
 
     def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
         B, L, _ = x.shape
@@ -132,8 +174,9 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def rotate(self, x: mx.array, offset: int) -> mx.array:
-        return kernels.rope(x, dims=self.rope_dims, traditional=self.rope_traditional, base=self.rope_base,
-                            offset=offset, periods=self._rope_periods)
+        x = kernels.rope(x, dims=self.rope_dims, traditional=self.rope_traditional, base=self.rope_base,
+                         offset=offset, periods=self._rope_periods)
+        return x if self._rope_scale is None else x * self._rope_scale
 
 
 class TransformerBlock(nn.Module):

@@ -14,7 +14,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,8 @@ from exo.engine.gemma3 import Gemma3Shard
 from exo.engine.gguf import GROUP_SIZE as GGUF_GROUP_SIZE
 from exo.engine.gguf import GGUFFile
 from exo.engine.layers import quantize
-from exo.engine.llama import LlamaShard
+from exo.engine.llama import LlamaShard, LongRope
+from exo.engine.llama import ModelArgs as LlamaArgs
 from exo.engine.phi3 import Phi3Shard
 from exo.engine.qwen2 import Qwen2Shard
 from exo.engine.qwen3 import Qwen3Shard
@@ -96,17 +97,19 @@ class LoadedModel:
 
 
 def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "quantized",
-         kv_cache: CacheDtype | None = None) -> LoadedModel:
+         kv_cache: CacheDtype | None = None, context: int | None = None) -> LoadedModel:
     """Load layers `[start, end)` of the model at `path` (a `.gguf` file or a model directory).
     "quantized" keeps every quantized tensor as stored (GGUF types as exo.engine.gguf converts them, an
     MLX directory's as they are) and float tensors as they are; a float dtype dequantizes all. Only the
     range's tensors are read. `kv_cache` is the dtype of the caches `make_cache` gives (None: the
-    activations'). Raises ModelFormatError, saying what and why, for files that are
+    activations'). `context` is the positions the model will serve (None: its whole context), which
+    picks longrope's factors. Raises ModelFormatError, saying what and why, for files that are
     unsupported, damaged or not a model."""
     with _reading(path):
         source = _open(path)
         tokenizer = source.tokenizer
-    model = source.architecture(source.args, start, end)  # a range outside the model is the caller's bug
+    args = source.args.for_context(context) if isinstance(source.args, LlamaArgs) else source.args
+    model = source.architecture(args, start, end)  # a range outside the model is the caller's bug
     model.cache_dtype = _FLOAT_DTYPES[kv_cache] if kv_cache else None
     with _reading(path):
         def convert() -> dict[str, mx.array]:
@@ -122,7 +125,7 @@ def load(path: Path, start: int = 0, end: int | None = None, dtype: Dtype = "qua
         mx.eval(model.parameters())
     log.info("loaded %s layers [%d, %d) of %d as %s", path.name, model.start, model.end,
              model.n_layers, dtype)
-    return LoadedModel(model, tokenizer, source.args)
+    return LoadedModel(model, tokenizer, args)
 
 
 def load_tokenizer(path: Path) -> tuple[Tokenizer, Any]:
@@ -296,15 +299,21 @@ def _open_gguf(path: Path) -> _Source:
             raise ModelFormatError(f"{path.name}: its metadata lacks {arch}.{key}")
         return value
 
-    if long_context := [name for name in file.tensors if name.startswith("rope_factors_")]:
-        raise ModelFormatError(f"{path.name}: its long-context rotary factors ({', '.join(long_context)}) are not "
-                               "supported")
     vocab = get("vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
     factors = None
     if "rope_freqs.weight" in file.tensors:  # Llama 3's rescaled frequencies
         factors = tuple(file.floats("rope_freqs.weight").tolist())  # numpy: no MLX where only the shape is asked
     args = _checked(model.args_from_gguf(get, vocab_size=vocab, has_head="output.weight" in file.tensors,
                                          rope_factors=factors), path)
+    if long_context := sorted(name for name in file.tensors if name.startswith("rope_factors_")):
+        if not isinstance(args, LlamaArgs) or long_context != ["rope_factors_long.weight", "rope_factors_short.weight"]:
+            raise ModelFormatError(f"{path.name}: its long-context rotary factors ({', '.join(long_context)}) are "
+                                   f"not supported for {arch}")
+        args = replace(args, long_rope=LongRope(  # read as llama.cpp reads them
+            short=tuple(file.floats("rope_factors_short.weight").tolist()),
+            long=tuple(file.floats("rope_factors_long.weight").tolist()),
+            original_context=get("rope.scaling.original_context_length", args.max_position_embeddings),
+            attention_factor=float(get("rope.scaling.attn_factor", 1.0))))
     engine_names = {name: engine for name in file.tensors if (engine := _rename(name, names)) is not None}
 
     def read(wanted: Wanted) -> dict[str, mx.array]:

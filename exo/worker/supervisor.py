@@ -150,7 +150,8 @@ class Supervisor:
     def _spawn(self, instance: Instance, shard: ShardAssignment) -> None:
         spec = RunnerSpec(node_id=self.node_id, instance_id=instance.instance_id, rank=shard.rank,
                           world_size=len(instance.shards), model_path="", start=shard.start, end=shard.end,
-                          n_layers=instance.n_layers, dtype=self.dtype, kv_cache=self.kv_cache)
+                          n_layers=instance.n_layers, dtype=self.dtype, kv_cache=self.kv_cache,
+                          context=instance.context)
         [port] = free_ports(1, self.host)
         handle = RunnerHandle(spec, self.node_id, self.host, port)
         handle.restarts = self._restarts.get(handle.runner_id, 0)

@@ -7,6 +7,7 @@ same top token at every position but where the two engines' own noise can reorde
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -108,6 +109,8 @@ class Family:
     biases: tuple[str, ...] = ()  # projections with a bias
     head: bool = False  # an output matrix of its own (else the head is the tied embedding)
     rope_factors: bool = False  # a `rope_freqs` tensor: Llama 3's rescaled rotary frequencies
+    long_rope: bool = False  # `rope_factors_short`/`_long` tensors: Phi's longrope, LONG_ROPE's factors
+    context_length: int = 512
     metadata: Callable[[GGUFWriter], None] = lambda writer: writer.add_rope_freq_base(10000.0)
     config: dict[str, Any] = field(default_factory=dict)  # the same model's Hugging Face config.json
     permuted: bool = False  # q and k rows stored permuted for interleaved rotation (llama.cpp's llama)
@@ -123,6 +126,21 @@ def phi3_metadata(writer: GGUFWriter) -> None:
     writer.add_rope_dimension_count(HEAD_DIM // 2)  # rotary over half of each head, as Phi 4 mini's
 
 
+# Phi 3.5 and Phi 4 mini's rotary scaling, as their configs and llama.cpp's converter write it: a context
+# stretched 256 times from an original 256, so the attention factor is √(1 + ln 256 / ln 256) = √2 (as
+# the converter computes it: large enough that leaving it out fails the comparison), and factors for
+# each of the 16 rotated frequency pairs.
+LONG_ROPE = {"rope_type": "longrope", "short_factor": [1 + 0.05 * i for i in range(HEAD_DIM // 4)],
+             "long_factor": [1 + 0.5 * i for i in range(HEAD_DIM // 4)]}
+LONG_ROPE_ORIGINAL, LONG_ROPE_CONTEXT = 256, 256 * 256
+
+
+def phi3_long_rope_metadata(writer: GGUFWriter) -> None:
+    phi3_metadata(writer)
+    writer.add_rope_scaling_orig_ctx_len(LONG_ROPE_ORIGINAL)
+    writer.add_rope_scaling_attn_factors(math.sqrt(2))
+
+
 FAMILIES = {
     "llama": Family("llama", "smollm", permuted=True, config={"model_type": "llama"}),
     "llama3": Family("llama", "smollm", head=True, rope_factors=True, permuted=True,
@@ -132,6 +150,12 @@ FAMILIES = {
                     config={"model_type": "qwen3"}),
     "phi3": Family("phi3", "smollm", shapes=FUSED_SHAPES, types=FUSED_TYPES, head=True, metadata=phi3_metadata,
                    config={"model_type": "phi3", "partial_rotary_factor": 0.5}),
+    "phi3-longrope": Family("phi3", "smollm", shapes=FUSED_SHAPES, types=FUSED_TYPES, head=True, long_rope=True,
+                            metadata=phi3_long_rope_metadata,
+                            context_length=LONG_ROPE_CONTEXT,
+                            config={"model_type": "phi3", "partial_rotary_factor": 0.5, "rope_scaling": LONG_ROPE,
+                                    "original_max_position_embeddings": LONG_ROPE_ORIGINAL,
+                                    "max_position_embeddings": LONG_ROPE_CONTEXT}),
     "gemma3": Family("gemma3", "gemma", n_layers=6, metadata=gemma3_metadata,  # layer 5 is the one global layer
                      norms=["attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm",
                             "post_ffw_norm"],
@@ -145,7 +169,7 @@ def write_model(path: Path, family: Family, vocabulary: Path) -> Path:
     source = GGUFFile(vocabulary).metadata
     tokens = source["tokenizer.ggml.tokens"]
     writer = GGUFWriter(path, family.architecture)
-    writer.add_context_length(512)
+    writer.add_context_length(family.context_length)
     writer.add_embedding_length(HIDDEN)
     writer.add_block_count(family.n_layers)
     writer.add_feed_forward_length(FFN)
@@ -177,6 +201,9 @@ def write_model(path: Path, family: Family, vocabulary: Path) -> Path:
         writer.add_tensor("output.weight", random_tensor(T.Q6_K, len(tokens), HIDDEN, rng), raw_dtype=T.Q6_K)
     if family.rope_factors:
         writer.add_tensor("rope_freqs.weight", llama3_factors(LLAMA3_SCALING, HEAD_DIM, 10000.0))
+    if family.long_rope:
+        writer.add_tensor("rope_factors_short.weight", np.array(LONG_ROPE["short_factor"], np.float32))
+        writer.add_tensor("rope_factors_long.weight", np.array(LONG_ROPE["long_factor"], np.float32))
     for i in range(family.n_layers):
         for name in family.norms:
             size = HEAD_DIM if name in ("attn_q_norm", "attn_k_norm") else HIDDEN
@@ -218,7 +245,7 @@ def write_directory(path: Path, gguf: Path, family: Family) -> Path:
     weights = {}
     raw = np.memmap(gguf, np.uint8, mode="r")
     for tensor in GGUFFile(gguf).tensors.values():
-        if tensor.name == "rope_freqs.weight":
+        if tensor.name.startswith("rope_f"):
             continue  # what the config's rope_scaling says
         data = raw[tensor.offset : tensor.offset + tensor.nbytes]
         if tensor.type in (T.F32, T.F16):
@@ -276,11 +303,16 @@ def tiny_model(name: str, form: str, tmp_path: Path, model_path: Path,
 
 
 def test_logits_match_llama_cpp_at_every_position(tiny: tuple[Path, Path]) -> None:
-    path, gguf = tiny
-    model = load(path)
+    assert_logits_match_llama_cpp(*tiny, context=128)
+
+
+def assert_logits_match_llama_cpp(path: Path, gguf: Path, *, context: int) -> None:
+    """exo's logits for TEXT from the model at `path`, serving `context` positions, against llama.cpp's
+    from `gguf` with a context of that size."""
+    model = load(path, context=context)
     ids = model.tokenizer.encode(TEXT)
     ours = np.array(model.model(mx.array(ids)[None], model.model.make_cache())[0], dtype=np.float32)
-    with open_llama_cpp(gguf, n_ctx=128, n_threads=2, logits_all=True) as llm:
+    with open_llama_cpp(gguf, n_ctx=context, n_threads=2, logits_all=True) as llm:
         assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == ids
         llm.eval(ids)
         theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -371,11 +403,24 @@ def test_qwen_configs_name_a_window_they_do_not_use() -> None:
         ModelArgs.from_dict({**config, "use_sliding_window": True, "max_window_layers": 1})
 
 
+@pytest.mark.parametrize("form", ["gguf", "directory"])
+def test_longrope_beyond_the_original_context_takes_the_long_factors_as_llama_cpp_does(
+        form: str, tmp_path: Path, model_path: Path, gemma_path: Path) -> None:
+    """Served within the original context (the matrix above, 128 positions) the short factors apply;
+    beyond it, the long ones, in exo as in llama.cpp."""
+    with tiny_model("phi3-longrope", form, tmp_path, model_path, gemma_path) as (path, gguf):
+        short, long = load(path, context=LONG_ROPE_ORIGINAL).args, load(path, context=512).args
+        np.testing.assert_allclose(short.rope_factors, LONG_ROPE["short_factor"], rtol=1e-6)  # GGUF's: float32
+        np.testing.assert_allclose(long.rope_factors, LONG_ROPE["long_factor"], rtol=1e-6)
+        assert short.rope_scale == long.rope_scale == pytest.approx(math.sqrt(2))
+        assert_logits_match_llama_cpp(path, gguf, context=512)
+
+
 def test_rotary_scaling_exo_cannot_apply_is_refused_by_name(tmp_path: Path, model_path: Path) -> None:
-    family = FAMILIES["phi3"]
-    gguf = write_model(tmp_path / "tiny-phi3.gguf", family, model_path)
-    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [4.0] * 16}
-    directory = write_directory(tmp_path / "tiny-phi3", gguf, replace(family, config={
-        **family.config, "rope_scaling": longrope}))
-    with pytest.raises(ModelFormatError, match="tiny-phi3: rope scaling 'longrope' is not supported"):
+    family = FAMILIES["llama"]
+    gguf = write_model(tmp_path / "tiny-llama.gguf", family, model_path)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    directory = write_directory(tmp_path / "tiny-llama", gguf, replace(family, config={
+        **family.config, "rope_scaling": yarn}))
+    with pytest.raises(ModelFormatError, match="tiny-llama: rope scaling 'yarn' is not supported"):
         load(directory)

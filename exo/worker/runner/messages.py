@@ -32,6 +32,7 @@ class RunnerSpec(FrozenModel):
     n_layers: int
     dtype: Dtype
     kv_cache: CacheDtype | None = None
+    context: int | None = None  # positions its instance serves (picks longrope's factors); None: the model's
 
 
 # -- node to runner ------------------------------------------------------------------------------

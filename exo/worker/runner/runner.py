@@ -175,7 +175,7 @@ class Runner:
                     write_hostfile(hostfile, task.hosts)
                     self.ring = Ring.join(hostfile, spec.rank)
             case TaskKind.LOAD:
-                self.loaded = load(Path(spec.model_path), spec.start, spec.end, spec.dtype, spec.kv_cache)
+                self.loaded = load(Path(spec.model_path), spec.start, spec.end, spec.dtype, spec.kv_cache, spec.context)
                 if self.ring is not None and self.is_head:
                     self.head = PipelineHead(self.loaded.model, self.ring)
             case TaskKind.WARMUP:
