@@ -19,12 +19,16 @@ from exo.local_cluster import LocalNode, start_node, static_peers, untag, wait_f
 from exo.worker.profile import free_ports
 from exo.worker.runner.process import runner_pids
 
-__all__ = ["RunningNode", "answers", "assert_clean_log", "free_ports", "idle_health", "node_pair",
+__all__ = ["SMALL_NODE", "RunningNode", "answers", "assert_clean_log", "free_ports", "idle_health", "node_pair",
            "orphaned_runner_pids", "runner_pids", "running_nodes", "serving_node", "sse_events", "start_node",
            "static_peers", "stop_node", "untag", "wait_for", "whole_runner_ready"]
 
 
 RunningNode = LocalNode
+
+# A node that offers little memory: the default model fits it alone, with a context of 1024 (its cache
+# and as much again for the prefix cache, 94 MB of float32), and nothing more.
+SMALL_NODE = ("--max-memory", "500MB", "--context", "1024")
 
 # What no node's log may show, whatever a test stopped, killed or cut.
 FORBIDDEN_IN_LOG = ("Traceback", "Queue is closed", "ClosedResourceError")

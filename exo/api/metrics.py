@@ -1,7 +1,8 @@
 """GET /metrics: the node's numbers in Prometheus' text format, for dashboards and deployment/alerts.yml.
 
 Two kinds. Events are counted as they happen by the chat service of the node that serves a chat
-(`ChatRecord`): requests by outcome, tokens generated, time to first token and time per token.
+(`ChatRecord`): requests by outcome, tokens generated, prompts that found their beginning in an
+instance's prefix cache and the tokens that saved computing, time to first token and time per token.
 A request one node hands to another is counted once, by the node that serves it, labelled
 `forwarded="true"`; the entry node counts nothing for it. Values that already live in the node's
 parts (runners, queues, the cluster as this node sees it) are read at scrape time by `NodeCollector`.
@@ -66,6 +67,10 @@ class Metrics:
                                 registry=registry)
         self.tokens = Counter("exo_generated_tokens_total", "Tokens generated for the chats this node served.",
                               ["model"], registry=registry)
+        self.prefix_hits = Counter("exo_prefix_cache_hits_total", "Chats whose prompt began with key/values an "
+                                   "instance kept from an earlier request.", ["model"], registry=registry)
+        self.prefix_tokens = Counter("exo_prefix_cache_tokens_total", "Prompt tokens not computed again, their "
+                                     "key/values taken from an instance's prefix cache.", ["model"], registry=registry)
         self.ttft = Histogram("exo_time_to_first_token_seconds", "From a chat request's arrival (queueing included) "
                               "to its first generated token.", ["model"], buckets=TTFT_BUCKETS, registry=registry)
         self.per_token = Histogram("exo_time_per_output_token_seconds", "Time per generated token after a chat's "
@@ -86,6 +91,8 @@ class Metrics:
                     self.requests.labels(endpoint, model, code, forwarded)
         if model:
             self.tokens.labels(model)
+            self.prefix_hits.labels(model)
+            self.prefix_tokens.labels(model)
             self.ttft.labels(model)
             self.per_token.labels(model)
 
@@ -125,6 +132,12 @@ class ChatRecord:
                 per_token.observe((now - self.last) / new)
         self.metrics.tokens.labels(self.model).inc(new)
         self.n_tokens, self.last = n_tokens, now
+
+    def cached(self, n_tokens: int) -> None:
+        """The chat's prompt began with `n_tokens` its instance had kept (0: it computed all of it)."""
+        if n_tokens:
+            self.metrics.prefix_hits.labels(self.model).inc()
+            self.metrics.prefix_tokens.labels(self.model).inc(n_tokens)
 
     def fail(self, error: BaseException) -> None:
         self.code = _status(error)

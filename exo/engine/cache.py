@@ -45,5 +45,23 @@ class KVCache:
         self.keys, self.values = new_k, new_v
 
     @property
+    def capacity(self) -> int:
+        """Positions the buffers have room for."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def copy_prefix(self, n: int) -> KVCache:
+        """A cache of its own holding this one's first `n` positions (`n` at most the offset)."""
+        if not 0 < n <= self.offset or self.keys is None or self.values is None:
+            raise ValueError(f"no prefix of {n} positions in a cache holding {self.offset}")
+        copy = KVCache(self.dtype)
+        keys, values = self.keys[..., :n, :], self.values[..., :n, :]
+        copy._grow(keys, values, n)
+        assert copy.keys is not None and copy.values is not None
+        copy.keys = kernels.cache_append(copy.keys, keys, 0)
+        copy.values = kernels.cache_append(copy.values, values, 0)
+        copy.offset = n
+        return copy
+
+    @property
     def state(self) -> tuple[mx.array, mx.array] | None:
         return None if self.keys is None or self.values is None else (self.keys, self.values)

@@ -52,6 +52,7 @@ class Delta:
     text: str
     n_tokens: int
     finish_reason: FinishReason | None = None
+    cached_tokens: int = 0  # with the finish reason: prompt tokens whose key/values were kept from before
 
 
 class TextAssembler:

@@ -36,6 +36,11 @@ def greedy(name: str, **fields: Any) -> dict[str, Any]:
     return {"model": DEFAULT_MODEL, "messages": messages, "temperature": 0, "max_tokens": max_tokens, **fields}
 
 
+def counts(usage: dict[str, Any]) -> dict[str, Any]:
+    """Usage but for how much of the prompt the prefix cache held, which a request run again changes."""
+    return {k: v for k, v in usage.items() if k != "prompt_tokens_details"}
+
+
 def content(completion: dict[str, Any]) -> str:
     text: str = completion["choices"][0]["message"]["content"]
     return text
@@ -125,11 +130,11 @@ async def test_streamed_answer_equals_the_complete_one(client: httpx.AsyncClient
     assert streamed_text(chunks) == content(expected)
     if include_usage:
         *chunks, usage_only = chunks
-        assert (usage_only["choices"], usage_only["usage"]) == ([], expected["usage"])
+        assert (usage_only["choices"], counts(usage_only["usage"])) == ([], counts(expected["usage"]))
     *body, finish = chunks
     assert all(c["choices"] for c in chunks)
     assert finish["choices"][0]["finish_reason"] == expected["choices"][0]["finish_reason"]
-    assert finish["usage"] == expected["usage"]
+    assert counts(finish["usage"]) == counts(expected["usage"])
     assert not any(c["choices"][0].get("finish_reason") or c.get("usage") for c in body)
 
 
@@ -154,11 +159,34 @@ async def test_content_as_text_parts_reads_like_a_string(client: httpx.AsyncClie
     parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]
     request = greedy("france") | {"messages": [system, {"role": "user", "content": parts}]}
     completion = (await client.post(URL, json=request)).json()
-    assert (completion["choices"], completion["usage"]) == (alone["france"]["choices"], alone["france"]["usage"])
+    assert (completion["choices"], counts(completion["usage"])) == (alone["france"]["choices"],
+                                                                    counts(alone["france"]["usage"]))
 
 
 async def test_developer_role_reads_like_system(client: httpx.AsyncClient, alone: dict[str, dict[str, Any]]) -> None:
     system, user = PIRATE
     request = greedy("pirate") | {"messages": [{**system, "role": "developer"}, user]}
     completion = (await client.post(URL, json=request)).json()
-    assert (completion["choices"], completion["usage"]) == (alone["pirate"]["choices"], alone["pirate"]["usage"])
+    assert (completion["choices"], counts(completion["usage"])) == (alone["pirate"]["choices"],
+                                                                    counts(alone["pirate"]["usage"]))
+
+
+async def test_a_chat_sharing_a_long_system_prompt_takes_its_key_values_from_the_prefix_cache(
+        client: httpx.AsyncClient) -> None:
+    system = {"role": "system", "content": "Zebra crossing rules for the city of Ghent, in force today. " * 12}
+    ask = [[system, {"role": "user", "content": q}] for q in ("Who has priority?", "When must cyclists stop?")]
+
+    async def metric(name: str) -> float:
+        text = (await client.get("/metrics")).text
+        return float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith(f'{name}{{model="{DEFAULT_MODEL}"}}')))
+
+    hits, saved = await metric("exo_prefix_cache_hits_total"), await metric("exo_prefix_cache_tokens_total")
+    first, second, again = [(await client.post(URL, json={"model": DEFAULT_MODEL, "messages": m, "temperature": 0,
+                                                            "max_tokens": 6})).json() for m in [*ask, ask[1]]]
+    cached = [c["usage"]["prompt_tokens_details"]["cached_tokens"] for c in (first, second, again)]
+    shared = 140  # the system message alone is more than this many tokens, and the questions differ
+    assert cached[0] < 16 and cached[1] > shared and cached[2] == again["usage"]["prompt_tokens"] - 1, cached
+    assert content(again) == content(second)  # the whole prompt held, or only the system part: one answer
+    assert await metric("exo_prefix_cache_hits_total") == hits + 2
+    assert await metric("exo_prefix_cache_tokens_total") == saved + cached[1] + cached[2]

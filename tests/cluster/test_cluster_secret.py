@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from nodes import RunningNode, running_nodes, start_node, stop_node, wait_for
+from nodes import SMALL_NODE, RunningNode, running_nodes, start_node, stop_node, wait_for
 
 from exo.local_cluster import NODE_ENV
 from exo.models.cards import DEFAULT_MODEL
@@ -59,7 +59,7 @@ def test_nodes_without_the_cluster_secret_never_join(tmp_path: Path, models_dir:
         return [*all_peers(i, ports), *secrets[i]]
 
     homes = [tmp_path / name for name in ("good0", "good1", "wrong", "none")]
-    with running_nodes(homes, models_dir, "--no-preload", "--max-memory", "500MB", per_node=flags) as nodes:
+    with running_nodes(homes, models_dir, "--no-preload", *SMALL_NODE, per_node=flags) as nodes:
         good, intruders = nodes[:2], nodes[2:]
         wait_for(lambda: agreed(good), 30, "the two nodes with the secret agree")
         intruder_ids = {state(node)["nodeId"] for node in intruders}
@@ -96,7 +96,7 @@ def test_the_api_key_guards_every_endpoint_but_health(tmp_path: Path, models_dir
         return [*all_peers(i, ports), "--cluster-secret", SECRET, "--api-key", KEY]
 
     auth = {"Authorization": f"Bearer {KEY}"}
-    with running_nodes([tmp_path / "a", tmp_path / "b"], models_dir, "--no-preload", "--max-memory", "500MB",
+    with running_nodes([tmp_path / "a", tmp_path / "b"], models_dir, "--no-preload", *SMALL_NODE,
                        per_node=flags) as nodes:
         wait_for(lambda: agreed(nodes, KEY), 30, "two nodes with one key and one secret agree")
         follower = next(node for node in nodes if not state(node, KEY)["isMaster"])

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
-from nodes import RunningNode, free_ports, running_nodes, start_node, stop_node, wait_for
+from nodes import SMALL_NODE, RunningNode, free_ports, running_nodes, start_node, stop_node, wait_for
 
 from exo import __version__
 from exo.local_cluster import NODE_ENV
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 KEY, SECRET = "sk-the-api-key-of-this-test", "the-cluster-secret-of-this-test"
 HEARTBEAT = float(NODE_ENV["EXO_HEARTBEAT_INTERVAL"])
-ALONE = ("--no-preload", "--no-discovery", "--max-memory", "500MB")
+ALONE = ("--no-preload", "--no-discovery", *SMALL_NODE)
 
 
 class Listener:
@@ -280,7 +280,7 @@ def test_key_only_nodes_prove_the_key_to_each_other_and_forward_with_it(tmp_path
                 "--api-key", KEY if i < 2 else "sk-another-key-of-this-test"]
 
     homes = [tmp_path / name for name in ("a", "b", "other")]
-    with running_nodes(homes, models_dir, "--no-preload", "--max-memory", "500MB", per_node=flags) as nodes:
+    with running_nodes(homes, models_dir, "--no-preload", *SMALL_NODE, per_node=flags) as nodes:
         good, other = nodes[:2], nodes[2]
         wait_for(lambda: agreed(good, KEY), 30, "the two nodes with one key agree")
         time.sleep(8 * HEARTBEAT)
@@ -304,7 +304,7 @@ def test_nodes_on_ipv6_loopback_form_a_cluster_and_forward(tmp_path: Path, model
     except OSError:
         pytest.skip("no IPv6 loopback")
     ports = free_ports(2)
-    nodes = [start_node(tmp_path / f"n{i}", models_dir, "--no-preload", "--no-discovery", "--max-memory", "500MB",
+    nodes = [start_node(tmp_path / f"n{i}", models_dir, "--no-preload", "--no-discovery", *SMALL_NODE,
                         "--peers", f"[::1]:{ports[1 - i]}", port=ports[i], host="::1") for i in range(2)]
     urls = [http_url("::1", port) for port in ports]
     try:

@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 
 def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_node_serves_on(
         tmp_path: Path, models_dir: Path) -> None:
-    # Quantized, a copy serving 512 positions takes its file's size, a float32 cache of 512 positions
-    # in 30 layers (24 MB), headroom and a runner's reserve (about 280 MB): two fit in 600 MB. Serving
-    # the model's whole context (8192), the cache alone would take 377 MB.
+    # Quantized, a copy serving 256 positions takes its file's size, a float32 cache of 256 positions
+    # in 30 layers (12 MB) and as much for its prefix cache, headroom and a runner's reserve (about
+    # 285 MB): two fit in 600 MB. Serving the model's whole context (8192), the caches would take 755 MB.
     card = CARDS[DEFAULT_MODEL]
-    assert card.bytes < 100_000_000 and card.n_layers * card.kv_width * 4 * 512 < 24_000_000
+    assert card.bytes < 100_000_000 and card.n_layers * card.kv_width * 4 * 256 < 12_000_000
     node = start_node(tmp_path, models_dir, "--no-discovery", "--no-preload", "--dtype", "quantized",
-                      "--max-memory", "600MB", "--context", "512")
+                      "--max-memory", "600MB", "--context", "256")
     try:
         wait_for(lambda: answers(node) and node.state()["masterId"] is not None, 60, "the node to be master")
         whole = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL, "context": 100_000},
@@ -34,7 +34,7 @@ def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_n
         for _ in range(2):  # at once, before any runner has loaded and memory available shows it
             answer = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
             assert answer.status_code == 200, answer.text
-            assert untag(answer.json())["context"] == 512
+            assert untag(answer.json())["context"] == 256
             placed.append(untag(answer.json())["instanceId"])
 
         refused = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL}, timeout=10)
@@ -53,9 +53,9 @@ def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_n
         assert chat.status_code == 200, chat.text
         prompt = chat.json()["usage"]["prompt_tokens"]
         too_long = httpx.post(f"{node.url}/v1/chat/completions", timeout=120, json={
-            "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 513 - prompt})
+            "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 257 - prompt})
         assert too_long.status_code == 400, too_long.text  # the context the instances were placed for
-        assert f"only {512 - prompt} tokens are left in the context of 512" in too_long.json()["error"]["message"]
+        assert f"only {256 - prompt} tokens are left in the context of 256" in too_long.json()["error"]["message"]
 
         assert httpx.delete(f"{node.url}/instance/{placed[0]}", timeout=10).status_code == 200
         wait_for(lambda: len(node.state()["instances"]) == 1, 30, "the instance to be deleted")

@@ -110,10 +110,15 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # the prompt's tokens whose key/values the instance kept from an earlier request
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class AssistantMessage(BaseModel):

@@ -24,6 +24,7 @@ from exo.api.openai.protocol import (
     ChunkChoice,
     CompletionRequest,
     DeltaMessage,
+    PromptTokensDetails,
     TextChoice,
     TextCompletion,
     Usage,
@@ -133,19 +134,23 @@ class ChatService:
         return await anyio.to_thread.run_sync(tokenizer.encode_chat, messages), context
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion | TextCompletion:
-        text, n, finish = [], 0, "length"
+        text, n, cached, finish = [], 0, 0, "length"
         with chat.record:
             chat.slot.release()  # the chat takes its place in the queue as it starts, with no wait between
             async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
                 chat.record.generated(delta.n_tokens)
                 text.append(delta.text)
                 n, finish = delta.n_tokens, delta.finish_reason or finish
+                if delta.finish_reason:
+                    cached = delta.cached_tokens
+                    chat.record.cached(cached)
+        usage = _usage(chat, n, cached)
         if isinstance(chat.request, CompletionRequest):
             return TextCompletion(id=completion_id("cmpl"), created=now(), model=chat.request.model,
-                                  choices=[TextChoice(text="".join(text), finish_reason=finish)], usage=_usage(chat, n))
+                                  choices=[TextChoice(text="".join(text), finish_reason=finish)], usage=usage)
         return ChatCompletion(id=completion_id(), created=now(), model=chat.request.model,
                               choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=finish)],
-                              usage=_usage(chat, n))
+                              usage=usage)
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`: for a chat, a first
@@ -173,7 +178,9 @@ class ChatService:
                 chat.slot.release()  # as in `complete`
                 async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
                     chat.record.generated(delta.n_tokens)
-                    usage = _usage(chat, delta.n_tokens) if delta.finish_reason else None
+                    usage = _usage(chat, delta.n_tokens, delta.cached_tokens) if delta.finish_reason else None
+                    if delta.finish_reason:
+                        chat.record.cached(delta.cached_tokens)
                     if delta.text or delta.finish_reason:
                         yield _event(chunk.model_copy(update={"choices": [choice(delta.text, delta.finish_reason)],
                                                               "usage": usage}))
@@ -199,9 +206,10 @@ def _params(request: ChatCompletionRequest | CompletionRequest, prompt: list[int
                             seed=request.seed, stop=request.stop_list)
 
 
-def _usage(chat: PreparedChat, completion_tokens: int) -> Usage:
+def _usage(chat: PreparedChat, completion_tokens: int, cached_tokens: int) -> Usage:
     return Usage(prompt_tokens=len(chat.prompt), completion_tokens=completion_tokens,
-                 total_tokens=len(chat.prompt) + completion_tokens)
+                 total_tokens=len(chat.prompt) + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def _event(chunk: ChatCompletionChunk | TextCompletion) -> str:

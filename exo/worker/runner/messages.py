@@ -68,6 +68,7 @@ class Generated(FrozenModel):
     text: str
     n_tokens: int
     finish_reason: FinishReason | None = None
+    cached_tokens: int = 0  # with the finish reason: prompt tokens whose key/values the prefix cache held
 
 
 PIPE_CODEC = Codec(Task, Cancel, StatusChanged, TaskChanged, Generated)

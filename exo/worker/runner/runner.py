@@ -21,6 +21,7 @@ from typing import BinaryIO
 from exo.engine.generate import detokenize, generate_step
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import PipelineHead, Ring, leave, serve, write_hostfile
+from exo.engine.prefix import PrefixCache
 from exo.engine.sample import make_sampler
 from exo.shared.generation import GenerationParams
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
@@ -48,6 +49,8 @@ class Runner:
         self.ring: Ring | None = None
         self.loaded: LoadedModel | None = None
         self.head: PipelineHead | None = None
+        self.prefix: PrefixCache | None = None  # a single rank's: key/values kept between requests
+        self._reused = 0  # prompt tokens the running chat took from the prefix cache
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._task_arrived = threading.Event()  # ends a follower's ring service so the task gets its turn
         self._cancelled: set[str] = set()
@@ -178,6 +181,8 @@ class Runner:
                 self.loaded = load(Path(spec.model_path), spec.start, spec.end, spec.dtype, spec.kv_cache, spec.context)
                 if self.ring is not None and self.is_head:
                     self.head = PipelineHead(self.loaded.model, self.ring)
+                elif self.ring is None:  # as many positions again as the instance serves (the planner counts them)
+                    self.prefix = PrefixCache(spec.context or self.loaded.args.max_position_embeddings)
             case TaskKind.WARMUP:
                 if self.is_head:  # one short request through every rank, so the first real one is not slow
                     with closing(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2))) as tokens:
@@ -203,16 +208,33 @@ class Runner:
                              delta.n_tokens)
                     return TaskStatus.CANCELLED
                 self._send(Generated(task_id=task.task_id, text=delta.text, n_tokens=delta.n_tokens,
-                                     finish_reason=delta.finish_reason))
+                                     finish_reason=delta.finish_reason,
+                                     cached_tokens=self._reused if delta.finish_reason else 0))
         return TaskStatus.COMPLETE
 
     def _tokens(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
         assert self.loaded is not None
         if self.head is not None:
             return self.head.generate_step(prompt, params)
+        return self._generate(prompt, params)
+
+    def _generate(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
+        """Tokens after `prompt` on this rank alone, from the longest prefix the prefix cache holds; what
+        the request computed is kept there once it ends."""
+        assert self.loaded is not None
         model = self.loaded.model
+        reused = self.prefix.lookup(prompt) if self.prefix is not None else None
+        cache, self._reused = (reused.caches, reused.n) if reused else (model.make_cache(), 0)
         sampler = make_sampler(params.temperature, params.top_p, params.seed)
-        return generate_step(prompt, model, model.make_cache(), sampler=sampler)
+        generated: list[int] = []
+        try:
+            with closing(generate_step(prompt[self._reused:], model, cache, sampler=sampler)) as tokens:
+                for token in tokens:
+                    generated.append(token)
+                    yield token
+        finally:
+            if self.prefix is not None:
+                self.prefix.store([*prompt, *generated], cache)
 
     # -- reporting -----------------------------------------------------------------------------
 
