@@ -4,8 +4,10 @@ For each node count it starts that many `exo` node processes on loopback, places
 exactly those nodes with even layer ranges (rank i on node i) and streams chats at temperature 0 to
 the node of rank 0, so a request crosses only the ring. Rank 0 does not expose its compute/wait
 split, so the cost of a hop is derived from the client's side: a token crosses the N links of an
-N-rank ring, so it is (1 / decode rate at N - 1 / decode rate at 1 node) / N. Every node is
-stopped with SIGTERM and checked to have exited with its runners, even on errors and Ctrl-C.
+N-rank ring, so it is (1 / decode rate at N - 1 / decode rate at 1 node) / N. Two chats that share
+a long system prompt (about 600 tokens) and ask different questions measure what the prefix cache
+saves: the second one's time to first token against the first's. Every node is stopped with SIGTERM
+and checked to have exited with its runners, even on errors and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ from exo.worker.profile import free_ports
 from exo.worker.runner.process import runner_pids
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+# A system prompt as long as an assistant's instructions often are (about 600 tokens), and two
+# questions that follow it.
+SYSTEM = " ".join(f"Rule {i}: when a visitor asks about the {topic}, answer in one sentence and point to "
+                  f"desk {i % 7 + 1}." for i, topic in enumerate(["museum hours", "ticket prices", "guided tours",
+                                                                  "the cafe", "lost property", "parking",
+                                                                  "school visits", "the library"] * 3))
+QUESTIONS = ("Where can I park my car?", "Is there a guided tour in the afternoon?")
 READY_TIMEOUT = 240.0  # N runners loading and warming up on a small machine
 STOP_TIMEOUT = 30.0
 
@@ -51,6 +60,7 @@ class Stream(FrozenModel):
     prompt_tokens: int
     completion_tokens: int
     text: str
+    cached_tokens: int = 0  # of the prompt, held by the prefix cache
 
     @property
     def decode_tps(self) -> float:
@@ -72,6 +82,14 @@ class ClusterMeasurement(FrozenModel):
     aggregate_tps: float  # all completion tokens of the concurrent round over its wall time
     text: str
     consistent: bool  # every request at this node count gave the same text
+    shared_prompt_tokens: int  # of each of the two chats that share SYSTEM
+    shared_ttft_s: tuple[float, float]  # their times to first token, the first chat's and the second's
+    shared_cached_tokens: int  # of the second chat's prompt, held by the prefix cache
+
+    @property
+    def shared_ttft_ratio(self) -> float:
+        """The second chat's time to first token as a fraction of the first's."""
+        return self.shared_ttft_s[1] / self.shared_ttft_s[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +154,8 @@ def measure(n: int, model_id: str, n_layers: int, models_dir: Path, runs: int, m
         with ThreadPoolExecutor(concurrent) as pool:
             together = list(pool.map(lambda _: ask(), range(concurrent)))
         wall = time.perf_counter() - start
+        shared = [_Chat(nodes[0].url, model_id, 2, [{"role": "system", "content": SYSTEM},
+                                                      {"role": "user", "content": q}])() for q in QUESTIONS]
         remove(nodes, instance_id)
     last = streams[-1]
     return ClusterMeasurement(
@@ -144,7 +164,8 @@ def measure(n: int, model_id: str, n_layers: int, models_dir: Path, runs: int, m
         ttft_s=statistics.median(s.ttft_s for s in streams),
         decode_tps=statistics.median(s.decode_tps for s in streams), concurrent=concurrent,
         aggregate_tps=sum(s.completion_tokens for s in together) / wall, text=last.text,
-        consistent=len({s.text for s in streams + together}) == 1)
+        consistent=len({s.text for s in streams + together}) == 1, shared_prompt_tokens=shared[1].prompt_tokens,
+        shared_ttft_s=(shared[0].ttft_s, shared[1].ttft_s), shared_cached_tokens=shared[1].cached_tokens)
 
 
 def compare(results: list[ClusterMeasurement]) -> dict[int, dict[str, float | bool]]:
@@ -175,6 +196,11 @@ def table(results: list[ClusterMeasurement]) -> str:
     for n, c in compare(results).items():
         lines.append(f"{n} nodes vs 1: decode {c['decode']:.0%}, TTFT {c['ttft']:.2f}x, "
                      f"{c['hop_ms']:.1f} ms per token per hop ({n} hops a token)")
+    for r in results:
+        first, second = r.shared_ttft_s
+        lines.append(f"{r.nodes} node(s), two chats sharing a system prompt ({r.shared_prompt_tokens} prompt tokens "
+                     f"each): TTFT {first * 1e3:.0f} ms, then {second * 1e3:.0f} ms ({r.shared_ttft_ratio:.2f}x; "
+                     f"{r.shared_cached_tokens} tokens from the prefix cache)")
     if any(not r.consistent for r in results):
         lines.append("WARNING: greedy requests gave different texts within one node count")
     if any(r.pinned for r in results):
@@ -196,9 +222,11 @@ class _Chat:
     url: str
     model_id: str
     max_tokens: int
+    messages: list[dict[str, str]] | None = None  # None: PROMPT, from the user
 
     def __call__(self) -> Stream:
-        body = {"model": self.model_id, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
+        messages = self.messages or [{"role": "user", "content": PROMPT}]
+        body = {"model": self.model_id, "messages": messages, "temperature": 0,
                 "max_tokens": self.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
         text, first, last, usage = [], 0.0, 0.0, None
         start = time.perf_counter()
@@ -220,7 +248,8 @@ class _Chat:
         if usage is None or not first:
             raise RuntimeError("the stream ended without content or usage")
         return Stream(ttft_s=first - start, decode_s=last - first, prompt_tokens=usage["prompt_tokens"],
-                      completion_tokens=usage["completion_tokens"], text="".join(text))
+                      completion_tokens=usage["completion_tokens"], text="".join(text),
+                      cached_tokens=usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
 
 
 # -- nodes ------------------------------------------------------------------------------------
