@@ -39,8 +39,7 @@ def test_one_and_two_nodes_pinned_report_speeds_agree_on_the_text_and_leave_no_p
         for key in ("ttft_s", "decode_tps", "aggregate_tps"):
             assert row[key] > 0, (row["nodes"], key)
         assert row["shared_prompt_tokens"] > 500 and min(row["shared_ttft_s"]) > 0, row
-    one, two = rows
-    assert one["shared_cached_tokens"] > 500 and two["shared_cached_tokens"] == 0  # a pipeline keeps no prefixes yet
+        assert row["shared_cached_tokens"] > 500, row  # the second chat computed only its question
     assert report["vs_one_node"]["2"]["same_text"]
     assert not benchmark_processes()
 

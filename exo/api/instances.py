@@ -182,19 +182,14 @@ def instances_router(cluster: ClusterService) -> APIRouter:
         nodes = eligible_nodes(coordinator.state)
         context = cluster.served_context(card, context)
         model_bytes = cluster.instance_bytes(card, context)
-        single_bytes = cluster.instance_bytes(card, context, single=True)
         committed, loading = committed_bytes(coordinator.state, cluster.placed_bytes)  # as place_instance counts
-        options = previews(card, nodes, model_bytes=model_bytes, committed=committed, loading=loading,
-                           single_bytes=single_bytes)
+        options = previews(card, nodes, model_bytes=model_bytes, committed=committed, loading=loading)
 
-        def preview(shards: tuple[ShardAssignment, ...]) -> dict[str, Any]:  # with what each shard takes
-            total = single_bytes if len(shards) == 1 else model_bytes
-            return {"memoryBytes": total, "shards": [
-                {**s.model_dump(mode="json"), "memoryBytes": total * (s.end - s.start) // card.n_layers}
-                for s in shards]}
+        def shard(s: ShardAssignment) -> dict[str, Any]:  # with the memory its layers take on its node
+            return {**s.model_dump(mode="json"), "memoryBytes": model_bytes * (s.end - s.start) // card.n_layers}
 
-        return {"modelId": model_id, "nLayers": card.n_layers, "context": context,
-                "previews": [preview(p) for p in options]}
+        return {"modelId": model_id, "nLayers": card.n_layers, "context": context, "memoryBytes": model_bytes,
+                "previews": [{"shards": [shard(s) for s in p]} for p in options]}
 
     @router.get("/instance/{instance_id}")
     async def get_instance(instance_id: InstanceIdPath) -> Instance:

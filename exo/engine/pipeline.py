@@ -7,6 +7,10 @@ samples and sends the token on to its right neighbour, which is rank 0.
 
 MLX's ring backend busy-polls its socket while it receives, so every rank waits in `select` until
 its left socket is readable before each receive: a rank waiting for the ring then costs no CPU.
+
+The head keeps the prefix cache (exo.engine.prefix) and tells the others what to do with their
+parts of it: START names the entry to begin from and how many of its positions, END the number
+to keep the request's caches under, DROP an entry to forget.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import psutil
 from exo.engine.cache import KVCache
 from exo.engine.generate import PREFILL_CHUNK
 from exo.engine.llama import LlamaShard
+from exo.engine.prefix import PrefixCache
 from exo.engine.sample import make_sampler
 from exo.shared.generation import GenerationParams
 
 HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-HEADER_WORDS = 8
+HEADER_WORDS = 9
 MICRO = 1_000_000  # sampling parameters travel as integer millionths
 
 
@@ -113,11 +118,12 @@ def _accepted_fd(port: int) -> int | None:
 
 
 class Op(IntEnum):
-    START = 1    # a request begins: fresh caches, and the last rank's sampler
+    START = 1    # a request begins: fresh caches (or n positions of prefix entry `entry`), and the sampler
     PREFILL = 2  # n prompt tokens: fill the caches, nothing comes back
     STEP = 3     # n tokens: the last rank samples from the last position and sends the token to rank 0
-    END = 4      # the request is over: drop the caches
+    END = 4      # the request is over: keep its caches as prefix entry `entry`, or drop them (0)
     CLOSE = 5    # a rank is leaving: the ranks after it stop serving, so none takes it for a lost peer
+    DROP = 6     # forget prefix entry `entry`
 
 
 @dataclass(frozen=True)
@@ -125,28 +131,30 @@ class Header:
     """What every rank does next; it travels as HEADER_WORDS uint32s."""
 
     op: Op
-    n: int = 0              # PREFILL, STEP: positions in the hidden state that follows
+    n: int = 0              # PREFILL, STEP: positions in the hidden state that follows; START: reused ones
     dtype: int = 0          # PREFILL, STEP: the hidden state's dtype, an index into HIDDEN_DTYPES
     temperature: int = 0    # START: in millionths
     top_p: int = MICRO      # START: in millionths
     seed: int | None = None
+    entry: int = 0          # START, END, DROP: a prefix entry's number (0: none)
 
     @classmethod
-    def start(cls, params: GenerationParams) -> Header:
+    def start(cls, params: GenerationParams, entry: int = 0, reused: int = 0) -> Header:
         if params.seed is not None and not 0 <= params.seed < 2**64:
             raise ValueError(f"seed {params.seed} is not in [0, 2**64)")
-        return cls(Op.START, temperature=round(params.temperature * MICRO), top_p=round(params.top_p * MICRO),
-                   seed=params.seed)
+        return cls(Op.START, reused, temperature=round(params.temperature * MICRO), top_p=round(params.top_p * MICRO),
+                   seed=params.seed, entry=entry)
 
     def encode(self) -> mx.array:
         hi, lo = divmod(self.seed or 0, 2**32)
-        words = [self.op, self.n, self.dtype, self.temperature, self.top_p, self.seed is not None, lo, hi]
+        words = [self.op, self.n, self.dtype, self.temperature, self.top_p, self.seed is not None, lo, hi,
+                 self.entry]
         return mx.array(words, dtype=mx.uint32)
 
     @classmethod
     def decode(cls, words: mx.array) -> Header:
-        op, n, dtype, temperature, top_p, has_seed, lo, hi = words.tolist()
-        return cls(Op(op), n, dtype, temperature, top_p, hi << 32 | lo if has_seed else None)
+        op, n, dtype, temperature, top_p, has_seed, lo, hi, entry = words.tolist()
+        return cls(Op(op), n, dtype, temperature, top_p, hi << 32 | lo if has_seed else None, entry)
 
 
 @dataclass
@@ -164,12 +172,13 @@ class Timings:
 class PipelineHead:
     """Rank 0 of a ring: generates for a prompt, with the other ranks serving their layers."""
 
-    def __init__(self, shard: LlamaShard, ring: Ring) -> None:
+    def __init__(self, shard: LlamaShard, ring: Ring, prefix: PrefixCache | None = None) -> None:
         if ring.rank != 0 or ring.size < 2 or not shard.is_first or shard.is_last:
             raise ValueError(f"a pipeline head is rank 0 of a ring of 2 or more holding the first layers, "
                              f"not rank {ring.rank} of {ring.size} holding [{shard.start}, {shard.end})")
-        self.shard, self.ring = shard, ring
+        self.shard, self.ring, self.prefix = shard, ring, prefix
         self.timings = Timings()
+        self.reused = 0  # prompt positions the last request took from the prefix cache
 
     def generate_step(self, prompt: Sequence[int], params: GenerationParams) -> Generator[int, None, None]:
         """Yield token ids after `prompt`, forever, like `generate.generate_step`.
@@ -180,9 +189,12 @@ class PipelineHead:
         """
         if not prompt:
             raise ValueError("the prompt is empty")
-        self.ring.send(Header.start(params).encode())
-        cache = self.shard.make_cache()
-        tokens = mx.array(prompt, dtype=mx.int32)[None]
+        reused = self.prefix.lookup(prompt) if self.prefix is not None else None
+        self.reused = reused.n if reused else 0
+        self.ring.send(Header.start(params, reused.entry if reused else 0, self.reused).encode())
+        cache = reused.caches if reused else self.shard.make_cache()
+        tokens = mx.array(prompt[self.reused:], dtype=mx.int32)[None]
+        generated: list[int] = []
         try:
             while tokens.shape[1] > PREFILL_CHUNK:  # the same chunks as generate_step, so the same numbers
                 self._forward(Op.PREFILL, tokens[:, :PREFILL_CHUNK], cache)
@@ -193,14 +205,25 @@ class PipelineHead:
                 started = time.perf_counter()
                 self._forward(Op.STEP, mx.array([[token]], dtype=mx.int32), cache)
                 computed = time.perf_counter() - started
+                generated.append(token)
                 yield token
                 resumed = time.perf_counter()
                 token = self._receive_token()
                 self.timings.add(computed, time.perf_counter() - resumed)
         except GeneratorExit:  # closed at the yield, with a step in flight: finish it, then end the request
             self._receive_token()
-            self.ring.send(Header(Op.END).encode())
+            self._end([*prompt, *generated], cache)
             raise
+
+    def _end(self, tokens: list[int], cache: list[KVCache]) -> None:
+        """End the request on every rank, its caches kept as a prefix entry where the store takes them."""
+        if self.prefix is None:
+            self.ring.send(Header(Op.END).encode())
+            return
+        entry = self.prefix.store(tokens, cache)
+        self.ring.send(Header(Op.END, entry=entry or 0).encode())
+        for dropped in self.prefix.take_dropped():
+            self.ring.send(Header(Op.DROP, entry=dropped).encode())
 
     def _forward(self, op: Op, tokens: mx.array, cache: list[KVCache]) -> None:
         hidden = self.shard(tokens, cache)
@@ -218,15 +241,18 @@ def leave(ring: Ring) -> None:
         ring.send(Header(Op.CLOSE).encode())
 
 
-def serve(shard: LlamaShard, ring: Ring, stop: threading.Event) -> bool:
+def serve(shard: LlamaShard, ring: Ring, stop: threading.Event,
+          prefixes: dict[int, list[KVCache]] | None = None) -> bool:
     """Run this rank's layers for the head until `stop` is set while no request is open, or a rank
-    before this one closes the ring; returns whether one did.
+    before this one closes the ring; returns whether one did. `prefixes` holds this rank's parts of
+    the head's prefix entries, by number, from one call to the next.
 
     A request is never left half done, so the ring stays in step. Raises RuntimeError when a
     neighbour is lost.
     """
     cache: list[KVCache] | None = None
     sampler = make_sampler()
+    prefixes = {} if prefixes is None else prefixes
     while cache is not None or not stop.is_set():
         if not ring.wait_readable(0.5):
             continue
@@ -236,10 +262,17 @@ def serve(shard: LlamaShard, ring: Ring, stop: threading.Event) -> bool:
         if header.op == Op.CLOSE:
             return True
         if header.op == Op.START:
-            cache = shard.make_cache()
+            if header.entry and header.entry not in prefixes:
+                raise RuntimeError(f"ring out of step: prefix entry {header.entry} is not held here")
+            cache = ([c.copy_prefix(header.n) for c in prefixes[header.entry]] if header.entry
+                     else shard.make_cache())
             sampler = make_sampler(header.temperature / MICRO, header.top_p / MICRO, header.seed)
         elif header.op == Op.END:
+            if header.entry and cache is not None:
+                prefixes[header.entry] = cache
             cache = None
+        elif header.op == Op.DROP:
+            prefixes.pop(header.entry, None)
         elif cache is None:
             raise RuntimeError(f"ring out of step: {header.op.name} outside a request")
         else:

@@ -5,6 +5,10 @@ An entry is the caches a request left behind and the tokens they hold. A lookup 
 prefix any entry shares with the new prompt into fresh caches, so entries are never changed by the
 requests that use them and one entry serves any number of them. The store is bounded by positions
 held (each entry counts its caches' capacity), least recently used out first.
+
+In a pipeline every rank holds its own layers' part of each entry. Only the head sees tokens, so
+it keeps the store and names each entry by a number; the other ranks keep their parts under those
+numbers and copy, keep and drop them as the head says (exo.engine.pipeline).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ MIN_REUSE = 16
 
 @dataclass(frozen=True)
 class _Entry:
+    id: int
     tokens: tuple[int, ...]
     caches: list[KVCache]
 
@@ -31,16 +36,19 @@ class _Entry:
 
 @dataclass(frozen=True)
 class Reused:
-    """Caches holding the first `n` positions of a prompt, ready for the rest of it."""
+    """Caches holding the first `n` positions of a prompt, ready for the rest of it, copied from entry `entry`."""
 
     caches: list[KVCache]
     n: int
+    entry: int
 
 
 class PrefixCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget  # positions the entries may hold together
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()  # least recently used first
+        self._next_id = 1
+        self._dropped: list[int] = []
 
     @property
     def positions(self) -> int:
@@ -60,23 +68,28 @@ class PrefixCache:
         if best is None or n < MIN_REUSE:
             return None
         self._entries.move_to_end(best.tokens)
-        return Reused([c.copy_prefix(n) for c in best.caches], n)
+        return Reused([c.copy_prefix(n) for c in best.caches], n, best.id)
 
-    def store(self, tokens: Sequence[int], caches: list[KVCache]) -> None:
+    def store(self, tokens: Sequence[int], caches: list[KVCache]) -> int | None:
         """Keep `caches`, which hold the key/values of `tokens` (those past the caches' offset are
-        dropped). Entries it extends are dropped: it answers every lookup they would."""
+        left out); the entry's number, or None where it is not kept. Entries it extends are dropped:
+        it answers every lookup they would."""
         held = tuple(tokens[: caches[0].offset]) if caches else ()
-        entry = _Entry(held, caches)
+        entry = _Entry(self._next_id, held, caches)
         if len(held) < MIN_REUSE or entry.positions > self.budget:
-            return
+            return None
+        self._next_id += 1
         for tokens_held in [t for t in self._entries if held[: len(t)] == t]:
-            del self._entries[tokens_held]
+            self._dropped.append(self._entries.pop(tokens_held).id)
         self._entries[held] = entry
         while self.positions > self.budget:
-            self._entries.popitem(last=False)
+            self._dropped.append(self._entries.popitem(last=False)[1].id)
+        return entry.id
 
-    def clear(self) -> None:
-        self._entries.clear()
+    def take_dropped(self) -> list[int]:
+        """The numbers of the entries dropped since the last call."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -3,7 +3,7 @@
 The planner takes the fewest nodes that can hold the model, largest offered memory first, and splits
 the layers into contiguous half-open ranges in proportion to each node's usable memory. What a model
 takes is its weights as loaded and the key/value cache of the context its instance serves, in every
-layer, and on a single node as much again for the prefix cache its runner keeps (`instance_bytes`). Bad arguments
+layer, and as much again for the prefix cache its runners keep (`instance_bytes`). Bad arguments
 (a card with no layers, no bytes, `min_nodes < 1`) are the caller's bug and raise ValueError;
 a cluster that cannot hold the model raises PlacementRefused, saying how much memory is missing.
 
@@ -56,13 +56,12 @@ class Placeable(Protocol):
     def memory_bytes(self, dtype: Dtype) -> int: ...
 
 
-def instance_bytes(model: Placeable, context: int, dtype: Dtype, kv_cache: CacheDtype | None, *,
-                   single: bool = False) -> int:
-    """Memory an instance of `model` takes over all its nodes: the weights as `dtype` holds them, and a
-    key/value cache of `context` positions in every layer (which grows to that as a request runs); on a
-    `single` node, the same again for the prefix cache its runner keeps (exo.engine.prefix)."""
+def instance_bytes(model: Placeable, context: int, dtype: Dtype, kv_cache: CacheDtype | None) -> int:
+    """Memory an instance of `model` takes over all its nodes: the weights as `dtype` holds them, a
+    key/value cache of `context` positions in every layer (which grows to that as a request runs), and
+    the same again for the prefix cache its runners keep (exo.engine.prefix)."""
     cache = model.n_layers * model.kv_width * context * cache_value_bytes(dtype, kv_cache)
-    return model.memory_bytes(dtype) + cache * (2 if single else 1)
+    return model.memory_bytes(dtype) + 2 * cache
 
 
 def max_nodes_for(model_bytes: int) -> int:
@@ -138,21 +137,20 @@ def allocate_layers(n_layers: int, weights: Sequence[float]) -> list[int]:
 def place(
     model: Placeable, nodes: Sequence[NodeProfile], *, model_bytes: int, min_nodes: int = 1,
     committed: Mapping[NodeId, int] | None = None, loading: Mapping[NodeId, int] | None = None,
-    context: int | None = None, single_bytes: int | None = None,
+    context: int | None = None,
 ) -> tuple[ShardAssignment, ...]:
     """Layer ranges on the fewest nodes (at least `min_nodes`) that hold `model_bytes` (what the instance
-    takes, weights and cache: `instance_bytes` for a context of `context` positions; `single_bytes` on
-    one node, if that differs), besides what instances already placed have `committed` there, `loading`
-    of it not loaded yet (see `committed_bytes`)."""
+    takes, weights and caches: `instance_bytes` for a context of `context` positions), besides what
+    instances already placed have `committed` there, `loading` of it not loaded yet (see
+    `committed_bytes`)."""
     _check(model, model_bytes)
-    takes = _sizes(model_bytes, single_bytes)
     taken = sum((committed or {}).get(node.node_id, 0) for node in nodes)
     nodes = _uncommitted(nodes, committed or {}, loading or {})
     if min_nodes < 1:
         raise ValueError(f"min_nodes must be at least 1, got {min_nodes}")
     n = model.n_layers
     if not nodes:
-        need = _offered_for(takes(1))
+        need = _offered_for(model_bytes)
         raise PlacementRefused(
             f"no nodes to place {model.id} on: it needs {_human(need)} of free memory; "
             "start exo on a machine that has it"
@@ -170,13 +168,13 @@ def place(
     ranked = _ranked(nodes)
     most = min(len(ranked), n)
     for k in range(min_nodes, most + 1):
-        if placement := _place_on(ranked[:k], n, takes(k)):
+        if placement := _place_on(ranked[:k], n, model_bytes):
             return placement
-    missing = min(_shortfall(ranked[:k], n, takes(k)) for k in range(min_nodes, most + 1))
+    missing = min(_shortfall(ranked[:k], n, model_bytes) for k in range(min_nodes, most + 1))
     capped = f" (a {n}-layer model can use at most {n} node(s))" if len(ranked) > n else ""
     placed = f" and the {_human(taken)} that instances already placed take" if taken else ""
     delete = "delete an instance (DELETE /instance/ID), " if taken else ""
-    what = f"its weights and a key/value cache for {context} tokens" if context else "its weights"
+    what = f"its weights and key/value caches for {context} tokens" if context else "its weights"
     shorter = ", lower --context" if context else ""
     raise PlacementRefused(
         f"{model.id} ({_human(model_bytes)}: {what}) does not fit on {most} node(s){capped}: "
@@ -188,26 +186,19 @@ def place(
 def previews(
     model: Placeable, nodes: Sequence[NodeProfile], *, model_bytes: int,
     committed: Mapping[NodeId, int] | None = None, loading: Mapping[NodeId, int] | None = None,
-    single_bytes: int | None = None,
 ) -> list[tuple[ShardAssignment, ...]]:
     """One placement per node count, from the fewest that fit up to what the model's size allows."""
     _check(model, model_bytes)
-    takes = _sizes(model_bytes, single_bytes)
     ranked = _ranked(_uncommitted(nodes, committed or {}, loading or {}))
     fitting = {
         k: placement
         for k in range(1, min(len(ranked), model.n_layers) + 1)
-        if (placement := _place_on(ranked[:k], model.n_layers, takes(k)))
+        if (placement := _place_on(ranked[:k], model.n_layers, model_bytes))
     }
     if not fitting:
         return []
     upto = max(min(fitting), max_nodes_for(model_bytes))
     return [placement for k, placement in fitting.items() if k <= upto]
-
-
-def _sizes(model_bytes: int, single_bytes: int | None) -> Callable[[int], int]:
-    """What the instance takes on k nodes."""
-    return lambda k: single_bytes if k == 1 and single_bytes else model_bytes
 
 
 def _check(model: Placeable, model_bytes: int) -> None:

@@ -142,8 +142,7 @@ class ClusterService:
     def _place(self, card: ModelCard | SharedModel, context: int, nodes: list[NodeProfile], min_nodes: int,
                committed: dict[NodeId, int], loading: dict[NodeId, int]) -> Instance:
         shards = place(card, nodes, model_bytes=self.instance_bytes(card, context), min_nodes=min_nodes,
-                       committed=committed, loading=loading, context=context,
-                       single_bytes=self.instance_bytes(card, context, single=True))
+                       committed=committed, loading=loading, context=context)
         return self.add_instance(Instance(instance_id=new_instance_id(), model_id=card.id,
                                           n_layers=card.n_layers, shards=shards, context=context))
 
@@ -160,17 +159,15 @@ class ClusterService:
         what the model was trained for."""
         return min(asked or self.context, model.context_length)
 
-    def instance_bytes(self, model: Placeable, context: int, *, single: bool = False) -> int:
-        """What an instance of `model` serving `context` positions takes here, weights and caches (on a
-        `single` node, its prefix cache too)."""
-        return instance_bytes(model, context, self.dtype, self.kv_cache, single=single)
+    def instance_bytes(self, model: Placeable, context: int) -> int:
+        """What an instance of `model` serving `context` positions takes here, weights and caches."""
+        return instance_bytes(model, context, self.dtype, self.kv_cache)
 
     def placed_bytes(self, instance: Instance) -> int | None:
         """What an instance placed takes, if the registry or a node serving its model knows the model."""
         if (card := self.placeable(instance.model_id)) is None:
             return None
-        return self.instance_bytes(card, instance.context or self.served_context(card),
-                                   single=len(instance.shards) == 1)
+        return self.instance_bytes(card, instance.context or self.served_context(card))
 
     def add_instance(self, instance: Instance) -> Instance:
         self._require_master()

@@ -79,7 +79,7 @@ def test_nodes_of_another_cluster_stay_apart(tmp_path: Path, models_dir: Path) -
 
 def test_instances_api_on_any_node_reaches_the_master(tmp_path: Path, models_dir: Path) -> None:
     homes = [tmp_path / f"node{i}" for i in range(2)]
-    with running_nodes(homes, models_dir, "--no-preload", "--max-memory", "220MB", "--context", "256",
+    with running_nodes(homes, models_dir, "--no-preload", "--max-memory", "220MB", "--context", "128",
                        per_node=static_peers) as nodes:
         wait_for(lambda: agreed(nodes, 2), 30, "two nodes agree")
         follower = next(node for node in nodes if not node.state()["isMaster"])

@@ -28,7 +28,7 @@ def test_placing_copies_past_the_memory_of_placed_instances_is_refused_and_the_n
         whole = httpx.post(f"{node.url}/place_instance", json={"model_id": DEFAULT_MODEL, "context": 100_000},
                            timeout=10)
         assert whole.status_code == 409, whole.text  # capped at the model's 8192, still too long for 600 MB
-        assert "key/value cache for 8192 tokens" in whole.json()["error"]["message"]
+        assert "key/value caches for 8192 tokens" in whole.json()["error"]["message"]
         assert "lower --context" in whole.json()["error"]["message"]
         placed = []
         for _ in range(2):  # at once, before any runner has loaded and memory available shows it

@@ -203,10 +203,10 @@ def test_the_dashboard_asks_for_the_api_key_once_and_keeps_it(
 @pytest.fixture(scope="module")
 def capped_cluster(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[list[RunningNode]]:
     """Two nodes that offer 220 MB each, 64 MB of it past the planner's headroom: the default model's 98 MB
-    file, held as stored, and its cache for 256 positions (12 MB) need both."""
+    file, held as stored, and its caches for 128 positions (12 MB with the prefix cache's) need both."""
     root = tmp_path_factory.mktemp("dashboard-place")
     with running_nodes([root / "node0", root / "node1"], models_dir, "--no-preload", "--max-memory", "220MB",
-                       "--context", "256",
+                       "--context", "128",
                        per_node=static_peers) as nodes:
         wait_for(lambda: all(answers(n) for n in nodes), 30, "the nodes answer")
         wait_for(lambda: all(len(n.state()["nodes"]) == 2 and n.state()["masterId"] for n in nodes), 30,

@@ -53,10 +53,15 @@ class RunningRing:
         return self.processes[1:]
 
     def generate(self, prompt: list[int], **params: Any) -> list[int]:
+        return self.answer(prompt, **params)["tokens"]
+
+    def answer(self, prompt: list[int], **params: Any) -> dict[str, Any]:
+        """The head's answer: the tokens, the prompt positions it took from the prefix cache, its timings."""
         assert self.head.stdin is not None
         self.head.stdin.write(json.dumps({"prompt": prompt, **params}) + "\n")
         self.head.stdin.flush()
-        return json.loads(read_line(self.head))["tokens"]
+        answer: dict[str, Any] = json.loads(read_line(self.head))
+        return answer
 
 
 def read_line(process: subprocess.Popen[str], timeout: float = TIMEOUT) -> str:
@@ -71,8 +76,10 @@ def read_line(process: subprocess.Popen[str], timeout: float = TIMEOUT) -> str:
 
 
 @contextmanager
-def running_ring(model_path: Path, ranges: list[tuple[int, int]], logs: Path) -> Iterator[RunningRing]:
-    """One process per range, joined in a ring on loopback; whatever still runs at the end is killed."""
+def running_ring(model_path: Path, ranges: list[tuple[int, int]], logs: Path,
+                 prefix_positions: int = 0) -> Iterator[RunningRing]:
+    """One process per range, joined in a ring on loopback (the head with a prefix cache of
+    `prefix_positions`, if any); whatever still runs at the end is killed."""
     hostfile = logs / "hosts.json"
     write_hostfile(hostfile, [f"127.0.0.1:{port}" for port in free_ports(len(ranges))])
     processes: list[subprocess.Popen[str]] = []
@@ -81,7 +88,8 @@ def running_ring(model_path: Path, ranges: list[tuple[int, int]], logs: Path) ->
             with (logs / f"rank{rank}.log").open("w") as err:
                 processes.append(subprocess.Popen(
                     [sys.executable, str(RANK_SCRIPT), str(hostfile), str(rank), str(start), str(end),
-                     str(model_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True))
+                     str(model_path), str(prefix_positions)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True))
         for process in processes:
             assert read_line(process) == "ready\n"
         yield RunningRing(processes)
@@ -108,7 +116,9 @@ def stop(ring: RunningRing) -> None:
 @pytest.fixture(scope="module", params=list(RANGES))
 def ring(request: pytest.FixtureRequest, model_path: Path,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRing]:
-    with running_ring(model_path, RANGES[request.param], tmp_path_factory.mktemp(request.param)) as ring:
+    # A prefix cache of two entries (256 positions each): requests reuse, and evict, as they go.
+    with running_ring(model_path, RANGES[request.param], tmp_path_factory.mktemp(request.param),
+                      prefix_positions=512) as ring:
         yield ring
         stop(ring)
 
@@ -151,6 +161,19 @@ def test_request_closed_after_two_tokens_leaves_the_ring_ready_for_the_next(
     prompt, params, expected = cases["france-greedy"]
     assert ring.generate(prompt, max_tokens=2) == expected[:2]
     assert ring.generate(prompt, **params) == expected
+
+
+def test_a_shared_system_prompt_is_reused_on_every_rank_and_entries_are_dropped_in_step(
+        ring: RunningRing, smollm: LoadedModel) -> None:
+    system = "You answer questions about the solar system in one short sentence, for children. " * 3
+    questions = ["How many planets are there?", "Which planet is the largest?", "What is the Moon made of?",
+                 "How many planets are there?"]  # the third evicts an entry; the fourth finds one still held
+    for i, question in enumerate(questions):
+        prompt = smollm.tokenizer.encode(smollm.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": question}]))
+        answer = ring.answer(prompt, max_tokens=8)
+        assert answer["tokens"] == whole_model_tokens(smollm, prompt, GenerationParams(max_tokens=8)), question
+        assert answer["reused"] > (40 if i else -1), (i, answer["reused"])  # the system prompt, at least
 
 
 def test_prompt_longer_than_a_prefill_chunk_goes_through_the_ring_in_chunks(smollm: LoadedModel,

@@ -296,33 +296,19 @@ def test_an_instance_takes_its_weights_and_a_cache_of_its_context_in_every_layer
     dtype: Dtype, kv_cache: CacheDtype | None, value_bytes: int, weights: int
 ) -> None:
     model = card(30).model_copy(update={"n_params": 1000})  # bytes as stored: 1
-    assert instance_bytes(model, 4096, dtype, kv_cache) == weights + 30 * 128 * 4096 * value_bytes
+    # the running request's cache, and as much for the prefix cache
+    assert instance_bytes(model, 4096, dtype, kv_cache) == weights + 2 * 30 * 128 * 4096 * value_bytes
     assert instance_bytes(model, 0, dtype, kv_cache) == model.memory_bytes(dtype) == weights
-
-
-def test_on_one_node_an_instance_also_takes_its_prefix_cache_and_so_may_need_two() -> None:
-    model = card(30)
-    alone = instance_bytes(model, 2048, "quantized", None, single=True)
-    split = instance_bytes(model, 2048, "quantized", None)
-    assert alone - split == split - model.memory_bytes("quantized") == 30 * 128 * 2048 * 4
-    roomy = node("a", offered_for(alone) / GB + 0.001)
-    assert len(place(model, [roomy], model_bytes=split, single_bytes=alone)) == 1
-    half = offered_for(split // 2 + split // 30) / GB  # half the layers, and one more
-    halves = [node("a", half), node("b", half)]
-    assert usable_bytes(halves[0]) < alone  # neither holds it alone with its prefix cache
-    assert len(place(model, halves, model_bytes=split, single_bytes=alone)) == 2
-    assert [len(p) for p in previews(model, [roomy, *halves], model_bytes=split, single_bytes=alone)] == [1]
-    assert [len(p) for p in previews(model, halves, model_bytes=split, single_bytes=alone)] == [2]
 
 
 def test_a_context_too_long_for_the_cluster_is_refused_naming_it() -> None:
     model = card(30)
-    cache = instance_bytes(model, 2048, "quantized", None) - 1  # 31 MB: 30 layers of 2048 positions
+    cache = instance_bytes(model, 2048, "quantized", None) - 1  # 63 MB: twice 30 layers of 2048 positions
     fits = node("a", (offered_for(cache) + 10_000_000) / GB)
     assert place(model, [fits], model_bytes=instance_bytes(model, 2048, "quantized", None), context=2048)
     with pytest.raises(PlacementRefused) as refused:
         place(model, [node("a", offered_for(cache // 2) / GB)], model_bytes=cache + 1, context=2048)
-    assert "a key/value cache for 2048 tokens" in refused.value.message
+    assert "key/value caches for 2048 tokens" in refused.value.message
     assert "lower --context" in refused.value.message
 
 

@@ -18,6 +18,7 @@ from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
+from exo.engine.cache import KVCache
 from exo.engine.generate import detokenize, generate_step
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import PipelineHead, Ring, leave, serve, write_hostfile
@@ -49,7 +50,8 @@ class Runner:
         self.ring: Ring | None = None
         self.loaded: LoadedModel | None = None
         self.head: PipelineHead | None = None
-        self.prefix: PrefixCache | None = None  # a single rank's: key/values kept between requests
+        self.prefix: PrefixCache | None = None  # rank 0's: key/values kept between requests
+        self._prefix_parts: dict[int, list[KVCache]] = {}  # another rank's parts of rank 0's entries
         self._reused = 0  # prompt tokens the running chat took from the prefix cache
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._task_arrived = threading.Event()  # ends a follower's ring service so the task gets its turn
@@ -123,7 +125,7 @@ class Runner:
     def _serve_ring(self) -> None:
         assert self.loaded is not None and self.ring is not None
         try:
-            self._ring_closed = serve(self.loaded.model, self.ring, self._task_arrived)
+            self._ring_closed = serve(self.loaded.model, self.ring, self._task_arrived, self._prefix_parts)
             if self._ring_closed:
                 log.info("runner=%s the ring was closed upstream", self.name)
         except RuntimeError as e:
@@ -179,10 +181,10 @@ class Runner:
                     self.ring = Ring.join(hostfile, spec.rank)
             case TaskKind.LOAD:
                 self.loaded = load(Path(spec.model_path), spec.start, spec.end, spec.dtype, spec.kv_cache, spec.context)
-                if self.ring is not None and self.is_head:
-                    self.head = PipelineHead(self.loaded.model, self.ring)
-                elif self.ring is None:  # as many positions again as the instance serves (the planner counts them)
+                if self.is_head:  # as many positions again as the instance serves (the planner counts them)
                     self.prefix = PrefixCache(spec.context or self.loaded.args.max_position_embeddings)
+                if self.ring is not None and self.is_head:
+                    self.head = PipelineHead(self.loaded.model, self.ring, self.prefix)
             case TaskKind.WARMUP:
                 if self.is_head:  # one short request through every rank, so the first real one is not slow
                     with closing(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2))) as tokens:
@@ -215,8 +217,15 @@ class Runner:
     def _tokens(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
         assert self.loaded is not None
         if self.head is not None:
-            return self.head.generate_step(prompt, params)
+            return self._pipelined(prompt, params)
         return self._generate(prompt, params)
+
+    def _pipelined(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
+        assert self.head is not None
+        with closing(self.head.generate_step(prompt, params)) as tokens:
+            for token in tokens:
+                self._reused = self.head.reused
+                yield token
 
     def _generate(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
         """Tokens after `prompt` on this rank alone, from the longest prefix the prefix cache holds; what
