@@ -31,7 +31,7 @@ class _Entry:
 
     @property
     def positions(self) -> int:
-        return sum(c.capacity for c in self.caches[:1])
+        return self.caches[0].capacity if self.caches else 0  # every layer's cache holds as many
 
 
 @dataclass(frozen=True)

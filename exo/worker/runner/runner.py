@@ -229,7 +229,8 @@ class Runner:
 
     def _generate(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
         """Tokens after `prompt` on this rank alone, from the longest prefix the prefix cache holds; what
-        the request computed is kept there once it ends."""
+        the request computed is kept there once it is closed (not after a failure, which may leave the
+        caches half written)."""
         assert self.loaded is not None
         model = self.loaded.model
         reused = self.prefix.lookup(prompt) if self.prefix is not None else None
@@ -241,9 +242,10 @@ class Runner:
                 for token in tokens:
                     generated.append(token)
                     yield token
-        finally:
+        except GeneratorExit:
             if self.prefix is not None:
                 self.prefix.store([*prompt, *generated], cache)
+            raise
 
     # -- reporting -----------------------------------------------------------------------------
 
