@@ -20,13 +20,14 @@ def profile(node_id: str, mlx_device: str = "Device(cpu, 0)") -> NodeProfile:
 
 SPLIT = Instance(instance_id=InstanceId("i1"), model_id="tiny", n_layers=4,
                  shards=(ShardAssignment(node_id=NodeId("a"), rank=0, start=0, end=3),
-                         ShardAssignment(node_id=NodeId("b"), rank=1, start=3, end=4)))
+                         ShardAssignment(node_id=NodeId("b"), rank=1, start=3, end=4)), context=2048)
 
 
 def test_an_instance_is_tagged_by_its_kind_with_the_shard_of_each_runner() -> None:
     assert SPLIT.model_dump(mode="json") == {"CpuRingInstance": {
         "instanceId": "i1", "modelId": "tiny", "nLayers": 4,
         "shards": [{"nodeId": "a", "rank": 0, "start": 0, "end": 3}, {"nodeId": "b", "rank": 1, "start": 3, "end": 4}],
+        "context": 2048,
         "shardAssignments": {
             "modelId": "tiny",
             "runnerToShard": {
@@ -39,7 +40,7 @@ def test_an_instance_is_tagged_by_its_kind_with_the_shard_of_each_runner() -> No
     lambda i: i.model_dump(mode="json"),                 # as /state shows it
     lambda i: i.model_dump(mode="json", by_alias=False),  # as the wire carries it
     lambda i: {"instance_id": "i1", "model_id": "tiny", "n_layers": 4,  # untagged, in field names
-               "shards": [s.model_dump(by_alias=False) for s in i.shards]},
+               "shards": [s.model_dump(by_alias=False) for s in i.shards], "context": 2048},
 ], ids=["camel-tagged", "snake-tagged", "untagged"])
 def test_an_instance_reads_back_from_each_spelling(dump: object) -> None:
     assert Instance.model_validate(dump(SPLIT)) == SPLIT  # type: ignore[operator]
