@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from exo import __version__
+from exo.api.anthropic import messages_router
 from exo.api.auth import ApiKeyMiddleware
 from exo.api.cluster import cluster_router
 from exo.api.control import Admission, AdmissionMiddleware, control_router
@@ -59,6 +60,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
     chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers, local=supervisor.serving),
                        metrics)
     app.include_router(openai_router(chat, tokenizers.catalog))
+    app.include_router(messages_router(chat))
     app.include_router(cluster_router(cluster))
     app.include_router(control_router(cluster, admission))
     app.include_router(instances_router(cluster))

@@ -71,7 +71,7 @@ class ApiKeyMiddleware:
             elif scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             else:
-                has_header = any(name == b"authorization" for name, _ in scope["headers"])
+                has_header = any(name in (b"authorization", b"x-api-key") for name, _ in scope["headers"])
                 response = (unauthorized("The API key is not valid for this node.", "invalid_api_key") if has_header
                             else unauthorized("This node requires an API key: send `Authorization: Bearer <key>` "
                                               "with the key the node was started with (--api-key).",
@@ -79,10 +79,14 @@ class ApiKeyMiddleware:
                 await response(scope, receive, send)
 
     def _holds_key(self, scope: Scope) -> bool:
+        """`Authorization: Bearer <key>`, or `x-api-key: <key>` as Anthropic's clients send it."""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+                    return True
+            elif name == b"x-api-key" and hmac.compare_digest(value.strip(), self._key):
+                return True
         return False
 
 

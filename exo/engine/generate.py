@@ -53,6 +53,7 @@ class Delta:
     n_tokens: int
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0  # with the finish reason: prompt tokens whose key/values were kept from before
+    stop_sequence: str | None = None  # with the finish reason: the stop string that ended the text, if one did
 
 
 class TextAssembler:
@@ -66,6 +67,7 @@ class TextAssembler:
         self.committed = 0  # ids before this index are part of `text`
         self.text = ""      # all text decoded so far
         self.emitted = 0    # how much of it was handed out
+        self.stopped_by: str | None = None  # the stop string reached, once one is
 
     def add(self, token: int) -> tuple[str, bool]:
         """Add a token; return the text now safe to emit and whether a stop string was reached."""
@@ -78,9 +80,11 @@ class TextAssembler:
         self.text += fresh[len(context):]
         self.prefix, self.committed = len(self.ids) - 1, len(self.ids)
         # cut at the earliest stop string, whichever of them it is
-        found = [at for stop in self.stop if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1]
+        found = [(at, stop) for stop in self.stop
+                 if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1]
         if found:
-            return self._emit(min(found)), True
+            at, self.stopped_by = min(found)
+            return self._emit(at), True
         return self._emit(len(self.text) - self._held_back()), False
 
     def flush(self) -> str:
@@ -138,7 +142,7 @@ def detokenize(tokens: Iterator[int], tokenizer: Tokenizer, params: GenerationPa
                 return
             piece, stopped = text.add(token)
             if stopped:
-                yield Delta(piece, n, "stop")
+                yield Delta(piece, n, "stop", stop_sequence=text.stopped_by)
                 return
             if n >= params.max_tokens:
                 yield Delta(piece + text.flush(), n, "length")

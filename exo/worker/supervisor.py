@@ -452,7 +452,8 @@ class Supervisor:
             async with chat.receive:
                 async for item in chat.receive:
                     if isinstance(item, Generated):
-                        yield Delta(item.text, item.n_tokens, item.finish_reason, item.cached_tokens)
+                        yield Delta(item.text, item.n_tokens, item.finish_reason, item.cached_tokens,
+                                    item.stop_sequence)
                         finished = item.finish_reason is not None
                     elif item.status == TaskStatus.FAILED:
                         finished = True

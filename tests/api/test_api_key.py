@@ -76,6 +76,14 @@ async def test_the_key_opens_every_endpoint_and_is_sent_on(client: httpx.AsyncCl
     assert streamed.status_code == 200 and streamed.content == b"secret data"
 
 
+async def test_anthropic_clients_x_api_key_header_is_taken_as_the_key(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v1/models", headers={"x-api-key": KEY})).status_code == 200
+    wrong = await client.get("/v1/models", headers={"x-api-key": "sk-wrong"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    both = {"x-api-key": "sk-wrong", "Authorization": f"Bearer {KEY}"}  # either one that holds the key opens
+    assert (await client.get("/v1/models", headers=both)).status_code == 200
+
+
 async def test_health_the_dashboard_and_cluster_messages_need_no_key(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health")).status_code == 200
     assert (await client.get("/")).status_code == 200

@@ -7,7 +7,8 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from exo.api.openai.router import _forward
+from exo.api.anthropic import stream_cut
+from exo.api.openai.router import forward
 
 CHUNK = b'data: {"choices": [{"delta": {"content": "Hi"}, "finish_reason": null}]}\n\n'
 
@@ -33,7 +34,7 @@ async def test_a_stream_cut_upstream_ends_with_an_error_event_and_done() -> None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await _forward(request, upstream)
+        return await forward(request, upstream)
 
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
@@ -47,3 +48,25 @@ async def test_a_stream_cut_upstream_ends_with_an_error_event_and_done() -> None
     assert json.loads(events[1])["error"]["code"] == "ServiceUnavailable"
     assert "stopped mid-stream" in json.loads(events[1])["error"]["message"]
     assert events[2:] == ["[DONE]"]
+
+
+async def test_an_anthropic_stream_cut_upstream_ends_with_anthropics_error_event() -> None:
+    server, upstream = await dying_upstream("text/event-stream")
+    app = FastAPI()
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await forward(request, upstream, cut=stream_cut)
+
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+            answer = await asyncio.wait_for(client.post("/v1/messages", json={"stream": True}), 30)
+    finally:
+        server.close()
+
+    assert answer.text.startswith(CHUNK.decode())
+    event, data = answer.text[len(CHUNK):].strip().splitlines()
+    assert event == "event: error" and "[DONE]" not in answer.text
+    error = json.loads(data.removeprefix("data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "overloaded_error"
+    assert "stopped mid-stream" in error["error"]["message"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -25,7 +25,7 @@ from exo.api.openai.protocol import (
 )
 from exo.api.openai.serving import ChatService, RemoteChat, Slot
 from exo.models.catalog import ModelCatalog
-from exo.shared.errors import ServiceUnavailable
+from exo.shared.errors import ExoError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,18 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
     async def serve(body: ChatCompletionRequest | CompletionRequest,
                     request: Request) -> ChatCompletion | TextCompletion | Response:
         endpoint = request.scope["route"].path  # the metrics' endpoint label: one of these two routes
-        prepared = await _unless_disconnected(request, chat.prepare(body, forwarded=FORWARDED in request.headers,
+        prepared = await unless_disconnected(request, chat.prepare(body, forwarded=FORWARDED in request.headers,
                                                                   endpoint=endpoint))
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(prepared, RemoteChat):
-            return await _forward(request, prepared.url)
+            return await forward(request, prepared.url)
         if body.stream:
             # StreamingResponse cancels the body's iterator when the client disconnects.
-            return _SlotStream(prepared.slot, chat.stream(prepared), media_type="text/event-stream",
+            return SlotStream(prepared.slot, chat.stream(prepared), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            completion = await _unless_disconnected(request, chat.complete(prepared))
+            completion = await unless_disconnected(request, chat.complete(prepared))
         finally:
             prepared.slot.release()  # the chat gave it up as it started, unless it never did
         return Response(status_code=CLIENT_CLOSED_REQUEST) if completion is None else completion
@@ -70,7 +70,7 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
     return router
 
 
-class _SlotStream(StreamingResponse):
+class SlotStream(StreamingResponse):
     """A chat's stream, whose queue slot is given back however the response ends, even unstarted."""
 
     def __init__(self, slot: Slot, *args: Any, **kwargs: Any) -> None:
@@ -84,15 +84,18 @@ class _SlotStream(StreamingResponse):
             self.slot.release()
 
 
-async def _forward(request: Request, url: str) -> Response:
+async def forward(request: Request, url: str,
+                  cut: Callable[[ExoError], bytes] = lambda e: f"\n\ndata: {json.dumps(error_body(e))}\n\n"
+                                                            "data: [DONE]\n\n".encode()) -> Response:
     """Hand the request to the node that serves it, and its answer (streamed as it comes) back. A client
     that goes away before the answer starts (all of a non-streamed chat) closes the upstream request,
-    which cancels its generation there."""
+    which cancels its generation there. A stream the serving node stops mid-way ends with `cut`'s
+    events (OpenAI's error event and [DONE] by default)."""
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5))
     upstream = client.build_request("POST", url + request.url.path, content=await request.body(),
                                     headers={"content-type": "application/json", FORWARDED: "1", **forward_headers()})
     try:
-        response = await _unless_disconnected(request, client.send(upstream, stream=True))
+        response = await unless_disconnected(request, client.send(upstream, stream=True))
     except httpx.HTTPError as e:
         await client.aclose()
         raise ServiceUnavailable(f"The node serving this model did not answer ({type(e).__name__}); retry.") from e
@@ -113,8 +116,8 @@ async def _forward(request: Request, url: str) -> Response:
                 raise
             # The serving node died mid-stream: end the client's stream as a failed one, not a cut one.
             log.warning("forwarded stream from %s cut: %s", url, type(e).__name__)
-            error = ServiceUnavailable(f"The node serving this model stopped mid-stream ({type(e).__name__}); retry.")
-            yield f"\n\ndata: {json.dumps(error_body(error))}\n\ndata: [DONE]\n\n".encode()
+            yield cut(ServiceUnavailable(f"The node serving this model stopped mid-stream ({type(e).__name__}); "
+                                         "retry."))
         finally:  # also when our client went away: closing the upstream cancels its generation
             await response.aclose()
             await client.aclose()
@@ -124,7 +127,7 @@ async def _forward(request: Request, url: str) -> Response:
     return StreamingResponse(body(), status_code=response.status_code, headers=headers)
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     """Await `work`, cancelling it (and so its generation) if the client disconnects first."""
     outcome: list[T | Exception] = []
     async with anyio.create_task_group() as tg:

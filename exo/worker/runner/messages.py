@@ -69,6 +69,7 @@ class Generated(FrozenModel):
     n_tokens: int
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0  # with the finish reason: prompt tokens whose key/values the prefix cache held
+    stop_sequence: str | None = None  # with the finish reason: the stop string that ended the text, if one did
 
 
 PIPE_CODEC = Codec(Task, Cancel, StatusChanged, TaskChanged, Generated)

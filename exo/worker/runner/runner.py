@@ -210,7 +210,7 @@ class Runner:
                              delta.n_tokens)
                     return TaskStatus.CANCELLED
                 self._send(Generated(task_id=task.task_id, text=delta.text, n_tokens=delta.n_tokens,
-                                     finish_reason=delta.finish_reason,
+                                     finish_reason=delta.finish_reason, stop_sequence=delta.stop_sequence,
                                      cached_tokens=self._reused if delta.finish_reason else 0))
         return TaskStatus.COMPLETE
 
