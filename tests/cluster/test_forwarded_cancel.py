@@ -1,5 +1,6 @@
 """A non-streamed chat that one real node forwards to another, abandoned by its client: the entry node
-closes the forwarded request, and the serving node cancels its generation and counts it as 499."""
+closes the forwarded request, and the serving node cancels its generation and counts it as 499. And
+Anthropic's client, talking to the node that does not hold the model, gets the serving node's answers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import pytest
 from nodes import RunningNode, node_pair, wait_for
@@ -64,6 +66,24 @@ def test_a_forwarded_chat_whose_client_leaves_is_cancelled_on_the_serving_node(c
     served = httpx.post(f"{entry.url}/v1/chat/completions", json={**LONG, "max_tokens": 4}, timeout=120)
     assert served.status_code == 200, served.text
     assert httpx.get(f"{entry.url}/health", timeout=5).json()["in_flight"] == 0
+
+
+def test_anthropics_client_is_answered_through_the_node_that_does_not_hold_the_model(
+        cluster: list[RunningNode]) -> None:
+    entry, server = cluster
+    request = {"model": DEFAULT_MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}],
+               "extra_body": {"temperature": 0}}
+    via_entry, direct = (anthropic.Anthropic(base_url=node.url, api_key="unused", max_retries=0) for node in cluster)
+    answer = direct.messages.create(**request).content[0].text
+    assert answer and via_entry.messages.create(**request).content[0].text == answer
+    with via_entry.messages.stream(**request) as stream:
+        assert "".join(stream.text_stream) == answer
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    forwarded = [s.value for family in text_string_to_metric_families(text) for s in family.samples
+                 if s.name == "exo_requests_total" and s.labels["endpoint"] == "/v1/messages"
+                 and s.labels["model"] == DEFAULT_MODEL
+                 and s.labels["code"] == "200" and s.labels["forwarded"] == "true"]
+    assert forwarded == [2.0]  # counted once, by the node that served them
 
 
 def test_requests_to_peers_are_not_logged_one_line_each(cluster: list[RunningNode]) -> None:
