@@ -57,8 +57,11 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     # outermost: before anything reads a body; peers' frames have their own cap, checked with their proof
     app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes, exempt=frozenset({MESSAGE_PATH}))
+    def served() -> list[str]:
+        return sorted({i.model_id for i in cluster.coordinator.state.instances.values()})
+
     chat = ChatService(supervisor, tokenizers, functools.partial(route, cluster, tokenizers, local=supervisor.serving),
-                       metrics)
+                       metrics, served)
     app.include_router(openai_router(chat, tokenizers.catalog))
     app.include_router(messages_router(chat))
     app.include_router(cluster_router(cluster))

@@ -190,3 +190,11 @@ async def test_a_chat_sharing_a_long_system_prompt_takes_its_key_values_from_the
     assert content(again) == content(second)  # the whole prompt held, or only the system part: one answer
     assert await metric("exo_prefix_cache_hits_total") == hits + 2
     assert await metric("exo_prefix_cache_tokens_total") == saved + cached[1] + cached[2]
+
+
+async def test_a_request_naming_no_model_goes_to_the_one_model_served(client: httpx.AsyncClient,
+                                                                        alone: dict[str, dict[str, Any]]) -> None:
+    request = greedy("france")
+    del request["model"]
+    completion = (await client.post(URL, json=request)).json()
+    assert completion["model"] == DEFAULT_MODEL and content(completion) == content(alone["france"])

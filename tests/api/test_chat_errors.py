@@ -12,9 +12,11 @@ import httpx
 import pytest
 from nodes import idle_health
 
+from exo.api.openai.serving import ChatService
 from exo.engine.loading import LoadedModel
 from exo.master.planner import DEFAULT_CONTEXT
 from exo.models.cards import CARDS, DEFAULT_MODEL
+from exo.shared.errors import InvalidRequest
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -44,7 +46,6 @@ async def assert_idle(client: httpx.AsyncClient) -> None:
 
 
 INVALID_FIELDS = [
-    pytest.param({"messages": HI}, "model", id="missing-model"),
     pytest.param(body(model=""), "model", id="empty-model"),
     pytest.param({"model": DEFAULT_MODEL}, "messages", id="missing-messages"),
     pytest.param(body(messages=[]), "messages", id="empty-messages"),
@@ -135,3 +136,13 @@ async def test_node_still_answers_after_the_errors(client: httpx.AsyncClient) ->
     assert completion["choices"][0]["finish_reason"] == "length"
     assert completion["usage"]["completion_tokens"] == 1
     await assert_idle(client)
+
+
+@pytest.mark.parametrize(("served", "says"), [([], "No model is served yet"),
+                                             (["a-model", "b-model"], "Several models are served (a-model, b-model)")])
+def test_a_request_naming_no_model_is_a_400_unless_exactly_one_is_served(served: list[str], says: str) -> None:
+    chat = ChatService(None, None, None, None, served=lambda: served)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest) as refused:
+        chat._only_model()
+    assert refused.value.message.startswith(says) and refused.value.param == "model"
+    assert ChatService(None, None, None, None, served=lambda: ["a-model"])._only_model() == "a-model"  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ class StreamOptions(_Request):
 class _GenerationRequest(_Request):
     """What chat and text completions share: the model, how to sample, when to stop, how to answer."""
 
-    model: ModelIdStr
+    model: ModelIdStr | None = None  # None: the one model the cluster serves, if it serves only one
     max_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -32,7 +32,7 @@ from exo.api.openai.protocol import (
     now,
 )
 from exo.engine.generate import FinishReason
-from exo.shared.errors import ContextTooLong, ExoError, Overloaded
+from exo.shared.errors import ContextTooLong, ExoError, InvalidRequest, Overloaded
 from exo.shared.generation import GenerationParams
 from exo.shared.state import Instance
 from exo.shared.types import InstanceId
@@ -77,8 +77,10 @@ class RemoteChat:
 
 class ChatService:
     def __init__(self, supervisor: Supervisor, tokenizers: Tokenizers,
-                 route: Callable[[str, bool], Awaitable[tuple[Instance, str | None]]], metrics: Metrics) -> None:
+                 route: Callable[[str, bool], Awaitable[tuple[Instance, str | None]]], metrics: Metrics,
+                 served: Callable[[], list[str]] = list) -> None:
         self.supervisor, self.tokenizers, self.route, self.metrics = supervisor, tokenizers, route, metrics
+        self.served = served  # the models the cluster has instances of, for a request that names none
         self.reserved: Counter[InstanceId] = Counter()  # slots admitted chats hold until they are queued
 
     async def prepare(self, request: ChatCompletionRequest | CompletionRequest, *, forwarded: bool = False,
@@ -95,6 +97,9 @@ class ChatService:
 
     async def _prepare(self, request: ChatCompletionRequest | CompletionRequest, forwarded: bool,
                        record: ChatRecord) -> PreparedChat | RemoteChat:
+        if request.model is None:
+            request = request.model_copy(update={"model": self._only_model()})
+        assert request.model is not None
         self.tokenizers.catalog.check(request.model)
         record.served(request.model)
         instance, remote_url = await self.route(request.model, forwarded)
@@ -107,6 +112,19 @@ class ChatService:
         except BaseException:
             slot.release()
             raise
+
+    def _only_model(self) -> str:
+        """The model a request without one goes to: the one the cluster serves (as llama.cpp's and vLLM's
+        servers answer for theirs)."""
+        match self.served():
+            case [model]:
+                return model
+            case []:
+                raise InvalidRequest("No model is served yet, so the request must name one in `model`; GET /v1/models "
+                                     "lists them.", param="model")
+            case several:
+                raise InvalidRequest(f"Several models are served ({', '.join(several)}): name one in `model`.",
+                                     param="model")
 
     def _admit(self, instance_id: InstanceId) -> Slot:
         handle = self.supervisor.admit(instance_id)
