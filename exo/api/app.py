@@ -20,6 +20,7 @@ from exo.api.errors import install_error_handlers
 from exo.api.instances import instances_router, route
 from exo.api.limits import BodyLimitMiddleware
 from exo.api.metrics import Metrics, metrics_router
+from exo.api.ollama import ollama_router
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
 from exo.api.peer_models import peer_models_router
@@ -64,6 +65,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
                        metrics, served)
     app.include_router(openai_router(chat, tokenizers.catalog))
     app.include_router(messages_router(chat))
+    app.include_router(ollama_router(chat, tokenizers.catalog, lambda: cluster.coordinator.state))
     app.include_router(cluster_router(cluster))
     app.include_router(control_router(cluster, admission))
     app.include_router(instances_router(cluster))

@@ -49,6 +49,8 @@ disable_created_metrics()  # a `_created` series per counter and histogram doubl
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
 MESSAGES_ENDPOINT = "/v1/messages"  # Anthropic's
+OLLAMA_CHAT_ENDPOINT, OLLAMA_GENERATE_ENDPOINT = "/api/chat", "/api/generate"
+ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, MESSAGES_ENDPOINT, OLLAMA_CHAT_ENDPOINT, OLLAMA_GENERATE_ENDPOINT)
 CLIENT_CLOSED_REQUEST = 499  # the outcome of a request whose client went away (as the router answers it)
 CODES = ("200", "400", "404", "499", "500", "503")  # the outcomes whose series exist from the start, per model
 NODE_MODES = ("serving", "draining", "stopping")
@@ -88,7 +90,7 @@ class Metrics:
         self.models.add(model)
         for code in CODES:
             for forwarded in ("false", "true"):
-                for endpoint in (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, MESSAGES_ENDPOINT):
+                for endpoint in ENDPOINTS:
                     self.requests.labels(endpoint, model, code, forwarded)
         if model:
             self.tokens.labels(model)

@@ -1,6 +1,7 @@
 """A non-streamed chat that one real node forwards to another, abandoned by its client: the entry node
 closes the forwarded request, and the serving node cancels its generation and counts it as 499. And
-Anthropic's client, talking to the node that does not hold the model, gets the serving node's answers."""
+Anthropic's and Ollama's clients, talking to the node that does not hold the model, get the serving
+node's answers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import ollama
 import pytest
 from nodes import RunningNode, node_pair, wait_for
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,6 +86,17 @@ def test_anthropics_client_is_answered_through_the_node_that_does_not_hold_the_m
                  and s.labels["model"] == DEFAULT_MODEL
                  and s.labels["code"] == "200" and s.labels["forwarded"] == "true"]
     assert forwarded == [2.0]  # counted once, by the node that served them
+
+
+def test_ollamas_client_is_answered_through_the_node_that_does_not_hold_the_model(
+        cluster: list[RunningNode]) -> None:
+    entry, server = cluster
+    request = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello."}],
+               "options": {"temperature": 0, "num_predict": 8}}
+    answer = ollama.Client(host=server.url).chat(**request).message.content
+    via_entry = ollama.Client(host=entry.url)
+    assert answer and via_entry.chat(**request).message.content == answer
+    assert "".join(p.message.content for p in via_entry.chat(**request, stream=True)) == answer
 
 
 def test_requests_to_peers_are_not_logged_one_line_each(cluster: list[RunningNode]) -> None:
