@@ -47,6 +47,9 @@ class Options(_Request):
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     num_predict: int | None = Field(default=None, ge=-2, lt=2**31)  # -1, -2 or none: up to the context
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: list[Utf8Str] | None = None
 
     @field_validator("stop")
@@ -71,7 +74,8 @@ class _Generation(_Request):
     def sampling(self) -> dict[str, Any]:
         o = self.options
         return {"model": self.model, "max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p,
-                "seed": o.seed, "stop": list(o.stop or ()), "stream": self.stream}
+                "seed": o.seed, "stop": list(o.stop or ()), "stream": self.stream, "min_p": o.min_p,
+                "presence_penalty": o.presence_penalty, "frequency_penalty": o.frequency_penalty}
 
 
 class OllamaMessage(_Request):

@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from exo.engine.base import LayerRange
 from exo.engine.cache import KVCache
-from exo.engine.sample import Sampler, make_sampler
+from exo.engine.sample import Sampler, make_sampler, sampler_for
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.generation import GenerationParams
 
@@ -123,7 +123,7 @@ def _borders(stop: str) -> list[int]:
 def generate_text(prompt: Sequence[int], model: LayerRange, tokenizer: Tokenizer, params: GenerationParams,
                   cache: list[KVCache]) -> Iterator[Delta]:
     """Generate text for `prompt` with a model held whole in this process."""
-    sampler = make_sampler(params.temperature, params.top_p, params.seed)
+    sampler = sampler_for(params)
     return detokenize(generate_step(prompt, model, cache, sampler=sampler), tokenizer, params)
 
 

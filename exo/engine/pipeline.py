@@ -32,12 +32,13 @@ from exo.engine.cache import KVCache
 from exo.engine.generate import PREFILL_CHUNK
 from exo.engine.llama import LlamaShard
 from exo.engine.prefix import PrefixCache
-from exo.engine.sample import make_sampler
+from exo.engine.sample import Sampler, make_sampler
 from exo.shared.generation import GenerationParams
 
 HIDDEN_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-HEADER_WORDS = 9
+HEADER_WORDS = 12
 MICRO = 1_000_000  # sampling parameters travel as integer millionths
+SIGNED = 1 << 31  # added to a signed one (a penalty) so that it travels as an unsigned word
 
 
 def write_hostfile(path: Path, addresses: Sequence[str]) -> None:
@@ -137,24 +138,34 @@ class Header:
     top_p: int = MICRO      # START: in millionths
     seed: int | None = None
     entry: int = 0          # START, END, DROP: a prefix entry's number (0: none)
+    min_p: int = 0          # START: in millionths
+    presence: int = 0       # START: presence_penalty in millionths, signed
+    frequency: int = 0      # START: frequency_penalty in millionths, signed
 
     @classmethod
     def start(cls, params: GenerationParams, entry: int = 0, reused: int = 0) -> Header:
         if params.seed is not None and not 0 <= params.seed < 2**64:
             raise ValueError(f"seed {params.seed} is not in [0, 2**64)")
         return cls(Op.START, reused, temperature=round(params.temperature * MICRO), top_p=round(params.top_p * MICRO),
-                   seed=params.seed, entry=entry)
+                   seed=params.seed, entry=entry, min_p=round(params.min_p * MICRO),
+                   presence=round(params.presence_penalty * MICRO), frequency=round(params.frequency_penalty * MICRO))
+
+    def sampler(self) -> Sampler:
+        """START's sampler, as the head's request asked for it."""
+        return make_sampler(self.temperature / MICRO, self.top_p / MICRO, self.seed, min_p=self.min_p / MICRO,
+                            presence_penalty=self.presence / MICRO, frequency_penalty=self.frequency / MICRO)
 
     def encode(self) -> mx.array:
         hi, lo = divmod(self.seed or 0, 2**32)
         words = [self.op, self.n, self.dtype, self.temperature, self.top_p, self.seed is not None, lo, hi,
-                 self.entry]
+                 self.entry, self.min_p, self.presence + SIGNED, self.frequency + SIGNED]
         return mx.array(words, dtype=mx.uint32)
 
     @classmethod
     def decode(cls, words: mx.array) -> Header:
-        op, n, dtype, temperature, top_p, has_seed, lo, hi, entry = words.tolist()
-        return cls(Op(op), n, dtype, temperature, top_p, hi << 32 | lo if has_seed else None, entry)
+        op, n, dtype, temperature, top_p, has_seed, lo, hi, entry, min_p, presence, frequency = words.tolist()
+        return cls(Op(op), n, dtype, temperature, top_p, hi << 32 | lo if has_seed else None, entry, min_p,
+                   presence - SIGNED, frequency - SIGNED)
 
 
 @dataclass
@@ -266,7 +277,7 @@ def serve(shard: LlamaShard, ring: Ring, stop: threading.Event,
                 raise RuntimeError(f"ring out of step: prefix entry {header.entry} is not held here")
             cache = ([c.copy_prefix(header.n) for c in prefixes[header.entry]] if header.entry
                      else shard.make_cache())
-            sampler = make_sampler(header.temperature / MICRO, header.top_p / MICRO, header.seed)
+            sampler = header.sampler()
         elif header.op == Op.END:
             if header.entry and cache is not None:
                 prefixes[header.entry] = cache

@@ -11,3 +11,6 @@ class GenerationParams(FrozenModel):
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0

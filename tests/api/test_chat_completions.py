@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import httpx
@@ -198,3 +199,15 @@ async def test_a_request_naming_no_model_goes_to_the_one_model_served(client: ht
     del request["model"]
     completion = (await client.post(URL, json=request)).json()
     assert completion["model"] == DEFAULT_MODEL and content(completion) == content(alone["france"])
+
+
+async def test_penalties_steer_a_greedy_answer_away_from_repeating_itself(client: httpx.AsyncClient) -> None:
+    ask = {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": 16,
+           "messages": [{"role": "user", "content": "Write the word cat ten times."}]}
+    plain = content((await client.post(URL, json=ask)).json())
+    penalized = content((await client.post(URL, json={**ask, "frequency_penalty": 2.0})).json())
+    def cats(text: str) -> int:  # the word itself; a penalized model may make up longer ones
+        return len(re.findall(r"\bcat\b", text, flags=re.IGNORECASE))
+
+    assert cats(plain) >= 3, plain
+    assert cats(penalized) < cats(plain), (plain, penalized)

@@ -24,7 +24,7 @@ from test_directory_model import hf_weights, write_model
 from exo.engine.generate import PREFILL_CHUNK, GenerationParams, generate_step
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import write_hostfile
-from exo.engine.sample import make_sampler
+from exo.engine.sample import sampler_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,8 @@ TIMEOUT = 60.0
 CASES = {
     "france-greedy": ("What is the capital of France?", {"max_tokens": 24}),
     "seeded-sampling": ("Tell me a story.", {"max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7}),
+    "penalized": ("List fruits, one a line.", {"max_tokens": 16, "temperature": 0.7, "min_p": 0.05, "seed": 3,
+                                               "presence_penalty": 0.4, "frequency_penalty": 0.8}),
 }
 
 
@@ -129,7 +131,7 @@ def chat(smollm: LoadedModel, content: str) -> list[int]:
 
 def whole_model_tokens(smollm: LoadedModel, prompt: list[int], params: GenerationParams) -> list[int]:
     """What generate_step on the whole model answers, up to and including an end token."""
-    sampler = make_sampler(params.temperature, params.top_p, params.seed)
+    sampler = sampler_for(params)
     steps = generate_step(prompt, smollm.model, smollm.model.make_cache(), sampler=sampler)
     tokens = []
     for token in islice(steps, params.max_tokens):

@@ -84,3 +84,27 @@ def test_low_temperature_concentrates_on_the_top_token() -> None:
     cold = make_sampler(0.1, seed=3)(logits).tolist()
     hot = make_sampler(1.0, seed=3)(logits).tolist()
     assert cold.count(2) / DRAWS > 0.95 > 0.6 > hot.count(2) / DRAWS
+
+
+def test_min_p_leaves_out_every_token_less_likely_than_its_share_of_the_top_one() -> None:
+    probs = [0.5, 0.3, 0.12, 0.08]  # min_p 0.2: out with less than 0.1, the last token
+    tokens = make_sampler(1.0, min_p=0.2, seed=4)(logits_of(probs, rows=DRAWS)).tolist()
+    assert set(tokens) == {0, 1, 2}
+    assert abs(tokens.count(0) / DRAWS - 0.5 / 0.92) < 0.03  # the rest keep their odds
+
+
+def test_greedy_penalties_lower_a_token_by_its_presence_and_once_per_time_it_was_given() -> None:
+    flat = mx.array([[3.0, 2.5, 1.0]])
+    # frequency 0.3: token 0 drops 0.3 a time, so 0 twice (3.0, 2.7), then 1 (2.5 > 2.4), then 0 again
+    frequency = make_sampler(frequency_penalty=0.3)
+    assert [int(frequency(flat).item()) for _ in range(4)] == [0, 0, 1, 0]
+    # presence 0.6 drops each token given once: 0 (3.0), 1 (2.5 > 2.4), then 0 (2.4 > 1.9 and > 1.0)
+    presence = make_sampler(presence_penalty=0.6)
+    assert [int(presence(flat).item()) for _ in range(4)] == [0, 1, 0, 0]
+    assert [int(make_sampler()(flat).item()) for _ in range(3)] == [0, 0, 0]  # none: argmax every time
+
+
+def test_penalties_count_each_row_of_a_batch_apart() -> None:
+    logits = mx.array([[3.0, 2.9, 0.0], [0.0, 3.0, 2.9]])
+    sampler = make_sampler(presence_penalty=1.0)
+    assert [sampler(logits).tolist() for _ in range(2)] == [[0, 1], [1, 2]]

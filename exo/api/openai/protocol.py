@@ -46,6 +46,9 @@ class _GenerationRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # as llama.cpp's and vLLM's servers take it
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, lt=2**64)  # the sampler's key is an unsigned 64-bit int
     stop: Utf8Str | list[Utf8Str] | None = None
     stream: bool = False

@@ -221,7 +221,8 @@ def _params(request: ChatCompletionRequest | CompletionRequest, prompt: list[int
         raise ContextTooLong(f"{name} is {limit}, but only {room} tokens are left in the context of {context} "
                              f"served after the {len(prompt)}-token prompt. Lower {name}.", param=name)
     return GenerationParams(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
-                            seed=request.seed, stop=request.stop_list)
+                            seed=request.seed, stop=request.stop_list, min_p=request.min_p,
+                            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty)
 
 
 def _usage(chat: PreparedChat, completion_tokens: int, cached_tokens: int) -> Usage:

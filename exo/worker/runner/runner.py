@@ -23,7 +23,7 @@ from exo.engine.generate import detokenize, generate_step
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import PipelineHead, Ring, leave, serve, write_hostfile
 from exo.engine.prefix import PrefixCache
-from exo.engine.sample import make_sampler
+from exo.engine.sample import sampler_for
 from exo.shared.generation import GenerationParams
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
 from exo.worker.runner.messages import (
@@ -235,7 +235,7 @@ class Runner:
         model = self.loaded.model
         reused = self.prefix.lookup(prompt) if self.prefix is not None else None
         cache, self._reused = (reused.caches, reused.n) if reused else (model.make_cache(), 0)
-        sampler = make_sampler(params.temperature, params.top_p, params.seed)
+        sampler = sampler_for(params)
         generated: list[int] = []
         try:
             with closing(generate_step(prompt[self._reused:], model, cache, sampler=sampler)) as tokens:
