@@ -18,11 +18,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from exo.api.errors import first_problem, retry_header
 from exo.api.limits import MAX_MESSAGES, MAX_PARTS, MAX_STOP_CHARS, MAX_STOPS, ModelIdStr, Text
-from exo.api.metrics import CLIENT_CLOSED_REQUEST, MESSAGES_ENDPOINT
+from exo.api.metrics import MESSAGES_ENDPOINT
 from exo.api.openai.protocol import ChatCompletionRequest
-from exo.api.openai.router import FORWARDED, SlotStream, forward, unless_disconnected
-from exo.api.openai.serving import ChatService, PreparedChat, RemoteChat
+from exo.api.openai.router import serve_chat
+from exo.api.openai.serving import ChatService, PreparedChat
 from exo.engine.generate import Delta
 from exo.shared.errors import ExoError
 from exo.shared.types import Utf8Str
@@ -31,6 +32,9 @@ from exo.shared.types import Utf8Str
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",
                429: "rate_limit_error", 503: "overloaded_error"}
+
+
+MESSAGES_PATH = "/v1/messages"
 
 
 class _Request(BaseModel):
@@ -99,7 +103,7 @@ class MessageResponse(BaseModel):
 
 def anthropic_error(status: int, message: str) -> JSONResponse:
     """An error in Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`."""
-    return JSONResponse(_error_body(status, message), status_code=status)
+    return JSONResponse(_error_body(status, message), status_code=status, headers=retry_header(status))
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -120,42 +124,24 @@ def messages_router(chat: ChatService) -> APIRouter:
         try:
             body = MessagesRequest.model_validate_json(await request.body())
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            return anthropic_error(400, f"{where}: {first['msg']}" if where else f"Invalid request: {first['msg']}")
-        try:
-            prepared = await unless_disconnected(request, chat.prepare(
-                body.as_chat(), forwarded=FORWARDED in request.headers, endpoint=MESSAGES_ENDPOINT))
-            if prepared is None:
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            if isinstance(prepared, RemoteChat):
-                return await forward(request, prepared.url, cut=stream_cut)
-        except ExoError as e:
-            return anthropic_error(e.status_code, e.message)
-        if body.stream:
-            return SlotStream(prepared.slot, _events(chat, prepared), media_type="text/event-stream",
-                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            answer = await unless_disconnected(request, _complete(chat, prepared))
-        except ExoError as e:
-            return anthropic_error(e.status_code, e.message)
-        finally:
-            prepared.slot.release()  # the chat gave it up as it started, unless it never did
-        return Response(status_code=CLIENT_CLOSED_REQUEST) if answer is None else JSONResponse(answer.model_dump())
+            return anthropic_error(400, first_problem(e))
+        return await serve_chat(chat, request, body.as_chat(), MESSAGES_ENDPOINT,
+                                events=lambda prepared: _events(chat, prepared),
+                                whole=lambda prepared: _complete(chat, prepared), cut=stream_cut,
+                                refuse=lambda e: anthropic_error(e.status_code, e.message))
 
     return router
 
 
-async def _complete(chat: ChatService, prepared: PreparedChat) -> MessageResponse:
+async def _complete(chat: ChatService, prepared: PreparedChat) -> JSONResponse:
     text, last = [], Delta("", 0)
     with prepared.record:
-        prepared.slot.release()
-        async for delta in _deltas(chat, prepared):
+        async for delta in chat.deltas(prepared):
             text.append(delta.text)
             last = delta
-    return MessageResponse(id=_message_id(), model=prepared.request.model,
-                           content=[{"type": "text", "text": "".join(text)}], **_ending(last),
-                           usage=_usage(prepared, last))
+    return JSONResponse(MessageResponse(id=_message_id(), model=prepared.request.model,
+                                        content=[{"type": "text", "text": "".join(text)}], **_ending(last),
+                                        usage=_usage(prepared, last)).model_dump())
 
 
 async def _events(chat: ChatService, prepared: PreparedChat) -> AsyncIterator[str]:
@@ -168,8 +154,7 @@ async def _events(chat: ChatService, prepared: PreparedChat) -> AsyncIterator[st
         yield _event("message_start", {"message": start})
         yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         try:
-            prepared.slot.release()
-            async for delta in _deltas(chat, prepared):
+            async for delta in chat.deltas(prepared):
                 if delta.text:
                     yield _event("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
                                                                                "text": delta.text}})
@@ -181,14 +166,6 @@ async def _events(chat: ChatService, prepared: PreparedChat) -> AsyncIterator[st
         except ExoError as e:
             prepared.record.fail(e)
             yield _event("error", _error_body(e.status_code, e.message))
-
-
-async def _deltas(chat: ChatService, prepared: PreparedChat) -> AsyncIterator[Delta]:
-    async for delta in chat.supervisor.chat(prepared.instance.instance_id, prepared.prompt, prepared.params):
-        prepared.record.generated(delta.n_tokens)
-        if delta.finish_reason:
-            prepared.record.cached(delta.cached_tokens)
-        yield delta
 
 
 def _ending(delta: Delta) -> dict[str, Any]:

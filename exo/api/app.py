@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from exo import __version__
-from exo.api.anthropic import messages_router
+from exo.api.anthropic import MESSAGES_PATH, anthropic_error, messages_router
 from exo.api.auth import ApiKeyMiddleware
 from exo.api.cluster import cluster_router
 from exo.api.control import Admission, AdmissionMiddleware, control_router
@@ -20,7 +20,7 @@ from exo.api.errors import install_error_handlers
 from exo.api.instances import instances_router, route
 from exo.api.limits import BodyLimitMiddleware
 from exo.api.metrics import Metrics, metrics_router
-from exo.api.ollama import ollama_router
+from exo.api.ollama import OLLAMA_PREFIX, ollama_error, ollama_router
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
 from exo.api.peer_models import peer_models_router
@@ -48,7 +48,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
                api_key: str | None = None, admission: Admission | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="exo", version=__version__)
-    install_error_handlers(app)
+    install_error_handlers(app, {MESSAGES_PATH: anthropic_error, OLLAMA_PREFIX: ollama_error})
     admission = admission or Admission(cluster)
     metrics = Metrics(cluster.coordinator, supervisor, cluster.clock, admission)
     for model in tokenizers.catalog.list():  # their series exist at 0 before the first chat for them

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from exo.shared.errors import ExoError, ServiceUnavailable
@@ -52,9 +53,34 @@ def _param(error: Mapping[str, Any], body: Any) -> str | None:
     return ".".join(parts) or None
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def retry_header(status: int) -> dict[str, str] | None:
+    """What a 503 carries, whatever API's shape its body is in: when to try again."""
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+
+
+def first_problem(error: ValidationError) -> str:
+    """A body's first validation error as one line, `where: what`, for the routes that answer errors in
+    another API's shape (Anthropic's, Ollama's)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else f"Invalid request: {first['msg']}"
+
+
+ErrorShape = Callable[[int, str], JSONResponse]  # a status and a message as another API answers them
+
+
+def install_error_handlers(app: FastAPI, shapes: Mapping[str, ErrorShape] | None = None) -> None:
+    """OpenAI's error body everywhere, but under the path prefixes `shapes` names (the routes of
+    Anthropic's and Ollama's APIs), which answer in their own: a wrong method or path there, say."""
+
+    def shaped(request: Request) -> ErrorShape | None:
+        path = request.url.path
+        return next((shape for prefix, shape in (shapes or {}).items() if path.startswith(prefix)), None)
+
     @app.exception_handler(ExoError)
-    async def _exo_error(_: Request, e: ExoError) -> JSONResponse:
+    async def _exo_error(request: Request, e: ExoError) -> JSONResponse:
+        if (shape := shaped(request)) is not None:
+            return shape(e.status_code, e.message)
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
@@ -69,5 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(400, message, "invalid_request_error", param, first.get("type"))
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+    async def _http(request: Request, e: HTTPException) -> JSONResponse:
+        if (shape := shaped(request)) is not None:
+            return shape(e.status_code, str(e.detail))
         return _json(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")

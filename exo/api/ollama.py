@@ -23,11 +23,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from exo import __version__
+from exo.api.errors import first_problem, retry_header
 from exo.api.limits import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOPS, ModelIdStr, Text
-from exo.api.metrics import CLIENT_CLOSED_REQUEST, OLLAMA_CHAT_ENDPOINT, OLLAMA_GENERATE_ENDPOINT
+from exo.api.metrics import OLLAMA_CHAT_ENDPOINT, OLLAMA_GENERATE_ENDPOINT
 from exo.api.openai.protocol import ChatCompletionRequest, CompletionRequest
-from exo.api.openai.router import FORWARDED, SlotStream, forward, unless_disconnected
-from exo.api.openai.serving import ChatService, PreparedChat, RemoteChat
+from exo.api.openai.router import serve_chat
+from exo.api.openai.serving import ChatService, PreparedChat
 from exo.engine.generate import Delta
 from exo.models.cards import CARDS
 from exo.models.catalog import ModelCatalog
@@ -36,6 +37,7 @@ from exo.shared.state import State
 from exo.shared.types import Utf8Str
 
 NDJSON = "application/x-ndjson"
+OLLAMA_PREFIX = "/api/"
 
 
 class _Request(BaseModel):
@@ -106,9 +108,14 @@ class GenerateRequest(_Generation):
                                      **self.sampling())
 
 
+class ShowRequest(_Request):
+    model: ModelIdStr | None = None
+    name: ModelIdStr | None = None  # the older spelling
+
+
 def ollama_error(status: int, message: str) -> JSONResponse:
     """An error as Ollama answers one: `{"error": message}`."""
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=retry_header(status))
 
 
 def stream_cut(error: ExoError) -> bytes:
@@ -135,9 +142,12 @@ def ollama_router(chat: ChatService, catalog: ModelCatalog, state: Callable[[], 
 
     @router.post("/show", response_model=None)
     async def show(request: Request) -> Response:
-        body = await _json(request)
-        model = body.get("model") or body.get("name") if isinstance(body, dict) else None
-        if not isinstance(model, str) or model not in {m.id for m in catalog.list()}:
+        try:
+            body = ShowRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return ollama_error(400, first_problem(e))
+        model = body.model or body.name
+        if model not in {m.id for m in catalog.list()}:
             return ollama_error(404, f"model {model!r} not found; GET /api/tags lists the models")
         card = CARDS.get(model)
         return JSONResponse({"modelfile": "", "parameters": "", "template": "", "details": _model(model)["details"],
@@ -155,41 +165,17 @@ def ollama_router(chat: ChatService, catalog: ModelCatalog, state: Callable[[], 
     return router
 
 
-async def _json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body() or b"{}")
-    except ValueError:
-        return None
-
-
 async def _serve(chat: ChatService, request: Request, kind: type[ChatRequest] | type[GenerateRequest],
                  endpoint: str) -> Response:
     try:
         body = kind.model_validate_json(await request.body())
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return ollama_error(400, f"{where}: {first['msg']}" if where else f"invalid request: {first['msg']}")
-    started = time.perf_counter()
-    try:
-        prepared = await unless_disconnected(request, chat.prepare(
-            body.as_openai(), forwarded=FORWARDED in request.headers, endpoint=endpoint))
-        if prepared is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        if isinstance(prepared, RemoteChat):
-            return await forward(request, prepared.url, cut=stream_cut)
-    except ExoError as e:
-        return ollama_error(e.status_code, e.message)
-    shape = _Shape(prepared, isinstance(body, ChatRequest), started)
-    if body.stream:
-        return SlotStream(prepared.slot, _lines(chat, prepared, shape), media_type=NDJSON)
-    try:
-        answer = await unless_disconnected(request, _whole(chat, prepared, shape))
-    except ExoError as e:
-        return ollama_error(e.status_code, e.message)
-    finally:
-        prepared.slot.release()  # the chat gave it up as it started, unless it never did
-    return Response(status_code=CLIENT_CLOSED_REQUEST) if answer is None else JSONResponse(answer)
+        return ollama_error(400, first_problem(e))
+    started, is_chat = time.perf_counter(), kind is ChatRequest
+    return await serve_chat(chat, request, body.as_openai(), endpoint, media_type=NDJSON, cut=stream_cut,
+                            events=lambda prepared: _lines(chat, prepared, _Shape(prepared, is_chat, started)),
+                            whole=lambda prepared: _whole(chat, prepared, _Shape(prepared, is_chat, started)),
+                            refuse=lambda e: ollama_error(e.status_code, e.message))
 
 
 class _Shape:
@@ -220,30 +206,20 @@ class _Shape:
                 "eval_count": delta.n_tokens, "eval_duration": int((now - first) * 1e9)}
 
 
-async def _deltas(chat: ChatService, prepared: PreparedChat) -> AsyncIterator[Delta]:
-    async for delta in chat.supervisor.chat(prepared.instance.instance_id, prepared.prompt, prepared.params):
-        prepared.record.generated(delta.n_tokens)
-        if delta.finish_reason:
-            prepared.record.cached(delta.cached_tokens)
-        yield delta
-
-
-async def _whole(chat: ChatService, prepared: PreparedChat, shape: _Shape) -> dict[str, Any]:
+async def _whole(chat: ChatService, prepared: PreparedChat, shape: _Shape) -> JSONResponse:
     text, last = [], Delta("", 0)
     with prepared.record:
-        prepared.slot.release()
-        async for delta in _deltas(chat, prepared):
+        async for delta in chat.deltas(prepared):
             shape.arrived()
             text.append(delta.text)
             last = delta
-    return shape.last("".join(text), last)
+    return JSONResponse(shape.last("".join(text), last))
 
 
 async def _lines(chat: ChatService, prepared: PreparedChat, shape: _Shape) -> AsyncIterator[str]:
     with prepared.record:
         try:
-            prepared.slot.release()
-            async for delta in _deltas(chat, prepared):
+            async for delta in chat.deltas(prepared):
                 if delta.finish_reason:
                     yield json.dumps(shape.last(delta.text, delta), separators=(",", ":")) + "\n"
                 elif delta.text:

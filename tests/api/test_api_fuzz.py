@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -94,8 +94,9 @@ def assert_answered(response: requests.Response, *, may_be_unavailable: bool = F
     request = response.request
     where = f"{request.method} {request.url} {request.body!r:.300} -> {response.status_code}: {response.text[:400]}"
     status = response.status_code
-    if status == 503 and may_be_unavailable:
-        assert error_of(response)["type"] == "service_unavailable" and "retry-after" in response.headers, where
+    if status == 503 and may_be_unavailable:  # as each route's API names it: OpenAI's, Anthropic's, Ollama's
+        assert error_of(response)["type"] in ("service_unavailable", "overloaded_error", "ollama"), where
+        assert "retry-after" in response.headers, where
         return
     assert status < 500, where
     if status >= 400:
@@ -107,8 +108,13 @@ def assert_answered(response: requests.Response, *, may_be_unavailable: bool = F
 
 
 def error_of(response: requests.Response, where: str = "") -> dict[str, Any]:
+    """The error body: OpenAI's shape (Anthropic's on /v1/messages has the same `error` object), or on
+    Ollama's routes (/api/...) Ollama's, a message string, returned here as {"message", "type"}."""
     assert response.headers.get("content-type", "").startswith("application/json"), where
     error = response.json().get("error")
+    if urlsplit(response.request.url or "").path.startswith("/api/"):
+        assert isinstance(error, str) and error, where
+        return {"message": error, "type": "ollama"}
     assert isinstance(error, dict), where
     assert isinstance(error.get("message"), str) and error["message"], where
     assert isinstance(error.get("type"), str) and error["type"], where

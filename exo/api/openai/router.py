@@ -23,7 +23,7 @@ from exo.api.openai.protocol import (
     ModelList,
     TextCompletion,
 )
-from exo.api.openai.serving import ChatService, RemoteChat, Slot
+from exo.api.openai.serving import ChatService, PreparedChat, RemoteChat, Slot
 from exo.models.catalog import ModelCatalog
 from exo.shared.errors import ExoError, ServiceUnavailable
 
@@ -51,23 +51,44 @@ def openai_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
     async def serve(body: ChatCompletionRequest | CompletionRequest,
                     request: Request) -> ChatCompletion | TextCompletion | Response:
         endpoint = request.scope["route"].path  # the metrics' endpoint label: one of these two routes
+        return await serve_chat(chat, request, body, endpoint, events=chat.stream, whole=chat.complete)
+
+    return router
+
+
+def _openai_cut(error: ExoError) -> bytes:
+    return f"\n\ndata: {json.dumps(error_body(error))}\n\ndata: [DONE]\n\n".encode()
+
+
+async def serve_chat(chat: ChatService, request: Request, body: ChatCompletionRequest | CompletionRequest,
+                     endpoint: str, *, events: Callable[[PreparedChat], AsyncIterator[str]],
+                     whole: Callable[[PreparedChat], Awaitable[T]], media_type: str = "text/event-stream",
+                     cut: Callable[[ExoError], bytes] = _openai_cut,
+                     refuse: Callable[[ExoError], Response] | None = None) -> T | Response:
+    """Serve a chat route's request, whatever API shapes it: prepared for its instance's rank 0 (handed
+    to that node if it is another, with `cut` ending a stream it stops), then streamed as `events`
+    writes it or answered `whole`; 499 once the client has gone. `refuse` answers an error in the
+    route's own shape; without it the error goes to the app's handlers (OpenAI's shape)."""
+    try:
         prepared = await unless_disconnected(request, chat.prepare(body, forwarded=FORWARDED in request.headers,
                                                                   endpoint=endpoint))
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if isinstance(prepared, RemoteChat):
-            return await forward(request, prepared.url)
+            return await forward(request, prepared.url, cut=cut)
         if body.stream:
             # StreamingResponse cancels the body's iterator when the client disconnects.
-            return SlotStream(prepared.slot, chat.stream(prepared), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return SlotStream(prepared.slot, events(prepared), media_type=media_type,
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            completion = await unless_disconnected(request, chat.complete(prepared))
+            answer = await unless_disconnected(request, whole(prepared))
         finally:
             prepared.slot.release()  # the chat gave it up as it started, unless it never did
-        return Response(status_code=CLIENT_CLOSED_REQUEST) if completion is None else completion
-
-    return router
+        return Response(status_code=CLIENT_CLOSED_REQUEST) if answer is None else answer
+    except ExoError as e:
+        if refuse is None:
+            raise
+        return refuse(e)
 
 
 class SlotStream(StreamingResponse):
@@ -84,9 +105,7 @@ class SlotStream(StreamingResponse):
             self.slot.release()
 
 
-async def forward(request: Request, url: str,
-                  cut: Callable[[ExoError], bytes] = lambda e: f"\n\ndata: {json.dumps(error_body(e))}\n\n"
-                                                            "data: [DONE]\n\n".encode()) -> Response:
+async def forward(request: Request, url: str, cut: Callable[[ExoError], bytes] = _openai_cut) -> Response:
     """Hand the request to the node that serves it, and its answer (streamed as it comes) back. A client
     that goes away before the answer starts (all of a non-streamed chat) closes the upstream request,
     which cancels its generation there. A stream the serving node stops mid-way ends with `cut`'s

@@ -31,7 +31,7 @@ from exo.api.openai.protocol import (
     completion_id,
     now,
 )
-from exo.engine.generate import FinishReason
+from exo.engine.generate import Delta, FinishReason
 from exo.shared.errors import ContextTooLong, ExoError, InvalidRequest, Overloaded
 from exo.shared.generation import GenerationParams
 from exo.shared.state import Instance
@@ -151,18 +151,25 @@ class ChatService:
                     for m in request.messages]
         return await anyio.to_thread.run_sync(tokenizer.encode_chat, messages), context
 
+    async def deltas(self, chat: PreparedChat) -> AsyncIterator[Delta]:
+        """The chat's text from its instance's rank 0 as it comes, recorded in the metrics (the time to
+        each piece, the prompt tokens the prefix cache held). The chat gives its queue slot up as it
+        starts, with no wait between."""
+        chat.slot.release()
+        async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
+            chat.record.generated(delta.n_tokens)
+            if delta.finish_reason:
+                chat.record.cached(delta.cached_tokens)
+            yield delta
+
     async def complete(self, chat: PreparedChat) -> ChatCompletion | TextCompletion:
-        text, n, cached, finish = [], 0, 0, "length"
+        text, last = [], Delta("", 0, "length")
         with chat.record:
-            chat.slot.release()  # the chat takes its place in the queue as it starts, with no wait between
-            async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
-                chat.record.generated(delta.n_tokens)
+            async for delta in self.deltas(chat):
                 text.append(delta.text)
-                n, finish = delta.n_tokens, delta.finish_reason or finish
-                if delta.finish_reason:
-                    cached = delta.cached_tokens
-                    chat.record.cached(cached)
-        usage = _usage(chat, n, cached)
+                last = delta
+        usage = _usage(chat, last.n_tokens, last.cached_tokens)
+        finish = last.finish_reason or "length"
         if isinstance(chat.request, CompletionRequest):
             return TextCompletion(id=completion_id("cmpl"), created=now(), model=chat.request.model,
                                   choices=[TextChoice(text="".join(text), finish_reason=finish)], usage=usage)
@@ -193,12 +200,8 @@ class ChatService:
             if opening is not None:
                 yield _event(opening)
             try:
-                chat.slot.release()  # as in `complete`
-                async for delta in self.supervisor.chat(chat.instance.instance_id, chat.prompt, chat.params):
-                    chat.record.generated(delta.n_tokens)
+                async for delta in self.deltas(chat):
                     usage = _usage(chat, delta.n_tokens, delta.cached_tokens) if delta.finish_reason else None
-                    if delta.finish_reason:
-                        chat.record.cached(delta.cached_tokens)
                     if delta.text or delta.finish_reason:
                         yield _event(chunk.model_copy(update={"choices": [choice(delta.text, delta.finish_reason)],
                                                               "usage": usage}))
