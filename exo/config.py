@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Pydanti
 from exo.engine.blas import Blas
 from exo.master.planner import DEFAULT_CONTEXT
 from exo.models.cards import DEFAULT_MODEL
-from exo.shared.types import CacheDtype, Dtype
+from exo.shared.types import CacheDtype, Context, Dtype
 
 DEFAULT_API_PORT = 52415
 MIN_SECRET_LENGTH = 16  # a shorter API key or cluster secret can be guessed from the network
@@ -40,7 +40,7 @@ class Config(BaseSettings):
     preload: Annotated[tuple[str, ...], NoDecode] = (DEFAULT_MODEL,)
     dtype: Dtype = "quantized"
     kv_cache: CacheDtype | None = None  # None: the activations' dtype (float32 unless --dtype is a half one)
-    context: int = Field(default=DEFAULT_CONTEXT, ge=16, le=1 << 24)  # positions an instance placed here serves
+    context: Context = DEFAULT_CONTEXT  # positions an instance placed here serves
     blas: Blas = "auto"
     verbose: bool = False
     cluster: str = Field(default="exo", min_length=1)

@@ -16,25 +16,21 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exo.api.errors import first_problem, retry_header
-from exo.api.limits import MAX_MESSAGES, MAX_PARTS, MAX_STOP_CHARS, MAX_STOPS, ModelIdStr, Text
+from exo.api.limits import MAX_MESSAGES, MAX_PARTS, ModelIdStr, Stops, Text
 from exo.api.metrics import MESSAGES_ENDPOINT
 from exo.api.openai.protocol import ChatCompletionRequest
 from exo.api.openai.router import serve_chat
 from exo.api.openai.serving import ChatService, PreparedChat
 from exo.engine.generate import Delta
 from exo.shared.errors import ExoError
-from exo.shared.types import Utf8Str
 
 # Anthropic's error types, by status (https://docs.anthropic.com/en/api/errors).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",
                429: "rate_limit_error", 503: "overloaded_error"}
-
-
-MESSAGES_PATH = "/v1/messages"
 
 
 class _Request(BaseModel):
@@ -60,19 +56,10 @@ class MessagesRequest(_Request):
     max_tokens: int = Field(ge=1, lt=2**31)
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: Text | Annotated[list[TextBlock], Field(max_length=MAX_PARTS)] | None = None
-    stop_sequences: list[Utf8Str] | None = None
+    stop_sequences: Stops | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=1.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
-
-    @field_validator("stop_sequences")
-    @classmethod
-    def _bounded(cls, stops: list[str] | None) -> list[str] | None:
-        if stops and len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed")
-        if any(len(s) > MAX_STOP_CHARS for s in stops or ()):
-            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
-        return stops
 
     def as_chat(self) -> ChatCompletionRequest:
         """The same request as a chat completion."""

@@ -12,14 +12,14 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from exo import __version__
-from exo.api.anthropic import MESSAGES_PATH, anthropic_error, messages_router
+from exo.api.anthropic import anthropic_error, messages_router
 from exo.api.auth import ApiKeyMiddleware
 from exo.api.cluster import cluster_router
 from exo.api.control import Admission, AdmissionMiddleware, control_router
 from exo.api.errors import install_error_handlers
 from exo.api.instances import instances_router, route
 from exo.api.limits import BodyLimitMiddleware
-from exo.api.metrics import Metrics, metrics_router
+from exo.api.metrics import MESSAGES_ENDPOINT, Metrics, metrics_router
 from exo.api.ollama import OLLAMA_PREFIX, ollama_error, ollama_router
 from exo.api.openai.router import openai_router
 from exo.api.openai.serving import ChatService
@@ -48,7 +48,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
                api_key: str | None = None, admission: Admission | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="exo", version=__version__)
-    install_error_handlers(app, {MESSAGES_PATH: anthropic_error, OLLAMA_PREFIX: ollama_error})
+    install_error_handlers(app, {MESSAGES_ENDPOINT: anthropic_error, OLLAMA_PREFIX: ollama_error})
     admission = admission or Admission(cluster)
     metrics = Metrics(cluster.coordinator, supervisor, cluster.clock, admission)
     for model in tokenizers.catalog.list():  # their series exist at 0 before the first chat for them
@@ -65,7 +65,7 @@ def create_app(cluster: ClusterService, supervisor: Supervisor, tokenizers: Toke
                        metrics, served)
     app.include_router(openai_router(chat, tokenizers.catalog))
     app.include_router(messages_router(chat))
-    app.include_router(ollama_router(chat, tokenizers.catalog, lambda: cluster.coordinator.state))
+    app.include_router(ollama_router(chat, tokenizers.catalog))
     app.include_router(cluster_router(cluster))
     app.include_router(control_router(cluster, admission))
     app.include_router(instances_router(cluster))

@@ -20,14 +20,12 @@ from exo.models.cards import ModelCard
 from exo.shared.errors import InvalidRequest, ModelNotFound, PlacementRefused, ServiceUnavailable
 from exo.shared.runners import SERVING, RunnerStatus, runner_id
 from exo.shared.state import Instance, ShardAssignment, SharedModel, State
-from exo.shared.types import InstanceId, new_instance_id
+from exo.shared.types import Context, InstanceId, new_instance_id
 from exo.worker.tokenizers import Tokenizers
 
 READY_TIMEOUT = 120.0  # how long a chat waits for its instance's runners to load
 InstanceIdPath = Annotated[InstanceId, Path(max_length=MAX_ID_CHARS)]
 MAX_LAYERS = 10_000  # far more than any model has; keeps an explicit placement's ints small enough for the wire
-# Positions an instance serves: none of a model's own (it is capped at that), or --context's default.
-Context = Annotated[int, Field(ge=16, le=1 << 24)]
 
 
 class _Body(BaseModel):

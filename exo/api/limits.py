@@ -37,6 +37,18 @@ ModelIdStr = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterV
 Text = Annotated[Utf8Str, Field(max_length=MAX_TEXT_CHARS)]
 
 
+def bounded_stops(stops: list[str]) -> list[str]:
+    """At most MAX_STOPS stop strings of at most MAX_STOP_CHARS each, whichever API names them."""
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
+    return stops
+
+
+Stops = Annotated[list[Utf8Str], AfterValidator(bounded_stops)]
+
+
 class _TooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"The request body is over this node's limit of {limit} bytes (max_body_bytes); "

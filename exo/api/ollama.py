@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exo import __version__
 from exo.api.errors import first_problem, retry_header
-from exo.api.limits import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOPS, ModelIdStr, Text
+from exo.api.limits import MAX_MESSAGES, ModelIdStr, Stops, Text
 from exo.api.metrics import OLLAMA_CHAT_ENDPOINT, OLLAMA_GENERATE_ENDPOINT
 from exo.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from exo.api.openai.router import serve_chat
@@ -33,8 +33,6 @@ from exo.engine.generate import Delta
 from exo.models.cards import CARDS
 from exo.models.catalog import ModelCatalog
 from exo.shared.errors import ExoError
-from exo.shared.state import State
-from exo.shared.types import Utf8Str
 
 NDJSON = "application/x-ndjson"
 OLLAMA_PREFIX = "/api/"
@@ -52,14 +50,7 @@ class Options(_Request):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    stop: list[Utf8Str] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded(cls, stops: list[str] | None) -> list[str] | None:
-        if stops and (len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops)):
-            raise ValueError(f"at most {MAX_STOPS} stop sequences of at most {MAX_STOP_CHARS} characters each")
-        return stops
+    stop: Stops | None = None
 
     @property
     def max_tokens(self) -> int | None:
@@ -123,8 +114,7 @@ def stream_cut(error: ExoError) -> bytes:
     return ("\n" + json.dumps({"error": error.message}) + "\n").encode()
 
 
-def ollama_router(chat: ChatService, catalog: ModelCatalog, state: Callable[[], State]) -> APIRouter:
-    """`state()` is this node's copy of the cluster state (for /api/ps)."""
+def ollama_router(chat: ChatService, catalog: ModelCatalog) -> APIRouter:
     router = APIRouter(prefix="/api")
 
     @router.get("/version")
@@ -137,8 +127,8 @@ def ollama_router(chat: ChatService, catalog: ModelCatalog, state: Callable[[], 
 
     @router.get("/ps")
     async def ps() -> dict[str, list[dict[str, Any]]]:
-        served = sorted({i.model_id for i in state().instances.values()})
-        return {"models": [{**_model(m), "expires_at": "2999-01-01T00:00:00Z", "size_vram": 0} for m in served]}
+        return {"models": [{**_model(m), "expires_at": "2999-01-01T00:00:00Z", "size_vram": 0}
+                           for m in chat.served()]}
 
     @router.post("/show", response_model=None)
     async def show(request: Request) -> Response:

@@ -54,12 +54,8 @@ class KVCache:
         if not 0 < n <= self.offset or self.keys is None or self.values is None:
             raise ValueError(f"no prefix of {n} positions in a cache holding {self.offset}")
         copy = KVCache(self.dtype)
-        keys, values = self.keys[..., :n, :], self.values[..., :n, :]
-        copy._grow(keys, values, n)
-        assert copy.keys is not None and copy.values is not None
-        copy.keys = kernels.cache_append(copy.keys, keys, 0)
-        copy.values = kernels.cache_append(copy.values, values, 0)
-        copy.offset = n
+        copy.keys, copy.values, copy.offset = self.keys, self.values, n
+        copy._grow(self.keys, self.values, n)  # buffers of its own, the first n positions copied in
         return copy
 
     @property

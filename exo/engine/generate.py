@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,7 @@ import mlx.core as mx
 
 from exo.engine.base import LayerRange
 from exo.engine.cache import KVCache
+from exo.engine.prefix import PrefixCache
 from exo.engine.sample import Sampler, make_sampler, sampler_for
 from exo.engine.tokenizer import Tokenizer
 from exo.shared.generation import GenerationParams
@@ -43,6 +45,32 @@ def generate_step(prompt: Sequence[int], model: LayerRange, cache: list[KVCache]
         mx.async_eval(following)
         yield int(token.item())
         token = following
+
+
+class LocalHead:
+    """A whole model in this process, with its prefix cache: what a PipelineHead is for a ring."""
+
+    def __init__(self, model: LayerRange, prefix: PrefixCache | None = None) -> None:
+        self.model, self.prefix = model, prefix
+        self.reused = 0  # prompt positions the last request took from the prefix cache
+
+    def generate_step(self, prompt: Sequence[int], params: GenerationParams) -> Generator[int, None, None]:
+        """Token ids after `prompt`, forever, from the longest prefix the prefix cache holds; what the
+        request computed is kept there once it is closed (not after a failure, which may leave the
+        caches half written)."""
+        reused = self.prefix.lookup(prompt) if self.prefix is not None else None
+        cache, self.reused = (reused.caches, reused.n) if reused else (self.model.make_cache(), 0)
+        generated: list[int] = []
+        try:
+            steps = generate_step(prompt[self.reused:], self.model, cache, sampler=sampler_for(params))
+            with closing(steps):
+                for token in steps:
+                    generated.append(token)
+                    yield token
+        except GeneratorExit:
+            if self.prefix is not None:
+                self.prefix.store([*prompt, *generated], cache)
+            raise
 
 
 @dataclass(frozen=True)

@@ -76,11 +76,11 @@ class ModelArgs:
             params = params if first == 0 else {**params, "sliding_window": None}
         args = cls(**{k: v for k, v in params.items() if k in known and v is not None})
         rope_dims = int(args.dim_per_head * params.get("partial_rotary_factor", 1.0))
-        scaling = params.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) in ("longrope", "su"):  # "su": its first name
-            return replace(args, rope_dims=rope_dims, long_rope=_long_rope(params, scaling),
-                           tie_word_embeddings=params.get("tie_word_embeddings", False))
-        return replace(args, rope_dims=rope_dims, rope_factors=rope_factors(scaling, rope_dims, args.rope_theta),
+        scaling = params.get("rope_scaling") or {}
+        longrope = scaling.get("rope_type", scaling.get("type")) in ("longrope", "su")  # "su": longrope's first name
+        return replace(args, rope_dims=rope_dims,
+                       rope_factors=None if longrope else rope_factors(scaling, rope_dims, args.rope_theta),
+                       long_rope=_long_rope(params, scaling) if longrope else None,
                        tie_word_embeddings=params.get("tie_word_embeddings", False))  # Hugging Face's default
 
     def for_context(self, context: int | None) -> ModelArgs:

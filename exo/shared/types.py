@@ -25,6 +25,7 @@ Index = Annotated[int, Interval(ge=-1, le=WIRE_INT_MAX)]  # an event index or a 
 Port = Annotated[int, Interval(ge=1, le=65535)]
 RingPort = Annotated[int, Interval(ge=0, le=65535)]  # 0 while a runner has not bound its ring socket
 Small = Annotated[int, Interval(ge=0, le=1 << 20)]  # ranks, layers, CPU cores
+Context = Annotated[int, Interval(ge=16, le=1 << 24)]  # positions (prompt and completion) an instance serves
 
 NodeId = NewType("NodeId", str)
 InstanceId = NewType("InstanceId", str)

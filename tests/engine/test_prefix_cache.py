@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from exo.engine.cache import KVCache
-from exo.engine.generate import generate_step
+from exo.engine.generate import LocalHead
 from exo.engine.loading import LoadedModel, load
 from exo.engine.prefix import MIN_REUSE, PrefixCache
+from exo.shared.generation import GenerationParams
 
 SYSTEM = ("You are a careful assistant for a bakery. Answer in one short sentence, name the bread when "
           "you can, and never invent prices. The shop opens at seven and closes at six; it sells rye, "
@@ -29,13 +30,10 @@ def chat(model: LoadedModel, question: str) -> list[int]:
 
 def generate(model: LoadedModel, prompt: list[int], prefix: PrefixCache | None) -> tuple[list[int], int]:
     """N greedy tokens after `prompt`, and how many of its positions came from `prefix`."""
-    reused = prefix.lookup(prompt) if prefix is not None else None
-    cache, n = (reused.caches, reused.n) if reused else (model.model.make_cache(), 0)
-    with closing(generate_step(prompt[n:], model.model, cache)) as tokens:
+    head = LocalHead(model.model, prefix)
+    with closing(head.generate_step(prompt, GenerationParams(max_tokens=N))) as tokens:
         out = list(islice(tokens, N))
-    if prefix is not None:
-        prefix.store([*prompt, *out], cache)
-    return out, n
+    return out, head.reused
 
 
 @pytest.mark.parametrize("name", ["smollm", "gemma"])

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from exo.api.limits import MAX_MESSAGES, MAX_PARTS, MAX_STOP_CHARS, MAX_STOPS, ModelIdStr, Text
+from exo.api.limits import MAX_MESSAGES, MAX_PARTS, ModelIdStr, Text, bounded_stops
 from exo.engine.generate import FinishReason
 from exo.models.catalog import ModelInfo
 from exo.shared.types import Utf8Str
@@ -58,10 +58,7 @@ class _GenerationRequest(_Request):
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed")
-        if any(len(s) > MAX_STOP_CHARS for s in ([stop] if isinstance(stop, str) else stop or ())):
-            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
+        bounded_stops([stop] if isinstance(stop, str) else stop or [])
         return stop
 
     @property

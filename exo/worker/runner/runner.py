@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from exo.engine.cache import KVCache
-from exo.engine.generate import detokenize, generate_step
+from exo.engine.generate import LocalHead, detokenize
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import PipelineHead, Ring, leave, serve, write_hostfile
 from exo.engine.prefix import PrefixCache
-from exo.engine.sample import sampler_for
 from exo.shared.generation import GenerationParams
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
 from exo.worker.runner.messages import (
@@ -49,10 +48,8 @@ class Runner:
         self.status = RunnerStatus.IDLE
         self.ring: Ring | None = None
         self.loaded: LoadedModel | None = None
-        self.head: PipelineHead | None = None
-        self.prefix: PrefixCache | None = None  # rank 0's: key/values kept between requests
-        self._prefix_parts: dict[int, list[KVCache]] = {}  # another rank's parts of rank 0's entries
-        self._reused = 0  # prompt tokens the running chat took from the prefix cache
+        self.head: PipelineHead | LocalHead | None = None  # rank 0's, once loaded
+        self._prefix_parts: dict[int, list[KVCache]] = {}  # another rank's parts of rank 0's prefix entries
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._task_arrived = threading.Event()  # ends a follower's ring service so the task gets its turn
         self._cancelled: set[str] = set()
@@ -182,9 +179,9 @@ class Runner:
             case TaskKind.LOAD:
                 self.loaded = load(Path(spec.model_path), spec.start, spec.end, spec.dtype, spec.kv_cache, spec.context)
                 if self.is_head:  # as many positions again as the instance serves (the planner counts them)
-                    self.prefix = PrefixCache(spec.context or self.loaded.args.max_position_embeddings)
-                if self.ring is not None and self.is_head:
-                    self.head = PipelineHead(self.loaded.model, self.ring, self.prefix)
+                    prefix = PrefixCache(spec.context or self.loaded.args.max_position_embeddings)
+                    self.head = (PipelineHead(self.loaded.model, self.ring, prefix) if self.ring is not None
+                                 else LocalHead(self.loaded.model, prefix))
             case TaskKind.WARMUP:
                 if self.is_head:  # one short request through every rank, so the first real one is not slow
                     with closing(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2))) as tokens:
@@ -199,7 +196,7 @@ class Runner:
             raise ValueError(f"rank {self.spec.rank} takes no chat tasks; rank 0 of the instance does")
         if task.params is None or not task.prompt:
             raise ValueError("a chat task needs a prompt and sampling parameters")
-        assert self.loaded is not None
+        assert self.loaded is not None and self.head is not None
         params = task.params
         # Closed here, not left to the garbage collector: closing a pipeline's stream finishes the step in
         # flight on the ring, and a ring lost meanwhile must fail this task, not vanish as an ignored error.
@@ -211,41 +208,12 @@ class Runner:
                     return TaskStatus.CANCELLED
                 self._send(Generated(task_id=task.task_id, text=delta.text, n_tokens=delta.n_tokens,
                                      finish_reason=delta.finish_reason, stop_sequence=delta.stop_sequence,
-                                     cached_tokens=self._reused if delta.finish_reason else 0))
+                                     cached_tokens=self.head.reused if delta.finish_reason else 0))
         return TaskStatus.COMPLETE
 
     def _tokens(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
-        assert self.loaded is not None
-        if self.head is not None:
-            return self._pipelined(prompt, params)
-        return self._generate(prompt, params)
-
-    def _pipelined(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
         assert self.head is not None
-        with closing(self.head.generate_step(prompt, params)) as tokens:
-            for token in tokens:
-                self._reused = self.head.reused
-                yield token
-
-    def _generate(self, prompt: tuple[int, ...], params: GenerationParams) -> Generator[int, None, None]:
-        """Tokens after `prompt` on this rank alone, from the longest prefix the prefix cache holds; what
-        the request computed is kept there once it is closed (not after a failure, which may leave the
-        caches half written)."""
-        assert self.loaded is not None
-        model = self.loaded.model
-        reused = self.prefix.lookup(prompt) if self.prefix is not None else None
-        cache, self._reused = (reused.caches, reused.n) if reused else (model.make_cache(), 0)
-        sampler = sampler_for(params)
-        generated: list[int] = []
-        try:
-            with closing(generate_step(prompt[self._reused:], model, cache, sampler=sampler)) as tokens:
-                for token in tokens:
-                    generated.append(token)
-                    yield token
-        except GeneratorExit:
-            if self.prefix is not None:
-                self.prefix.store([*prompt, *generated], cache)
-            raise
+        return self.head.generate_step(prompt, params)
 
     # -- reporting -----------------------------------------------------------------------------
 
