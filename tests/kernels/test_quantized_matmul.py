@@ -90,3 +90,18 @@ def test_mismatched_shapes_are_a_clear_error(path):
     w, scales, biases = _weights(64, 256, 4, 64)
     with pytest.raises(ValueError, match="match"):
         mx.eval(kernels.quantized_matmul(mx.zeros((1, 128)), w, scales, biases, group_size=64, bits=4))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [2, 3, 4, 7, 8])
+def test_each_row_of_a_decode_batch_is_what_it_is_alone(path, bits, group_size, rows):
+    """Batched decoding gives each sequence the tokens it gets alone only if its row's sums do not
+    depend on the rows beside it: bit for bit, up to the 8 rows a batch holds."""
+    mx.random.seed(rows + bits + group_size)
+    w, scales, biases = _weights(136, 2048, bits, group_size)
+    x = mx.random.normal((rows, 2048))
+    together = kernels.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+    for r in range(rows):
+        alone = kernels.quantized_matmul(x[r:r + 1], w, scales, biases, group_size=group_size, bits=bits)
+        assert mx.array_equal(together[r:r + 1], alone).item(), (r, mx.abs(together[r:r + 1] - alone).max().item())
