@@ -62,8 +62,9 @@ class LayerRange(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         raise NotImplementedError
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache], *, last_only: bool = False) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list[LayerCache], *, last_only: bool = False) -> mx.array:
         """Token ids `[B, L]` (first range) or hidden states `[B, L, D]` in; hidden states or logits out.
+        `cache` holds each layer's: for a batch of sequences, one KVCache per row (see `attend_rotated`).
         With `last_only` the head reads the last position alone (`[B, 1, vocab]`): a prompt's next token
         needs no logits for the positions before it, and the head is the widest matrix of the model."""
         h = self.embed(inputs) if self.is_first else inputs
@@ -90,6 +91,9 @@ class GatedMLP(nn.Module):
         return self.down_proj(kernels.gated(self.gate_up_proj(x), self.activation))
 
 
+LayerCache = KVCache | list[KVCache]  # a layer's cache: one sequence's, or one for each row of a batch
+
+
 def attend(q: mx.array, k: mx.array, v: mx.array, cache: KVCache, *, scale: float,
            window: int | None = None) -> mx.array:
     """Append `k`/`v` `[B, Hkv, L, D]` to the cache and attend `q` `[B, Hq, L, D]` causally over it; with a
@@ -97,3 +101,14 @@ def attend(q: mx.array, k: mx.array, v: mx.array, cache: KVCache, *, scale: floa
     layers). Returns `[B, Hq, L, D]`."""
     keys, values = cache.append(k, v)
     return kernels.attention(q, keys, values, length=cache.offset, scale=scale, window=window)
+
+
+def attend_rotated(q: mx.array, k: mx.array, v: mx.array, cache: LayerCache,
+                   rotate: Callable[[mx.array, int], mx.array], *, scale: float, window: int | None = None) -> mx.array:
+    """Rotate q and k to their positions (`rotate(x, offset)`) and `attend`. A batch's rows are sequences
+    at positions of their own: each row is rotated and attends over its own sequence's cache, with the
+    shapes it has alone (so it gets the numbers it gets alone)."""
+    if isinstance(cache, KVCache):
+        return attend(rotate(q, cache.offset), rotate(k, cache.offset), v, cache, scale=scale, window=window)
+    rows = zip(mx.split(q, len(cache)), mx.split(k, len(cache)), mx.split(v, len(cache)), cache, strict=True)
+    return mx.concatenate([attend_rotated(*row, rotate, scale=scale, window=window) for row in rows])

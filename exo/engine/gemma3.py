@@ -20,8 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from exo import kernels
-from exo.engine.base import GatedMLP, LayerRange, attend
-from exo.engine.cache import KVCache
+from exo.engine.base import GatedMLP, LayerCache, LayerRange, attend_rotated
 from exo.engine.layers import RMSNorm
 from exo.shared.errors import ModelFormatError
 
@@ -81,13 +80,12 @@ class Attention(nn.Module):
         self.rope_base = args.rope_local_base_freq if sliding else args.rope_theta
         self.rope_scale = 1.0 if sliding else 1.0 / args.rope_scaling_factor
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim)
         q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
         q, k = self.q_norm(q).transpose(0, 2, 1, 3), self.k_norm(k).transpose(0, 2, 1, 3)
-        q, k = self.rotate(q, cache.offset), self.rotate(k, cache.offset)
-        out = attend(q, k, v.transpose(0, 2, 1, 3), cache, scale=self.scale, window=self.window)
+        out = attend_rotated(q, k, v.transpose(0, 2, 1, 3), cache, self.rotate, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def rotate(self, x: mx.array, offset: int) -> mx.array:
@@ -106,7 +104,7 @@ class TransformerBlock(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(dims, eps)
         self.post_feedforward_layernorm = RMSNorm(dims, eps)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 

@@ -155,28 +155,46 @@ def generate_text(prompt: Sequence[int], model: LayerRange, tokenizer: Tokenizer
     return detokenize(generate_step(prompt, model, cache, sampler=sampler), tokenizer, params)
 
 
+class Detokenizer:
+    """Text from token ids given one at a time, until an end token, a stop string or `max_tokens`: `add`
+    returns the Delta a token makes, if it makes text or ends the generation (`finished` then)."""
+
+    def __init__(self, tokenizer: Tokenizer, params: GenerationParams) -> None:
+        self.eos_ids, self.max_tokens = tokenizer.eos_ids, params.max_tokens
+        self.text = TextAssembler(tokenizer, params.stop)
+        self.n = 0
+        self.finished = False
+
+    def add(self, token: int) -> Delta | None:
+        self.n += 1
+        delta = self._delta(token)
+        self.finished = delta is not None and delta.finish_reason is not None
+        return delta
+
+    def _delta(self, token: int) -> Delta | None:
+        if token in self.eos_ids:
+            return Delta(self.text.flush(), self.n, "stop")
+        piece, stopped = self.text.add(token)
+        if stopped:
+            return Delta(piece, self.n, "stop", stop_sequence=self.text.stopped_by)
+        if self.n >= self.max_tokens:
+            return Delta(piece + self.text.flush(), self.n, "length")
+        return Delta(piece, self.n) if piece else None
+
+
 def detokenize(tokens: Iterator[int], tokenizer: Tokenizer, params: GenerationParams) -> Iterator[Delta]:
-    """Text from a stream of token ids, until an end token, a stop string or `max_tokens`.
+    """Text from a stream of token ids (see Detokenizer).
 
     The token stream is closed when the text ends, however it ends, so a pipeline can finish the
     step it has in flight.
     """
-    text = TextAssembler(tokenizer, params.stop)
-    n = 0
+    text = Detokenizer(tokenizer, params)
     try:
-        for n, token in enumerate(tokens, start=1):
-            if token in tokenizer.eos_ids:
-                yield Delta(text.flush(), n, "stop")
+        for token in tokens:
+            if (delta := text.add(token)) is not None:
+                yield delta
+            if text.finished:
                 return
-            piece, stopped = text.add(token)
-            if stopped:
-                yield Delta(piece, n, "stop", stop_sequence=text.stopped_by)
-                return
-            if n >= params.max_tokens:
-                yield Delta(piece + text.flush(), n, "length")
-                return
-            if piece:
-                yield Delta(piece, n)
     finally:
         if isinstance(tokens, Generator):
             tokens.close()

@@ -24,8 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from exo import kernels
-from exo.engine.base import GatedMLP, LayerRange, attend
-from exo.engine.cache import KVCache
+from exo.engine.base import GatedMLP, LayerCache, LayerRange, attend_rotated
 from exo.engine.layers import RMSNorm
 from exo.shared.errors import ModelFormatError
 
@@ -162,15 +161,14 @@ class Attention(nn.Module):
         self._rope_scale = None if args.rope_scale == 1.0 else mx.concatenate(  # on the rotated part only
             [mx.full((self.rope_dims,), args.rope_scale), mx.ones((self.head_dim - self.rope_dims,))])
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim)
         q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        q, k = self.rotate(q, cache.offset), self.rotate(k, cache.offset)
-        out = attend(q, k, v, cache, scale=self.scale, window=self.window)
+        out = attend_rotated(q, k, v, cache, self.rotate, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def rotate(self, x: mx.array, offset: int) -> mx.array:
@@ -187,7 +185,7 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 

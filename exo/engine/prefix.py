@@ -82,9 +82,13 @@ class PrefixCache:
         for tokens_held in [t for t in self._entries if held[: len(t)] == t]:
             self._dropped.append(self._entries.pop(tokens_held).id)
         self._entries[held] = entry
+        self.trim()
+        return entry.id
+
+    def trim(self) -> None:
+        """Drop the least recently used entries until the rest fit the budget (which its owner may lower)."""
         while self.positions > self.budget:
             self._dropped.append(self._entries.popitem(last=False)[1].id)
-        return entry.id
 
     def take_dropped(self) -> list[int]:
         """The numbers of the entries dropped since the last call."""

@@ -17,6 +17,7 @@ ALLOWED = {
     (S.LOADED, K.WARMUP): Transition(S.WARMING_UP, S.READY, S.FAILED),
     (S.READY, K.WARMUP): Transition(S.WARMING_UP, S.READY, S.FAILED),
     (S.READY, K.CHAT): Transition(S.RUNNING, S.READY, S.READY),
+    (S.RUNNING, K.CHAT): Transition(S.RUNNING, S.READY, S.READY),  # a chat joins the batch
     **{(s, K.SHUTDOWN): Transition(S.SHUTTING_DOWN, S.SHUTDOWN, S.SHUTDOWN)
        for s in S if s not in (S.SHUTTING_DOWN, S.SHUTDOWN)},
 }

@@ -4,6 +4,10 @@ The main thread reads the node's messages; one worker thread owns MLX and takes 
 A task is checked against the transition table when its turn comes, so a task that does not
 fit, or that raises, fails alone: the runner reports it and goes on serving. Rank 0 takes the
 chats and drives the ring; the other ranks serve the ring between tasks.
+
+An instance of one rank decodes its chats together (exo.engine.batch): a chat joins the running
+batch between rounds and leaves it when it ends or is cancelled; other tasks wait for the batch
+to empty.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import logging
 import queue
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Generator
 from contextlib import closing
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
+from exo.engine.batch import Batch
 from exo.engine.cache import KVCache
-from exo.engine.generate import LocalHead, detokenize
+from exo.engine.generate import Detokenizer, LocalHead, detokenize
 from exo.engine.loading import LoadedModel, load
 from exo.engine.pipeline import PipelineHead, Ring, leave, serve, write_hostfile
 from exo.engine.prefix import PrefixCache
@@ -35,11 +42,20 @@ from exo.worker.runner.messages import (
     read_frame,
     write_frame,
 )
-from exo.worker.runner.transitions import InvalidTransition, may_become, transition
+from exo.worker.runner.transitions import InvalidTransition, Transition, may_become, transition
 
 log = logging.getLogger(__name__)
 
 WARMUP_PROMPT = (1, 2, 3, 4)
+
+
+@dataclass(eq=False)
+class _Chat:
+    """A chat in the batch: its task, its transition's statuses and its text so far."""
+
+    task: Task
+    step: Transition
+    text: Detokenizer
 
 
 class Runner:
@@ -49,6 +65,9 @@ class Runner:
         self.ring: Ring | None = None
         self.loaded: LoadedModel | None = None
         self.head: PipelineHead | LocalHead | None = None  # rank 0's, once loaded
+        self.batch: Batch | None = None  # rank 0's of an instance of one rank, once loaded
+        self._chats: dict[str, _Chat] = {}  # the batch's, by task id
+        self._deferred: deque[Task] = deque()  # tasks other than chats taken while the batch ran
         self._prefix_parts: dict[int, list[KVCache]] = {}  # another rank's parts of rank 0's prefix entries
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._task_arrived = threading.Event()  # ends a follower's ring service so the task gets its turn
@@ -105,9 +124,21 @@ class Runner:
         while True:
             if self._serves_ring():
                 self._serve_ring()
-            if (task := self._tasks.get()) is None:
+            if self._chats:  # a round of the batch, then any task that came meanwhile
+                self._round()
+                try:
+                    task = self._tasks.get_nowait()
+                except queue.Empty:
+                    continue
+            else:
+                task = self._deferred.popleft() if self._deferred else self._tasks.get()
+            if task is None:
+                self._end_batch(TaskStatus.CANCELLED, "the runner is stopping")
                 break
-            self._run(task)
+            if self._chats and task.kind != TaskKind.CHAT:
+                self._deferred.append(task)  # after the batch, which it would change under its chats
+            else:
+                self._run(task)
         if self.ring is not None and not self._ring_closed:
             try:
                 leave(self.ring)
@@ -145,6 +176,9 @@ class Runner:
             return
         self._report(task, TaskStatus.RUNNING)
         self._set_status(step.during)
+        if task.kind == TaskKind.CHAT and self.batch is not None:
+            self._join(task, step)
+            return
         self._active = task.task_id
         try:
             outcome = self._perform(task)
@@ -179,9 +213,12 @@ class Runner:
             case TaskKind.LOAD:
                 self.loaded = load(Path(spec.model_path), spec.start, spec.end, spec.dtype, spec.kv_cache, spec.context)
                 if self.is_head:  # as many positions again as the instance serves (the planner counts them)
-                    prefix = PrefixCache(spec.context or self.loaded.args.max_position_embeddings)
-                    self.head = (PipelineHead(self.loaded.model, self.ring, prefix) if self.ring is not None
-                                 else LocalHead(self.loaded.model, prefix))
+                    context = spec.context or self.loaded.args.max_position_embeddings
+                    prefix = PrefixCache(context)
+                    if self.ring is not None:
+                        self.head = PipelineHead(self.loaded.model, self.ring, prefix)
+                    else:
+                        self.head, self.batch = LocalHead(self.loaded.model), Batch(self.loaded.model, context, prefix)
             case TaskKind.WARMUP:
                 if self.is_head:  # one short request through every rank, so the first real one is not slow
                     with closing(self._tokens(WARMUP_PROMPT, GenerationParams(max_tokens=2))) as tokens:
@@ -215,12 +252,77 @@ class Runner:
         assert self.head is not None
         return self.head.generate_step(prompt, params)
 
+    # -- the batch -----------------------------------------------------------------------------
+
+    def _join(self, task: Task, step: Transition) -> None:
+        assert self.batch is not None and self.loaded is not None
+        try:
+            if task.params is None or not task.prompt:
+                raise ValueError("a chat task needs a prompt and sampling parameters")
+            self.batch.join(task.task_id, task.prompt, task.params)
+        except ValueError as e:
+            log.warning("runner=%s task=%s chat failed: %s", self.name, task.task_id, e)
+            if not self._chats:
+                self._set_status(step.on_error)
+            self._report(task, TaskStatus.FAILED, f"ValueError: {e}")
+            return
+        self._chats[task.task_id] = _Chat(task, step, Detokenizer(self.loaded.tokenizer, task.params))
+
+    def _round(self) -> None:
+        """One round of the batch: each chat's token turned into text and sent; the chats that ended or
+        were cancelled leave."""
+        assert self.batch is not None
+        for task_id in [t for t in self._chats if t in self._cancelled]:
+            log.info("runner=%s task=%s cancelled after %d tokens", self.name, task_id, self._chats[task_id].text.n)
+            self._leave(task_id, TaskStatus.CANCELLED)
+        if not self._chats:
+            self._set_status(RunnerStatus.READY)
+            return
+        try:
+            done = self.batch.step()
+        except Exception as e:  # every chat's caches may be half written: all of them fail, the runner lives on
+            reason = f"{type(e).__name__}: {e}"
+            log.exception("runner=%s a round of %d chats failed: %s", self.name, len(self._chats), reason)
+            self._end_batch(TaskStatus.FAILED, reason)
+            return
+        for task_id, token in done.tokens.items():
+            chat = self._chats[task_id]
+            if (delta := chat.text.add(token)) is not None:
+                reused = self.batch.members[task_id].reused if delta.finish_reason else 0
+                self._send(Generated(task_id=task_id, text=delta.text, n_tokens=delta.n_tokens,
+                                     finish_reason=delta.finish_reason, stop_sequence=delta.stop_sequence,
+                                     cached_tokens=reused))
+            if chat.text.finished:
+                self._leave(task_id, TaskStatus.COMPLETE)
+        if not self._chats:
+            self._set_status(RunnerStatus.READY)
+
+    def _leave(self, task_id: str, outcome: TaskStatus) -> None:
+        assert self.batch is not None
+        chat = self._chats.pop(task_id)
+        self.batch.leave(task_id)
+        self._cancelled.discard(task_id)
+        self._report(chat.task, outcome, "cancelled" if outcome == TaskStatus.CANCELLED else None)
+
+    def _end_batch(self, outcome: TaskStatus, reason: str) -> None:
+        """End every chat of the batch with `outcome`, keeping none of their caches."""
+        if self.batch is None or not self._chats:
+            return
+        chats, self._chats = self._chats, {}
+        self.batch.clear()
+        for chat in chats.values():
+            self._cancelled.discard(chat.task.task_id)
+            self._report(chat.task, outcome, reason)
+        self._set_status(next(iter(chats.values())).step.on_error if outcome == TaskStatus.FAILED
+                         else RunnerStatus.READY)
+
     # -- reporting -----------------------------------------------------------------------------
 
     def _pending_ids(self) -> list[str]:
         with self._tasks.mutex:
             queued = [t.task_id for t in self._tasks.queue if t is not None]
-        return [*queued, *([self._active] if self._active else [])]
+        return [*queued, *(t.task_id for t in list(self._deferred)), *list(self._chats),
+                *([self._active] if self._active else [])]
 
     def _set_status(self, status: RunnerStatus, error: str | None = None) -> None:
         with self._status_lock:

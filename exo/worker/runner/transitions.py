@@ -35,6 +35,7 @@ TRANSITIONS: dict[tuple[S, K], Transition] = {
     (S.LOADED, K.WARMUP): Transition(S.WARMING_UP, S.READY, S.FAILED),
     (S.READY, K.WARMUP): Transition(S.WARMING_UP, S.READY, S.FAILED),
     (S.READY, K.CHAT): Transition(S.RUNNING, S.READY, S.READY),  # a failed request leaves the runner serving
+    (S.RUNNING, K.CHAT): Transition(S.RUNNING, S.READY, S.READY),  # it joins the running batch; Ready once all end
     **{(status, K.SHUTDOWN): Transition(S.SHUTTING_DOWN, S.SHUTDOWN, S.SHUTDOWN)
        for status in S if status not in (S.SHUTTING_DOWN, S.SHUTDOWN)},
 }
