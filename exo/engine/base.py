@@ -104,11 +104,22 @@ def attend(q: mx.array, k: mx.array, v: mx.array, cache: KVCache, *, scale: floa
 
 
 def attend_rotated(q: mx.array, k: mx.array, v: mx.array, cache: LayerCache,
-                   rotate: Callable[[mx.array, int], mx.array], *, scale: float, window: int | None = None) -> mx.array:
+                   rotate: Callable[[mx.array, int | list[int]], mx.array], *, scale: float,
+                   window: int | None = None) -> mx.array:
     """Rotate q and k to their positions (`rotate(x, offset)`) and `attend`. A batch's rows are sequences
     at positions of their own: each row is rotated and attends over its own sequence's cache, with the
     shapes it has alone (so it gets the numbers it gets alone)."""
     if isinstance(cache, KVCache):
         return attend(rotate(q, cache.offset), rotate(k, cache.offset), v, cache, scale=scale, window=window)
+    if q.shape[2] == 1 and kernels.decodes_batches(q):  # a decode step: one node for all the rows' attention
+        offsets = [c.offset for c in cache]
+        q, k = rotate(q, offsets), rotate(k, offsets)
+        for c in cache:
+            k, v = c.reserve(k, v)  # room for one more position, and the dtype the caches hold
+        out, keys, values = kernels.decode_attention(q, k, v, [c.keys for c in cache], [c.values for c in cache],
+                                                     offsets, scale=scale, window=window)
+        for c, new_keys, new_values in zip(cache, keys, values, strict=True):
+            c.keys, c.values, c.offset = new_keys, new_values, c.offset + 1
+        return out
     rows = zip(mx.split(q, len(cache)), mx.split(k, len(cache)), mx.split(v, len(cache)), cache, strict=True)
     return mx.concatenate([attend_rotated(*row, rotate, scale=scale, window=window) for row in rows])

@@ -28,17 +28,28 @@ class KVCache:
         if self.dtype is not None and keys.dtype != self.dtype:
             keys, values = keys.astype(self.dtype), values.astype(self.dtype)
         if self.keys is None or self.values is None or prev + n > self.keys.shape[2]:
-            self._grow(keys, values, prev + n)
+            self._grow(keys.shape, keys.dtype, prev + n)
         assert self.keys is not None and self.values is not None
         self.keys = kernels.cache_append(self.keys, keys, prev)
         self.values = kernels.cache_append(self.values, values, prev)
         self.offset = prev + n
         return self.keys, self.values
 
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+    def reserve(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Make room for `keys`/`values` `[1, H, L, D]` past the offset without writing them (for a kernel
+        that writes them itself; a batch's `[B, H, L, D]`, row by row); returns them in the cache's dtype."""
+        if self.dtype is not None and keys.dtype != self.dtype:
+            keys, values = keys.astype(self.dtype), values.astype(self.dtype)
+        if self.keys is None or self.values is None or self.offset + keys.shape[2] > self.keys.shape[2]:
+            self._grow((1, *keys.shape[1:]), keys.dtype, self.offset + keys.shape[2])
+        return keys, values
+
+    def _grow(self, shape_of: tuple[int, ...], dtype: mx.Dtype, needed: int) -> None:
+        """Buffers for `needed` positions (rounded up to whole steps) of `shape_of`'s batch, heads and
+        head size, the positions held copied in."""
         capacity = -(-needed // self.step) * self.step
-        shape = (*keys.shape[:2], capacity, keys.shape[3])
-        new_k, new_v = mx.zeros(shape, keys.dtype), mx.zeros(shape, values.dtype)
+        shape = (shape_of[0], shape_of[1], capacity, shape_of[3])
+        new_k, new_v = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
         if self.keys is not None and self.values is not None and self.offset:
             new_k = kernels.cache_append(new_k, self.keys[..., : self.offset, :], 0)
             new_v = kernels.cache_append(new_v, self.values[..., : self.offset, :], 0)
@@ -55,7 +66,7 @@ class KVCache:
             raise ValueError(f"no prefix of {n} positions in a cache holding {self.offset}")
         copy = KVCache(self.dtype)
         copy.keys, copy.values, copy.offset = self.keys, self.values, n
-        copy._grow(self.keys, self.values, n)  # buffers of its own, the first n positions copied in
+        copy._grow(self.keys.shape, self.keys.dtype, n)  # buffers of its own, the first n positions copied in
         return copy
 
     @property

@@ -88,7 +88,7 @@ class Attention(nn.Module):
         out = attend_rotated(q, k, v.transpose(0, 2, 1, 3), cache, self.rotate, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def rotate(self, x: mx.array, offset: int) -> mx.array:
+    def rotate(self, x: mx.array, offset: int | list[int]) -> mx.array:
         return kernels.rope(x, dims=self.head_dim, traditional=False, base=self.rope_base, scale=self.rope_scale,
                             offset=offset)
 

@@ -171,7 +171,7 @@ class Attention(nn.Module):
         out = attend_rotated(q, k, v, cache, self.rotate, scale=self.scale, window=self.window)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def rotate(self, x: mx.array, offset: int) -> mx.array:
+    def rotate(self, x: mx.array, offset: int | list[int]) -> mx.array:
         x = kernels.rope(x, dims=self.rope_dims, traditional=self.rope_traditional, base=self.rope_base,
                          offset=offset, periods=self._rope_periods)
         return x if self._rope_scale is None else x * self._rope_scale

@@ -131,14 +131,19 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 
 def rope(x: mx.array, *, dims: int, traditional: bool, base: float, scale: float = 1.0,
-         offset: int | mx.array = 0, periods: mx.array | None = None) -> mx.array:
-    """Rotary embedding of `x` `[B, H, L, D]`, positions from `offset`. Frequency `i` of `dims / 2` is
+         offset: int | mx.array | list[int] = 0, periods: mx.array | None = None) -> mx.array:
+    """Rotary embedding of `x` `[B, H, L, D]`, positions from `offset`, or from `offset[b]` for batch row b
+    where it is a list (a batch of sequences, each at its own position). Frequency `i` of `dims / 2` is
     `base ** (-2i / dims)`, or `1 / periods[i]` where float32 `periods` are given (rescaled frequencies)."""
     if _native_ok(x):
         extra = [] if periods is None else [periods]
         if isinstance(offset, mx.array):
-            return _native.rope(x, dims, traditional, base, scale, 0, [offset], extra)
-        return _native.rope(x, dims, traditional, base, scale, offset, [], extra)
+            return _native.rope(x, dims, traditional, base, scale, [0], [offset], extra)
+        return _native.rope(x, dims, traditional, base, scale, offset if isinstance(offset, list) else [offset], [],
+                            extra)
+    if isinstance(offset, list):
+        return mx.concatenate([rope(row, dims=dims, traditional=traditional, base=base, scale=scale, offset=at,
+                                    periods=periods) for row, at in zip(mx.split(x, len(offset)), offset, strict=True)])
     if periods is not None:
         return mx.fast.rope(x, dims, traditional=traditional, base=None, scale=scale, offset=offset, freqs=periods)
     return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
@@ -170,6 +175,22 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, *, length: int, sca
     positions = mx.arange(length)[None]
     mask = (positions <= queries) & (queries - positions < window)
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+
+def decodes_batches(q: mx.array) -> bool:
+    """Whether `decode_attention` takes this query (else a batch attends a row at a time)."""
+    return _native_ok(q)
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, keys: list[mx.array], values: list[mx.array],
+                     offsets: list[int], *, scale: float,
+                     window: int | None = None) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """A batch's decode step in one node: row b's `k`/`v` `[B, Hkv, 1, D]` written at `offsets[b]` of its
+    own `keys[b]`/`values[b]` `[1, Hkv, capacity, D]` (in place: use the caches returned), and its query
+    `q` `[B, Hq, 1, D]` attending over its first `offsets[b] + 1` positions, as `attention` computes it
+    alone. Native only (see `decodes_batches`)."""
+    out, *caches = _native.decode_attention(q, k, v, keys, values, offsets, scale, window or 0)
+    return out, caches[0::2], caches[1::2]
 
 
 _use_from_environment()

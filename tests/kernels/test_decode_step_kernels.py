@@ -184,3 +184,38 @@ def test_the_kernels_compile_into_one_step_with_an_array_offset(path):
     x = mx.random.normal((1, 4, 1, 64))
     for pos in (3, 8):
         _close(compiled(x, mx.array(pos)), reference(x, mx.array(pos)), 1e-5)
+
+
+@pytest.mark.parametrize("periods", [False, True])
+def test_rope_with_an_offset_per_batch_row_rotates_each_row_as_alone(path, periods):
+    """A batch of sequences, each at its own position: row b rotated from offsets[b], bit for bit as alone."""
+    x = mx.random.normal((3, 4, 1, 64))
+    freqs = 10000.0 ** (mx.arange(0, 64, 2) / 64) * mx.linspace(1, 4, 32) if periods else None
+    offsets = [0, 41, 300]
+    got = kernels.rope(x, dims=64, traditional=False, base=10000.0, offset=offsets, periods=freqs)
+    for b, at in enumerate(offsets):
+        alone = kernels.rope(x[b:b + 1], dims=64, traditional=False, base=10000.0, offset=at, periods=freqs)
+        assert mx.array_equal(got[b:b + 1], alone).item(), b
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_a_batch_decode_step_writes_each_cache_and_attends_each_row_as_alone(path, dtype, window):
+    if not kernels.decodes_batches(mx.zeros((1,), mx.float32)):
+        pytest.skip("the stock path attends a batch a row at a time")
+    mx.random.seed(5)
+    lengths, hq, hkv, d = [7, 30, 64], 6, 2, 32
+    keys = [mx.random.normal((1, hkv, 64 + 32 * b, d)).astype(dtype) for b in range(3)]
+    values = [mx.random.normal((1, hkv, 64 + 32 * b, d)).astype(dtype) for b in range(3)]
+    q, k, v = mx.random.normal((3, hq, 1, d)), mx.random.normal((3, hkv, 1, d)), mx.random.normal((3, hkv, 1, d))
+    k, v = k.astype(dtype), v.astype(dtype)
+    alone = []
+    for b, at in enumerate(lengths):  # each row alone: append at its offset, attend over offset + 1 positions
+        kb = kernels.cache_append(mx.array(keys[b]), k[b:b + 1], at)
+        vb = kernels.cache_append(mx.array(values[b]), v[b:b + 1], at)
+        alone.append((kernels.attention(q[b:b + 1], kb, vb, length=at + 1, scale=0.2, window=window), kb, vb))
+    mx.eval(alone)
+    out, new_keys, new_values = kernels.decode_attention(q, k, v, keys, values, lengths, scale=0.2, window=window)
+    for b, (want, kb, vb) in enumerate(alone):
+        assert mx.array_equal(out[b:b + 1], want).item(), b
+        assert mx.array_equal(new_keys[b], kb).item() and mx.array_equal(new_values[b], vb).item(), b

@@ -267,44 +267,51 @@ class RMSNorm : public CpuPrimitive {
 class RoPE : public CpuPrimitive {
  public:
   // With `periods` (float32 [dims / 2], the last input), frequency i is 1 / periods[i] instead of
-  // base^(-2i / dims): rescaled frequencies, as Llama 3's.
-  RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool array_offset, bool periods)
-      : CpuPrimitive(s), dims_(dims), trad_(traditional), base_(base), scale_(scale), offset_(offset),
+  // base^(-2i / dims): rescaled frequencies, as Llama 3's. Positions start at `offsets[0]`, or at an
+  // array's value (`array_offset`); with one offset per batch row (a batch of sequences, each at its
+  // own position), row b's start at `offsets[b]`.
+  RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, std::vector<int> offsets, bool array_offset,
+       bool periods)
+      : CpuPrimitive(s), dims_(dims), trad_(traditional), base_(base), scale_(scale), offsets_(std::move(offsets)),
         array_offset_(array_offset), periods_(periods) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     alloc(out);
     mx::array off = array_offset_ ? in[1] : in[0];
     mx::array per = periods_ ? in.back() : in[0];
     encode(in, out, [x = in[0], off, per, y = out.data<float>(), dims = dims_, trad = trad_, base = base_,
-                     scale = scale_, offset = offset_, array_offset = array_offset_, periods = periods_]() {
-      int64_t start = offset;
+                     scale = scale_, offsets = offsets_, array_offset = array_offset_, periods = periods_]() {
+      std::vector<int64_t> starts(offsets.begin(), offsets.end());
       if (array_offset) {
         auto t = off.dtype();
-        if (t == mx::int32) start = *off.data<int32_t>();
-        else if (t == mx::int64) start = *off.data<int64_t>();
-        else if (t == mx::uint32) start = *off.data<uint32_t>();
-        else start = (int64_t)*off.data<float>();
+        if (t == mx::int32) starts[0] = *off.data<int32_t>();
+        else if (t == mx::int64) starts[0] = *off.data<int64_t>();
+        else if (t == mx::uint32) starts[0] = *off.data<uint32_t>();
+        else starts[0] = (int64_t)*off.data<float>();
       }
       const int nd = x.ndim();
       const int64_t D = x.shape(-1), L = x.shape(nd - 2), rows = x.size() / D, half = dims / 2;
-      // cos and sin per position and frequency, in float32 as mx.fast.rope computes them
-      std::vector<float> cs(L * half), sn(L * half);
+      const int64_t per_start = rows / (int64_t)starts.size();  // rows that share a start
       const float lb = std::log(base) / (float)half;
       std::vector<float> inv(half);
       for (int64_t i = 0; i < half; i++)
         inv[i] = periods ? 1.0f / per.data<float>()[i * per.strides()[0]] : std::exp(-(float)i * lb);
-      for (int64_t l = 0; l < L; l++) {
-        const float pos = (float)(start + l) * scale;
-        for (int64_t i = 0; i < half; i++) {
-          const float th = pos * inv[i];
-          cs[l * half + i] = std::cos(th);
-          sn[l * half + i] = std::sin(th);
+      // cos and sin per position and frequency, in float32 as mx.fast.rope computes them
+      std::vector<float> cs(L * half), sn(L * half);
+      auto table = [&](int64_t start) {
+        for (int64_t l = 0; l < L; l++) {
+          const float pos = (float)(start + l) * scale;
+          for (int64_t i = 0; i < half; i++) {
+            const float th = pos * inv[i];
+            cs[l * half + i] = std::cos(th);
+            sn[l * half + i] = std::sin(th);
+          }
         }
-      }
+      };
       auto offs = row_offsets(x);
       const int64_t st = x.strides().back();
       std::vector<float> row(st == 1 ? 0 : D);
       for (int64_t r = 0; r < rows; r++) {
+        if (r % per_start == 0) table(starts[r / per_start]);
         const float* src = (const float*)(x.data<char>() + offs[r]);
         if (st != 1) {
           for (int64_t d = 0; d < D; d++) row[d] = src[d * st];
@@ -320,7 +327,7 @@ class RoPE : public CpuPrimitive {
   const char* name() const override { return "ExoRoPE"; }
   bool is_equivalent(const mx::Primitive& o) const override {
     auto& p = static_cast<const RoPE&>(o);
-    return dims_ == p.dims_ && trad_ == p.trad_ && base_ == p.base_ && scale_ == p.scale_ && offset_ == p.offset_ &&
+    return dims_ == p.dims_ && trad_ == p.trad_ && base_ == p.base_ && scale_ == p.scale_ && offsets_ == p.offsets_ &&
            array_offset_ == p.array_offset_ && periods_ == p.periods_;
   }
 
@@ -328,7 +335,7 @@ class RoPE : public CpuPrimitive {
   int dims_;
   bool trad_;
   float base_, scale_;
-  int offset_;
+  std::vector<int> offsets_;
   bool array_offset_, periods_;
 };
 
@@ -373,6 +380,21 @@ class CacheAppend : public CpuPrimitive {
 // cache, grouped-query: row i sits at position length - L + i and sees the positions up to it (the last
 // `window` of them where window > 0). One row at a time through the table's attn_head, rows and heads
 // shared out over the pool round-robin, so every task gets early (short) and late (long) rows alike.
+// `row(r, scratch)` computes row r; `bytes` is what all the rows read.
+template <class Row>
+void attention_rows(int64_t rows, int64_t bytes, int64_t scratch_floats, Row&& row) {
+  int tasks = (g_threads > 1 && bytes >= (256 << 10)) ? (int)std::min<int64_t>(rows, g_threads) : 1;
+  if (tasks <= 1) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t r = 0; r < rows; r++) row(r, scratch);
+    return;
+  }
+  pool().run(tasks, [&](int t) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t r = t; r < rows; r += tasks) row(r, scratch);
+  });
+}
+
 class Attention : public CpuPrimitive {
  public:
   Attention(mx::Stream s, int length, float scale, int window)
@@ -399,23 +421,12 @@ class Attention : public CpuPrimitive {
       const char* kp = kv_base(k, kk, k0, k1, kt);
       const char* vp = kv_base(v, kv, v0, v1, vt);
       const int64_t rows = B * Hq * L, group = Hq / Hkv, es = k.itemsize();
-      auto row = [&](int64_t r, std::vector<float>& scratch) {  // r = (b * Hq + h) * L + i
-        const int64_t i = r % L, h = (r / L) % Hq, b = r / (L * Hq), hk = h / group;
+      attention_rows(rows, B * Hkv * T * D * 2 * es * L, T + D, [&](int64_t r, std::vector<float>& scratch) {
+        const int64_t i = r % L, h = (r / L) % Hq, b = r / (L * Hq), hk = h / group;  // r = (b * Hq + h) * L + i
         const int64_t end = T - L + i + 1, begin = window > 0 && end > window ? end - window : 0;
         AttnArgs a{qp + r * D, kp + (b * k0 + hk * k1 + begin * kt) * es, vp + (b * v0 + hk * v1 + begin * vt) * es,
                    end - begin, D, kt, vt, half, scale, scratch.data(), scratch.data() + T, y + r * D};
         g_table->attn_head(&a);
-      };
-      const int64_t bytes = B * Hkv * T * D * 2 * es * L;  // keys and values read, once per row
-      int tasks = (g_threads > 1 && bytes >= (256 << 10)) ? (int)std::min<int64_t>(rows, g_threads) : 1;
-      if (tasks <= 1) {
-        std::vector<float> scratch(T + D);
-        for (int64_t r = 0; r < rows; r++) row(r, scratch);
-        return;
-      }
-      pool().run(tasks, [&](int t) {
-        std::vector<float> scratch(T + D);
-        for (int64_t r = t; r < rows; r += tasks) row(r, scratch);
       });
     });
   }
@@ -427,6 +438,80 @@ class Attention : public CpuPrimitive {
 
  private:
   int length_;
+  float scale_;
+  int window_;
+};
+
+// A decode step of a batch of sequences, each with caches of its own: row b's new key and value
+// ([B, Hkv, 1, D]) written at `offsets[b]` of its caches (in place, as CacheAppend), then its query
+// attending over its `offsets[b] + 1` positions, each row as Attention computes it alone. One graph
+// node for the batch, where a node per sequence and step cost more than the attention itself.
+// Inputs: q, k, v, then each sequence's keys and values [1, Hkv, capacity, D]; outputs: the attention
+// [B, Hq, 1, D], then each sequence's keys and values after the write.
+class DecodeAttention : public mx::Primitive {
+ public:
+  DecodeAttention(mx::Stream s, std::vector<int> offsets, float scale, int window)
+      : mx::Primitive(s), offsets_(std::move(offsets)), scale_(scale), window_(window) {}
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("exo kernels run on the CPU only");
+  }
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    const int64_t B = (int64_t)offsets_.size();
+    alloc(outs[0]);
+    std::vector<bool> copied(2 * B);
+    for (int64_t c = 0; c < 2 * B; c++) {  // a cache whose buffer is dense is written in place
+      const mx::array& cache = in[3 + c];
+      copied[c] = !(cache.flags().row_contiguous && cache.data_size() == cache.size());
+      if (copied[c]) alloc(outs[1 + c]);
+      else outs[1 + c].copy_shared_buffer(cache);
+    }
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& a : outs) enc.set_output_array(a);
+    enc.dispatch([in, outs, copied, offsets = offsets_, scale = scale_, window = window_]() mutable {
+      const mx::array &q = in[0], &k = in[1], &v = in[2];
+      const int64_t B = (int64_t)offsets.size(), Hq = q.shape(1), D = q.shape(3), Hkv = k.shape(1),
+                    group = Hq / Hkv, es = in[3].itemsize();
+      const int half = in[3].dtype() == mx::float16;
+      std::vector<char> kq, kk, kv;
+      const float* qp = (const float*)dense(q, kq);
+      const char* kn = (const char*)dense(k, kk);
+      const char* vn = (const char*)dense(v, kv);
+      int64_t read = 0;
+      for (int64_t c = 0; c < 2 * B; c++) {
+        const mx::array& cache = in[3 + c];
+        char* y = outs[1 + c].data<char>();
+        if (copied[c]) {
+          std::vector<char> keep;
+          const void* src = dense(cache, keep);
+          if (src != y) std::memcpy(y, src, cache.nbytes());
+        }
+        const int64_t b = c / 2, cap = cache.shape(2);
+        const char* nw = (c % 2 ? vn : kn) + b * Hkv * D * es;
+        for (int64_t h = 0; h < Hkv; h++) std::memcpy(y + (h * cap + offsets[b]) * D * es, nw + h * D * es, D * es);
+        read += Hkv * (offsets[b] + 1) * D * es;
+      }
+      int64_t longest = 0;
+      for (int o : offsets) longest = std::max<int64_t>(longest, o + 1);
+      float* y = outs[0].data<float>();
+      attention_rows(B * Hq, read, longest + D, [&](int64_t r, std::vector<float>& scratch) {
+        const int64_t b = r / Hq, hk = (r % Hq) / group, T = offsets[b] + 1, cap = in[3 + 2 * b].shape(2);
+        const int64_t begin = window > 0 && T > window ? T - window : 0;
+        const char* kp = outs[1 + 2 * b].data<char>() + (hk * cap + begin) * D * es;
+        const char* vp = outs[2 + 2 * b].data<char>() + (hk * cap + begin) * D * es;
+        AttnArgs a{qp + r * D, kp, vp, T - begin, D, D, D, half, scale, scratch.data(), scratch.data() + T, y + r * D};
+        g_table->attn_head(&a);
+      });
+    });
+  }
+  const char* name() const override { return "ExoDecodeAttention"; }
+  bool is_equivalent(const mx::Primitive& o) const override {
+    auto& p = static_cast<const DecodeAttention&>(o);
+    return offsets_ == p.offsets_ && scale_ == p.scale_ && window_ == p.window_;
+  }
+
+ private:
+  std::vector<int> offsets_;
   float scale_;
   int window_;
 };
@@ -477,9 +562,11 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
   return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(mx::to_stream({}), eps), {x, weight});
 }
 
-mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset,
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, std::vector<int> offsets,
                const std::vector<mx::array>& array_offset, const std::vector<mx::array>& periods) {
   need(x.dtype() == mx::float32 && x.ndim() >= 2, "rope: x must be float32 [..., L, D]");
+  need(offsets.size() == 1 || (int64_t)offsets.size() == x.shape(0), "rope: one offset, or one per batch row");
+  need(array_offset.empty() || offsets.size() == 1, "rope: an array offset is one offset");
   need(dims > 0 && dims % 2 == 0 && dims <= x.shape(-1), "rope: dims must be even and at most D");
   std::vector<mx::array> inputs{x};
   if (!array_offset.empty()) {
@@ -492,7 +579,7 @@ mx::array rope(const mx::array& x, int dims, bool traditional, float base, float
     inputs.push_back(periods[0]);
   }
   return mx::array(x.shape(), mx::float32,
-                   std::make_shared<RoPE>(mx::to_stream({}), dims, traditional, base, scale, offset,
+                   std::make_shared<RoPE>(mx::to_stream({}), dims, traditional, base, scale, std::move(offsets),
                                           !array_offset.empty(), !periods.empty()),
                    inputs);
 }
@@ -518,6 +605,36 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   need(window >= 0, "attention: window must be 0 (none) or positive");
   return mx::array(q.shape(), mx::float32, std::make_shared<Attention>(mx::to_stream({}), length, scale, window),
                    {q, k, v});
+}
+
+std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                                        const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
+                                        std::vector<int> offsets, float scale, int window) {
+  const int64_t B = (int64_t)offsets.size();
+  need(q.dtype() == mx::float32 && q.ndim() == 4 && q.shape(0) == B && q.shape(2) == 1,
+       "decode_attention: q must be float32 [B, Hq, 1, D], B the number of offsets");
+  need(k.ndim() == 4 && k.shape() == v.shape() && k.shape(0) == B && k.shape(2) == 1 && k.shape(3) == q.shape(3) &&
+           q.shape(1) % k.shape(1) == 0,
+       "decode_attention: k and v must be [B, Hkv, 1, D] for q " + shape_str(q));
+  need((int64_t)keys.size() == B && (int64_t)values.size() == B, "decode_attention: one cache per offset");
+  need(window >= 0, "decode_attention: window must be 0 (none) or positive");
+  std::vector<mx::array> inputs{q, k, v};
+  std::vector<mx::Shape> shapes{q.shape()};
+  std::vector<mx::Dtype> dtypes{mx::float32};
+  for (int64_t b = 0; b < B; b++) {
+    for (const mx::array* c : {&keys[b], &values[b]}) {
+      need(c->dtype() == k.dtype() && (c->dtype() == mx::float32 || c->dtype() == mx::float16) && c->ndim() == 4 &&
+               c->shape(0) == 1 && c->shape(1) == k.shape(1) && c->shape(3) == k.shape(3),
+           "decode_attention: caches must be [1, Hkv, capacity, D] of k's dtype (float32 or float16)");
+      need(offsets[b] >= 0 && offsets[b] < c->shape(2), "decode_attention: an offset past its cache's capacity");
+      inputs.push_back(*c);
+      shapes.push_back(c->shape());
+      dtypes.push_back(c->dtype());
+    }
+  }
+  return mx::array::make_arrays(std::move(shapes), dtypes,
+                                std::make_shared<DecodeAttention>(mx::to_stream({}), std::move(offsets), scale, window),
+                                inputs);
 }
 
 std::vector<std::string> supported_paths() {
@@ -560,4 +677,6 @@ NB_MODULE(_native, m) {
         "periods"_a);
   m.def("cache_append", &cache_append, "cache"_a, "new"_a, "offset"_a);
   m.def("attention", &attention, "q"_a, "keys"_a, "values"_a, "length"_a, "scale"_a, "window"_a);
+  m.def("decode_attention", &decode_attention, "q"_a, "k"_a, "v"_a, "keys"_a, "values"_a, "offsets"_a, "scale"_a,
+        "window"_a);
 }
