@@ -1,5 +1,9 @@
 """`exo bench`: prefill and decode speed of the MLX engine, beside llama.cpp on the same GGUF file.
 
+With `--streams N` each engine also decodes N prompts together: exo's continuous batch
+(exo.engine.batch), and llama.cpp with N sequences in each decode call, as its server's N
+parallel slots run them.
+
 Every measurement runs in a child process (`python -m exo.bench --worker ...`): a BLAS can only be
 preloaded before MLX is imported, and a child's peak RSS is then that engine's alone. A child
 prints one JSON `Measurement` on stdout. Both engines decode greedily from the same prompt ids,
@@ -20,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import psutil
 
@@ -31,6 +35,7 @@ from exo.models.store import ModelStore
 from exo.shared.types import FrozenModel
 
 if TYPE_CHECKING:
+    from exo.engine.base import LayerRange
     from exo.engine.loading import Dtype
     from exo.shared.types import CacheDtype
 
@@ -61,6 +66,8 @@ class Measurement(FrozenModel):
     kernels: str | None = None  # MLX only: exo.kernels' code path and why it was chosen
     prompt: list[int] = []  # the prompt's ids, so llama.cpp reads exactly the ones MLX read
     tokens: list[int] = []  # the last run's greedy continuation, to check that the engines agree
+    streams: int = 1
+    batch_decode_tps: float | None = None  # with streams > 1: all their tokens over the decode's wall time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,13 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", default="float32", choices=["float32", "float16"],
                         help="dtype of MLX's key/value cache (default: float32)")
     parser.add_argument("--blas", default="auto", choices=["auto", "blis", "openblas", "bundled"])
+    parser.add_argument("--streams", type=int, default=1,
+                        help="also decode this many prompts together (1 to 8) and report the aggregate rate")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def run(args: argparse.Namespace, models_dir: Path) -> int:
-    if args.runs < 1 or args.max_tokens < 2 or args.prompt_tokens < 1:
-        print("exo bench: needs --runs >= 1, --max-tokens >= 2 and --prompt-tokens >= 1", file=sys.stderr)
+    if args.runs < 1 or args.max_tokens < 2 or args.prompt_tokens < 1 or not 1 <= args.streams <= 8:
+        print("exo bench: needs --runs >= 1, --max-tokens >= 2, --prompt-tokens >= 1 and --streams in [1, 8]",
+              file=sys.stderr)
         return 2
     library = find_blas(args.blas)
     if library is None and args.blas in ("blis", "openblas"):
@@ -90,7 +100,7 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
     config = f"{args.dtype}, {Path(library).name if library else 'bundled BLAS'}"
     if args.kv_cache != "float32":
         config += f", {args.kv_cache} cache"
-    common = [str(path), str(args.runs), str(args.max_tokens)]
+    common = [str(path), str(args.runs), str(args.max_tokens), str(args.streams)]
     try:
         mlx = _spawn(["mlx", *common, args.dtype, args.kv_cache, str(args.prompt_tokens), config],
                      preload_env(library, env) if library else env)
@@ -131,8 +141,11 @@ def _spawn(worker_args: list[str], env: dict[str, str]) -> Measurement:
 
 def _compare(mlx: Measurement, cpp: Measurement) -> dict[str, float]:
     agree = next((i for i, (a, b) in enumerate(zip(mlx.tokens, cpp.tokens, strict=False)) if a != b), len(mlx.tokens))
-    return {"prompt_tps": mlx.prompt_tps / cpp.prompt_tps, "decode_tps": mlx.decode_tps / cpp.decode_tps,
-            "ttft_s": mlx.ttft_s / cpp.ttft_s, "greedy_tokens_agreeing": agree}
+    ratio = {"prompt_tps": mlx.prompt_tps / cpp.prompt_tps, "decode_tps": mlx.decode_tps / cpp.decode_tps,
+             "ttft_s": mlx.ttft_s / cpp.ttft_s, "greedy_tokens_agreeing": agree}
+    if mlx.batch_decode_tps and cpp.batch_decode_tps:
+        ratio["batch_decode_tps"] = mlx.batch_decode_tps / cpp.batch_decode_tps
+    return ratio
 
 
 def _table(results: list[Measurement], ratio: dict[str, float] | None) -> str:
@@ -146,9 +159,13 @@ def _table(results: list[Measurement], ratio: dict[str, float] | None) -> str:
     lines.append(f"{first.prompt_tokens} prompt tokens, {first.decode_tokens} generated, "
                  f"median of {first.runs} runs after a warm-up; model file {first.model_file_mb:.0f} MB")
     lines += [f"MLX kernels: {r.kernels}" for r in results if r.kernels]
+    lines += [f"{r.engine}: {r.streams} streams decoding together {r.batch_decode_tps:.1f} tok/s, "
+              f"{r.batch_decode_tps / r.decode_tps:.2f}x one stream" for r in results if r.batch_decode_tps]
     if ratio:
-        lines.append(f"MLX / llama.cpp: prefill {ratio['prompt_tps']:.2f}x, decode {ratio['decode_tps']:.2f}x; "
-                     f"greedy outputs agree for the first {ratio['greedy_tokens_agreeing']:.0f} tokens")
+        lines.append(f"MLX / llama.cpp: prefill {ratio['prompt_tps']:.2f}x, decode {ratio['decode_tps']:.2f}x"
+                     + (f", {first.streams} streams {ratio['batch_decode_tps']:.2f}x" if "batch_decode_tps" in ratio
+                        else "")
+                     + f"; greedy outputs agree for the first {ratio['greedy_tokens_agreeing']:.0f} tokens")
     return "\n".join(lines)
 
 
@@ -188,7 +205,13 @@ def _context(n_prompt: int, max_tokens: int) -> int:
     return n_prompt + max_tokens + 8
 
 
-def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, kv_cache: str, n_prompt: int,
+def _prompts(first: list[int], streams: int) -> list[list[int]]:
+    """`streams` prompts as long as `first`, each a rotation of it, so no two share a prefix."""
+    step = max(1, len(first) // streams)
+    return [first[i * step:] + first[:i * step] for i in range(streams)]
+
+
+def _measure_mlx(path: Path, runs: int, max_tokens: int, streams: int, dtype: str, kv_cache: str, n_prompt: int,
                  config: str) -> Measurement:
     import mlx.core as mx  # imported here only: the parent must not load MLX before a child preloads a BLAS
 
@@ -205,11 +228,42 @@ def _measure_mlx(path: Path, runs: int, max_tokens: int, dtype: str, kv_cache: s
                                  mx.synchronize)
     m = _summarize("mlx", config, len(prompt), max_tokens, timings, tokens, mx.get_peak_memory() / 1e6 or None)
     chosen = kernels.info()
+    batched = _batched_mlx(model, _prompts(prompt, streams), max_tokens) if streams > 1 else None
     return m.model_copy(update={"prompt": prompt, "kernels": f"{chosen.path} ({chosen.reason}; {chosen.threads} "
-                                f"thread{'s' if chosen.threads != 1 else ''})"})
+                                f"thread{'s' if chosen.threads != 1 else ''})", "streams": streams,
+                                "batch_decode_tps": batched})
 
 
-def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, prompt: list[int]) -> Measurement:
+def _batched_mlx(model: LayerRange, prompts: list[list[int]], max_tokens: int) -> float:
+    """Tokens per second of `prompts` decoded together in one batch, from when each has its first token."""
+    import mlx.core as mx
+
+    from exo.engine.batch import Batch
+    from exo.shared.generation import GenerationParams
+
+    batch = Batch(model, len(prompts) * _context(len(prompts[0]), max_tokens), max_size=len(prompts))
+    for i, prompt in enumerate(prompts):
+        batch.join(str(i), prompt, GenerationParams(max_tokens=max_tokens))
+    got = dict.fromkeys(map(str, range(len(prompts))), 0)
+
+    def step() -> int:
+        done = batch.step().tokens
+        for key in done:
+            got[key] += 1
+            if got[key] == max_tokens:
+                batch.leave(key)
+        return len(done)
+
+    while not all(got.values()):
+        step()
+    mx.synchronize()
+    start, n = time.perf_counter(), 0
+    while len(batch):
+        n += step()
+    return n / (time.perf_counter() - start)
+
+
+def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, streams: int, prompt: list[int]) -> Measurement:
     threads = os.cpu_count() or 1
     with open_llama_cpp(path, n_ctx=_context(len(prompt), max_tokens), n_batch=512, n_threads=threads,
                         n_threads_batch=threads) as llm:
@@ -219,19 +273,65 @@ def _measure_llama_cpp(path: Path, runs: int, max_tokens: int, prompt: list[int]
             return llm.generate(prompt, top_k=1, temp=0.0, reset=False)
 
         timings, tokens = _time_runs(generate, runs, max_tokens, lambda: None)
-    return _summarize("llama.cpp", f"GGUF as stored, {threads} threads", len(prompt), max_tokens, timings, tokens,
-                      None)
+        batched = _batched_llama_cpp(llm, _prompts(prompt, streams), max_tokens, threads) if streams > 1 else None
+    m = _summarize("llama.cpp", f"GGUF as stored, {threads} threads", len(prompt), max_tokens, timings, tokens, None)
+    return m.model_copy(update={"streams": streams, "batch_decode_tps": batched})
+
+
+def _batched_llama_cpp(llm: Any, prompts: list[list[int]], max_tokens: int, threads: int) -> float:
+    """Tokens per second of `prompts` decoded greedily by llama.cpp, one sequence each, all of them in every
+    decode call (a context of its own with a sequence per prompt, as llama.cpp's server gives its slots)."""
+    import numpy as np
+    from llama_cpp import llama_cpp as native
+
+    params = native.llama_context_default_params()
+    params.n_ctx = len(prompts) * _context(len(prompts[0]), max_tokens)
+    params.n_batch = params.n_ubatch = 512
+    params.n_threads = params.n_threads_batch = threads
+    params.n_seq_max = len(prompts)
+    params.kv_unified = True  # one cache for all the sequences, as the server's slots share theirs
+    model = llm._model.model
+    ctx = native.llama_init_from_model(model, params)
+    batch = native.llama_batch_init(512, 0, 1)
+    n_vocab = native.llama_vocab_n_tokens(native.llama_model_get_vocab(model))
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, logits?)
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        if native.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(native.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+
+    try:
+        following = []
+        for seq, prompt in enumerate(prompts):
+            for at in range(0, len(prompt), 512):
+                chunk = prompt[at:at + 512]
+                decode([(t, at + i, seq, at + i == len(prompt) - 1) for i, t in enumerate(chunk)])
+            following.append(greedy(len(chunk) - 1))
+        start = time.perf_counter()
+        for step in range(max_tokens - 1):
+            decode([(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(following, prompts, strict=True))])
+            following = [greedy(i) for i in range(len(prompts))]
+        return len(prompts) * (max_tokens - 1) / (time.perf_counter() - start)
+    finally:
+        native.llama_batch_free(batch)
+        native.llama_free(ctx)
 
 
 def _worker(argv: list[str]) -> Measurement:
-    engine, path, runs, max_tokens, *rest = argv
+    engine, path, runs, max_tokens, streams, *rest = argv
     if engine == "mlx":
         dtype, kv_cache, n_prompt, config = rest
-        return _with_file(_measure_mlx(Path(path), int(runs), int(max_tokens), dtype, kv_cache, int(n_prompt),
-                                       config), Path(path))
+        return _with_file(_measure_mlx(Path(path), int(runs), int(max_tokens), int(streams), dtype, kv_cache,
+                                       int(n_prompt), config), Path(path))
     (ids,) = rest
-    return _with_file(_measure_llama_cpp(Path(path), int(runs), int(max_tokens), [int(i) for i in ids.split(",")]),
-                      Path(path))
+    return _with_file(_measure_llama_cpp(Path(path), int(runs), int(max_tokens), int(streams),
+                                         [int(i) for i in ids.split(",")]), Path(path))
 
 
 if __name__ == "__main__":
