@@ -95,3 +95,52 @@ def test_dashboard_is_served(node: RunningNode) -> None:
     page = httpx.get(f"{node.url}/")
     assert page.status_code == 200
     assert "/v1/chat/completions" in page.text
+
+
+def test_chats_batched_together_get_their_answers_and_one_leaving_stops_only_itself(node: RunningNode) -> None:
+    """Requests decoded in one batch: each gets the text it gets alone (greedy or seeded), a client that
+    hangs up mid-stream leaves the batch without disturbing the others, and /state shows the batch."""
+    asks = [({"messages": [{"role": "user", "content": "Name three rivers in Europe."}], "max_tokens": 40}),
+            ({"messages": [{"role": "user", "content": "Write a haiku about rain."}], "max_tokens": 30,
+              "temperature": 0.9, "seed": 7}),
+            ({"messages": FRANCE, "max_tokens": 24, "presence_penalty": 0.5})]
+    alone = [chat(node.url, **ask)["choices"][0]["message"]["content"] for ask in asks]
+    story = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
+             "max_tokens": 3000, "stream": True, "temperature": 0}
+
+    async def together() -> tuple[list[str], int]:
+        async with httpx.AsyncClient(base_url=node.url, timeout=120) as client:
+            widest = 0
+
+            async def leaver() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=story) as response:
+                    lines = response.aiter_lines()
+                    for _ in range(12):
+                        await anext(lines)  # then it hangs up, the others still decoding
+
+            async def answer(ask: dict) -> str:
+                response = await client.post("/v1/chat/completions",
+                                             json={"model": DEFAULT_MODEL, "temperature": 0, **ask})
+                return response.json()["choices"][0]["message"]["content"]
+
+            async def watch() -> None:
+                nonlocal widest
+                for _ in range(200):
+                    runners = (await client.get("/state")).json()["runners"].values()
+                    widest = max(widest, *(r.get("batch", 0) for r in runners))
+                    await asyncio.sleep(0.05)
+
+            watching = asyncio.create_task(watch())
+            *answers, _ = await asyncio.gather(*(answer(ask) for ask in asks), leaver())
+            watching.cancel()
+            return answers, widest
+
+    answers, widest = anyio.run(together)
+    assert answers == alone
+    assert widest >= 2
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{node.url}/health").json()["busy"]:
+        assert time.monotonic() < deadline, "the story kept going after its client left"
+        time.sleep(0.1)
+    [runner] = node.state()["runners"].values()
+    assert runner["batch"] == 0 and runner["status"] == "Ready"

@@ -64,6 +64,7 @@ function runnerList(instance, view) {
       h("span", { class: "chip-dot", "aria-hidden": "true" }),
       h("span", {}, `rank ${r.rank} · ${view.labels.get(r.nodeId) ?? shortId(r.nodeId)} · `),
       h("strong", {}, r.status),
+      r.batch ? h("span", { class: "batch", title: "chats it decodes together now" }, ` · batch ${plain(r.batch)}`) : null,
       r.restarts ? h("span", { class: "muted" }, ` · ${r.restarts} restart${r.restarts > 1 ? "s" : ""}`) : null,
       fetching(r, view),
       r.error ? h("span", { class: "chip-error" }, ` — ${r.error}`) : null)));

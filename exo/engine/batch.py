@@ -59,6 +59,7 @@ class Round:
 
     tokens: dict[str, int]
     prefilled: int  # prompt tokens a newcomer prefilled in it
+    admitted: tuple[str, ...] = ()  # requests that left the queue for the batch at its start
 
 
 class Batch:
@@ -113,7 +114,7 @@ class Batch:
     def step(self) -> Round:
         """One round: admit who fits, a decode step for every sequence past its prompt, the next chunk of
         the first prompt still prefilling. Returns the tokens the round before computed."""
-        self._admit()
+        admitted = self._admit()
         decoding = [m for m in self.members.values() if m.decoding]
         computed: list[mx.array] = []
         following: list[mx.array] = []
@@ -143,19 +144,22 @@ class Batch:
             tokens[member.key] = int(member.token.item())
             member.generated.append(tokens[member.key])
             member.token = token
-        return Round(tokens, prefilled)
+        return Round(tokens, prefilled, admitted)
 
-    def _admit(self) -> None:
+    def _admit(self) -> tuple[str, ...]:
+        admitted: list[str] = []
         while self.waiting and len(self.members) < self.max_size:
             member, _ = self.waiting[0]
             if self.reserved + member.reserved > self.pool:
-                return
+                break
             self.waiting.popleft()
+            admitted.append(member.key)
             self._make_room(member.reserved)
             reused = self.prefix.lookup(member.prompt) if self.prefix is not None else None
             member.cache, member.reused = (reused.caches, reused.n) if reused else (self.model.make_cache(), 0)
             member.prefilled = member.reused
             self.members[member.key] = member
+        return tuple(admitted)
 
     def _make_room(self, needed: int) -> None:
         """Shrink the prefix cache so that it and the members' reservations, `needed` more, fit the pool."""

@@ -74,6 +74,7 @@ class RunnerInfo(FrozenModel):
     restarts: Count = 0       # times its node's watchdog restarted it
     gave_up: bool = False   # failed past its restarts: only a new placement can bring the instance back
     download: Download | None = None  # its layers' bytes, fetched from a peer before it loads them
+    batch: Count = 0  # chats it decodes together now (rank 0 of an instance of one rank batches them)
 
     @property
     def runner_id(self) -> str:

@@ -119,6 +119,7 @@ class RunnerHandle:
     hosts: tuple[str, ...] | None = None  # the ring it was asked to join
     lifecycle: str | None = None          # the id of the lifecycle task in flight (while Busy)
     download: Download | None = None      # its model's bytes, while and after they come from a peer
+    batch: int = 0                        # chats its batch decodes together, as it last said
     last_progress: float = field(default_factory=time.monotonic)
     tasks: dict[str, TaskInfo] = field(default_factory=dict)
     chats: dict[str, ChatChannel] = field(default_factory=dict)
@@ -170,7 +171,7 @@ class RunnerHandle:
         return RunnerInfo(instance_id=self.spec.instance_id, rank=self.spec.rank, node_id=self.node_id,
                           start=self.spec.start, end=self.spec.end, status=self.status, host=self.host, port=self.port,
                           pid=self.process.pid if self.process else None, error=self.error,
-                          restarts=self.restarts, gave_up=self.gave_up, download=self.download)
+                          restarts=self.restarts, gave_up=self.gave_up, download=self.download, batch=self.batch)
 
     @property
     def local(self) -> LocalRunner:

@@ -54,6 +54,7 @@ from exo.worker.profile import free_ports
 from exo.worker.runner.messages import (
     HEADER_SIZE,
     PIPE_CODEC,
+    BatchChanged,
     Cancel,
     Generated,
     RunnerSpec,
@@ -341,6 +342,9 @@ class Supervisor:
                 self._publish()
             case Generated():
                 self._deliver(handle, message)
+            case BatchChanged(size=size):
+                handle.batch = size
+                self._publish()
 
     def _deliver(self, handle: RunnerHandle, frame: Generated | TaskChanged) -> None:
         """Pass a frame to its chat; a chat that ended already (its client left, its runner is stopping)

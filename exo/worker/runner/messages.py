@@ -63,6 +63,12 @@ class TaskChanged(FrozenModel):
     error: str | None = None
 
 
+class BatchChanged(FrozenModel):
+    """How many chats the runner's batch decodes together now (an instance of one rank batches its chats)."""
+
+    size: int
+
+
 class Generated(FrozenModel):
     task_id: str
     text: str
@@ -72,7 +78,7 @@ class Generated(FrozenModel):
     stop_sequence: str | None = None  # with the finish reason: the stop string that ended the text, if one did
 
 
-PIPE_CODEC = Codec(Task, Cancel, StatusChanged, TaskChanged, Generated)
+PIPE_CODEC = Codec(Task, Cancel, StatusChanged, TaskChanged, Generated, BatchChanged)
 
 
 def pack_frame(message: FrozenModel) -> bytes:

@@ -33,6 +33,7 @@ from exo.engine.prefix import PrefixCache
 from exo.shared.generation import GenerationParams
 from exo.shared.runners import RunnerStatus, TaskKind, TaskStatus
 from exo.worker.runner.messages import (
+    BatchChanged,
     Cancel,
     Generated,
     RunnerSpec,
@@ -68,6 +69,7 @@ class Runner:
         self.batch: Batch | None = None  # rank 0's of an instance of one rank, once loaded
         self._chats: dict[str, _Chat] = {}  # the batch's, by task id
         self._deferred: deque[Task] = deque()  # tasks other than chats taken while the batch ran
+        self._batch_said = 0  # the batch's size as last told to the node
         self._prefix_parts: dict[int, list[KVCache]] = {}  # another rank's parts of rank 0's prefix entries
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._task_arrived = threading.Event()  # ends a follower's ring service so the task gets its turn
@@ -174,11 +176,12 @@ class Runner:
             log.warning("runner=%s task=%s failed: %s", self.name, task.task_id, e)
             self._report(task, TaskStatus.FAILED, str(e))
             return
-        self._report(task, TaskStatus.RUNNING)
-        self._set_status(step.during)
-        if task.kind == TaskKind.CHAT and self.batch is not None:
+        if task.kind == TaskKind.CHAT and self.batch is not None:  # Running once the batch admits it
+            self._set_status(step.during)
             self._join(task, step)
             return
+        self._report(task, TaskStatus.RUNNING)
+        self._set_status(step.during)
         self._active = task.task_id
         try:
             outcome = self._perform(task)
@@ -276,6 +279,7 @@ class Runner:
             log.info("runner=%s task=%s cancelled after %d tokens", self.name, task_id, self._chats[task_id].text.n)
             self._leave(task_id, TaskStatus.CANCELLED)
         if not self._chats:
+            self._say_batch()
             self._set_status(RunnerStatus.READY)
             return
         try:
@@ -285,6 +289,8 @@ class Runner:
             log.exception("runner=%s a round of %d chats failed: %s", self.name, len(self._chats), reason)
             self._end_batch(TaskStatus.FAILED, reason)
             return
+        for task_id in done.admitted:
+            self._report(self._chats[task_id].task, TaskStatus.RUNNING)
         for task_id, token in done.tokens.items():
             chat = self._chats[task_id]
             if (delta := chat.text.add(token)) is not None:
@@ -294,8 +300,15 @@ class Runner:
                                      cached_tokens=reused))
             if chat.text.finished:
                 self._leave(task_id, TaskStatus.COMPLETE)
+        self._say_batch()
         if not self._chats:
             self._set_status(RunnerStatus.READY)
+
+    def _say_batch(self) -> None:
+        size = len(self.batch.members) if self.batch is not None else 0
+        if size != self._batch_said:
+            self._batch_said = size
+            self._send(BatchChanged(size=size))
 
     def _leave(self, task_id: str, outcome: TaskStatus) -> None:
         assert self.batch is not None
@@ -310,6 +323,7 @@ class Runner:
             return
         chats, self._chats = self._chats, {}
         self.batch.clear()
+        self._say_batch()
         for chat in chats.values():
             self._cancelled.discard(chat.task.task_id)
             self._report(chat.task, outcome, reason)
@@ -335,7 +349,7 @@ class Runner:
     def _report(self, task: Task, status: TaskStatus, error: str | None = None) -> None:
         self._send(TaskChanged(task_id=task.task_id, kind=task.kind, status=status, error=error))
 
-    def _send(self, message: TaskChanged | StatusChanged | Generated) -> None:
+    def _send(self, message: TaskChanged | StatusChanged | Generated | BatchChanged) -> None:
         with self._write_lock:
             try:
                 write_frame(self.out, message)
