@@ -71,14 +71,14 @@ class Batch:
         self.context = _rounded(context)
         self.prefix_budget = prefix.budget if prefix is not None else 0
         self.pool = self.context + self.prefix_budget  # positions the members and the prefix cache share
-        self.waiting: deque[tuple[Member, GenerationParams]] = deque()
+        self.waiting: deque[Member] = deque()
         self.members: dict[str, Member] = {}  # admitted: prefilling, then decoding
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.members)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.members or any(m.key == key for m, _ in self.waiting)
+        return key in self.members or any(m.key == key for m in self.waiting)
 
     @property
     def reserved(self) -> int:
@@ -91,12 +91,12 @@ class Batch:
         if key in self:
             raise ValueError(f"{key} is in the batch already")
         reserved = _rounded(max(len(prompt) + 1, min(len(prompt) + params.max_tokens, self.context)))
-        self.waiting.append((Member(key, tuple(prompt), sampler_for(params), reserved), params))
+        self.waiting.append(Member(key, tuple(prompt), sampler_for(params), reserved))
 
     def leave(self, key: str, *, keep: bool = True) -> int:
         """Take a request out, its caches kept in the prefix cache where `keep` and the cache takes them
         (a failed round may have left them half written). Returns the prompt positions it reused."""
-        for i, (member, _) in enumerate(self.waiting):
+        for i, member in enumerate(self.waiting):
             if member.key == key:
                 del self.waiting[i]
                 return 0
@@ -149,7 +149,7 @@ class Batch:
     def _admit(self) -> tuple[str, ...]:
         admitted: list[str] = []
         while self.waiting and len(self.members) < self.max_size:
-            member, _ = self.waiting[0]
+            member = self.waiting[0]
             if self.reserved + member.reserved > self.pool:
                 break
             self.waiting.popleft()
