@@ -119,7 +119,7 @@ def attend_rotated(q: mx.array, k: mx.array, v: mx.array, cache: LayerCache,
         out, keys, values = kernels.decode_attention(q, k, v, [c.keys for c in cache], [c.values for c in cache],
                                                      offsets, scale=scale, window=window)
         for c, new_keys, new_values in zip(cache, keys, values, strict=True):
-            c.keys, c.values, c.offset = new_keys, new_values, c.offset + 1
+            c.written(new_keys, new_values, 1)
         return out
     rows = zip(mx.split(q, len(cache)), mx.split(k, len(cache)), mx.split(v, len(cache)), cache, strict=True)
     return mx.concatenate([attend_rotated(*row, rotate, scale=scale, window=window) for row in rows])

@@ -93,18 +93,17 @@ class Batch:
         reserved = _rounded(max(len(prompt) + 1, min(len(prompt) + params.max_tokens, self.context)))
         self.waiting.append(Member(key, tuple(prompt), sampler_for(params), reserved))
 
-    def leave(self, key: str, *, keep: bool = True) -> int:
+    def leave(self, key: str, *, keep: bool = True) -> None:
         """Take a request out, its caches kept in the prefix cache where `keep` and the cache takes them
-        (a failed round may have left them half written). Returns the prompt positions it reused."""
+        (a failed round may have left them half written)."""
         for i, member in enumerate(self.waiting):
             if member.key == key:
                 del self.waiting[i]
-                return 0
+                return
         member = self.members.pop(key)
         if keep and self.prefix is not None and member.decoding:
             self._make_room(0)
             self.prefix.store([*member.prompt, *member.generated], member.cache)
-        return member.reused
 
     def clear(self) -> None:
         """Drop every request, keeping nothing."""

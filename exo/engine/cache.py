@@ -44,6 +44,10 @@ class KVCache:
             self._grow((1, *keys.shape[1:]), keys.dtype, self.offset + keys.shape[2])
         return keys, values
 
+    def written(self, keys: mx.array, values: mx.array, n: int) -> None:
+        """Take `keys`/`values`, buffers a kernel wrote `n` positions into at the offset (after `reserve`)."""
+        self.keys, self.values, self.offset = keys, values, self.offset + n
+
     def _grow(self, shape_of: tuple[int, ...], dtype: mx.Dtype, needed: int) -> None:
         """Buffers for `needed` positions (rounded up to whole steps) of `shape_of`'s batch, heads and
         head size, the positions held copied in."""

@@ -339,21 +339,30 @@ class RoPE : public CpuPrimitive {
   bool array_offset_, periods_;
 };
 
+// A cache's write goes into its own buffer where that is dense (the output shares it), else into a new
+// one (`share_or_alloc` says true), which `copy_into` must fill with the cache before the write.
+bool share_or_alloc(const mx::array& cache, mx::array& out) {
+  const bool copy = !(cache.flags().row_contiguous && cache.data_size() == cache.size());
+  if (copy) alloc(out);
+  else out.copy_shared_buffer(cache);
+  return copy;
+}
+
+void copy_into(const mx::array& cache, char* y) {
+  std::vector<char> keep;
+  const void* src = dense(cache, keep);
+  if (src != y) std::memcpy(y, src, cache.nbytes());
+}
+
 class CacheAppend : public CpuPrimitive {
  public:
   CacheAppend(mx::Stream s, int offset) : CpuPrimitive(s), offset_(offset) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     const mx::array& cache = in[0];
-    const bool copy = !(cache.flags().row_contiguous && cache.data_size() == cache.size());
-    if (copy) alloc(out);
-    else out.copy_shared_buffer(cache);  // in place: the output is the cache's own buffer
+    const bool copy = share_or_alloc(cache, out);
     encode(in, out, [cache, nw = in[1], y = out.data<char>(), copy, offset = offset_]() {
       const int64_t es = cache.itemsize();
-      if (copy) {
-        std::vector<char> keep;
-        const void* src = dense(cache, keep);
-        if (src != y) std::memcpy(y, src, cache.nbytes());
-      }
+      if (copy) copy_into(cache, y);
       const int nd = nw.ndim();
       const int64_t D = nw.shape(-1), L = nw.shape(nd - 2), cap = cache.shape(nd - 2), rows = nw.size() / D;
       auto offs = row_offsets(nw);
@@ -459,12 +468,7 @@ class DecodeAttention : public mx::Primitive {
     const int64_t B = (int64_t)offsets_.size();
     alloc(outs[0]);
     std::vector<bool> copied(2 * B);
-    for (int64_t c = 0; c < 2 * B; c++) {  // a cache whose buffer is dense is written in place
-      const mx::array& cache = in[3 + c];
-      copied[c] = !(cache.flags().row_contiguous && cache.data_size() == cache.size());
-      if (copied[c]) alloc(outs[1 + c]);
-      else outs[1 + c].copy_shared_buffer(cache);
-    }
+    for (int64_t c = 0; c < 2 * B; c++) copied[c] = share_or_alloc(in[3 + c], outs[1 + c]);
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     for (auto& a : outs) enc.set_output_array(a);
@@ -481,11 +485,7 @@ class DecodeAttention : public mx::Primitive {
       for (int64_t c = 0; c < 2 * B; c++) {
         const mx::array& cache = in[3 + c];
         char* y = outs[1 + c].data<char>();
-        if (copied[c]) {
-          std::vector<char> keep;
-          const void* src = dense(cache, keep);
-          if (src != y) std::memcpy(y, src, cache.nbytes());
-        }
+        if (copied[c]) copy_into(cache, y);
         const int64_t b = c / 2, cap = cache.shape(2);
         const char* nw = (c % 2 ? vn : kn) + b * Hkv * D * es;
         for (int64_t h = 0; h < Hkv; h++) std::memcpy(y + (h * cap + offsets[b]) * D * es, nw + h * D * es, D * es);
